@@ -1,0 +1,1 @@
+"""evolve: CMA-ES search over merge recipes, scored with lm-eval."""

@@ -1,0 +1,95 @@
+"""``merge-yaml RECIPE OUT_DIR``: merge models as a mergekit YAML recipe says.
+
+Accepts mergekit-yaml's common flags so users' command lines keep working; flags that only
+tune mergekit's own memory strategy (``--low-cpu-memory``, ``--lazy-unpickle``, ``--gpu-rich``)
+are accepted and have nothing to do here, because this engine always streams tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="merge-yaml", description="Merge models as described by a mergekit-style YAML recipe."
+    )
+    parser.add_argument("config", type=Path, help="the recipe (mergekit YAML)")
+    parser.add_argument("out_path", type=Path, help="directory to write the merged model to")
+    parser.add_argument("--device", default=None, help="device for the math: cpu (default) or cuda[:n]")
+    parser.add_argument("--cuda", action="store_true", help="same as --device cuda")
+    parser.add_argument("--out-shard-size", default="5B", help="max size of one output shard (e.g. 1B, 500M)")
+    parser.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                        help="copy the tokenizer of the base model (or tokenizer_source)")
+    parser.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                        help="write a README.md model card")
+    parser.add_argument("--random-seed", type=int, default=None,
+                        help="seed for randomized methods (DARE, DELLA); fixed at 0 when omitted")
+    parser.add_argument("--allow-crimes", action="store_true",
+                        help="allow merging models of different architectures")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="accept models whose config asks for remote code")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    # Accepted for mergekit-yaml compatibility: they tune mergekit's memory strategy, and this
+    # engine always streams tensor by tensor with lazily opened safetensors.
+    for flag in ("--low-cpu-memory", "--lazy-unpickle", "--gpu-rich", "--clone-tensors",
+                 "--lazy-loader", "--safe-serialization", "--verbose", "-v"):
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Load, validate, plan and execute; raises MergeError on bad input."""
+    from merge_core.errors import RecipeError
+    from merge_core.executor import MergeOptions, run_merge
+    from merge_core.planner import plan_merge
+    from merge_core.recipe import load_recipe
+    from merge_core.writer import parse_size
+
+    device = "cuda" if args.cuda else (args.device or "cpu")
+    try:
+        shard_size = parse_size(args.out_shard_size)
+    except ValueError as err:
+        raise RecipeError("--out-shard-size", str(err)) from None
+    recipe = load_recipe(args.config)
+    plan = plan_merge(
+        recipe,
+        seed=args.random_seed,
+        relative_to=args.config.parent,
+        allow_crimes=args.allow_crimes,
+        trust_remote_code=args.trust_remote_code,
+    )
+    options = MergeOptions(
+        device=device,
+        out_shard_size=shard_size,
+        copy_tokenizer=args.copy_tokenizer,
+        write_model_card=args.write_model_card,
+        show_progress=not args.quiet and sys.stderr.isatty(),
+    )
+    return run_merge(plan, args.out_path, recipe.to_yaml(), options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; bad input prints one line and exits 2, writing nothing."""
+    args = build_parser().parse_args(argv)
+    from merge_core.errors import MergeError
+    from merge_core.methods.base import MethodError
+
+    try:
+        out = run(args)
+    except (MergeError, MethodError) as err:
+        print(f"merge-yaml: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.quiet:
+        print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Benchmark the merge engine against mergekit-yaml, and the in-memory API against memory bandwidth.
+
+    python scripts/bench_merge.py [--params 500M] [--workdir /tmp/bench_merge] [--skip-mergekit]
+
+1. Builds three random Llama checkpoints of about ``--params`` parameters (bf16 safetensors),
+   once, in ``--workdir``.
+2. Times the whole ``merge-yaml`` command and, when ``.venv-mergekit`` (or ``MERGEKIT_PYTHON``) is
+   installed, the whole ``mergekit-yaml`` command on the same recipes (task_arithmetic, ties,
+   slerp), and prints wall time, peak RSS and the ratios.  Target: >= 3x faster, RSS no higher.
+3. Times the in-memory API (inputs loaded once, fp32, one merge per method with per-layer
+   gradient parameters into a preallocated state dict) and prints its effective memory traffic
+   (every input byte read once + every output byte written once, per second) as a ratio to a
+   preallocated torch copy of the same model (read + write bytes per second).
+   Targets: >= 0.8 for linear/task_arithmetic, >= 0.5 for ties/dare/della/breadcrumbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llama_config(target_params: float) -> dict:
+    """A Llama config of roughly ``target_params`` parameters (hidden 1024, GQA, untied)."""
+    hidden, inter, vocab, heads, kv = 1024, 4864, 32000, 16, 8
+    per_layer = 2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + 3 * hidden * inter
+    layers = max(2, round((target_params - 2 * vocab * hidden) / per_layer))
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+
+
+def build_models(workdir: Path, target_params: float) -> list[Path]:
+    """Three checkpoints: a base and two 'fine-tunes' (base + small random deltas)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from safetensors.torch import save_file
+
+    from tiny_models import tiny_state_dict
+
+    config = llama_config(target_params)
+    paths = [workdir / name for name in ("base", "ft1", "ft2")]
+    if all((p / "model.safetensors").exists() for p in paths):
+        return paths
+    base = tiny_state_dict(config, seed=0, dtype=torch.bfloat16)
+    for i, path in enumerate(paths):
+        path.mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            sd = base
+        else:
+            gen = torch.Generator().manual_seed(100 + i)
+            sd = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16)
+                  for k, v in base.items()}
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        del sd
+    return paths
+
+
+RECIPES = {
+    "task_arithmetic": lambda b, m1, m2: {
+        "merge_method": "task_arithmetic", "base_model": b, "dtype": "bfloat16",
+        "models": [{"model": m1, "parameters": {"weight": 0.6}},
+                   {"model": m2, "parameters": {"weight": 0.4}}]},
+    "ties": lambda b, m1, m2: {
+        "merge_method": "ties", "base_model": b, "dtype": "bfloat16",
+        "models": [{"model": m1, "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": m2, "parameters": {"weight": 0.4, "density": 0.5}}]},
+    "slerp": lambda b, m1, m2: {
+        "merge_method": "slerp", "base_model": m1, "dtype": "bfloat16",
+        "parameters": {"t": [0.0, 0.5, 1.0]},
+        "models": [{"model": m1}, {"model": m2}]},
+}
+
+
+def timed_command(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``cmd``, measured by a wrapper process of its own."""
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "dt = time.perf_counter() - t\n"
+        "if r.returncode: sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)\n"
+        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{cmd[0]} failed: {out.stderr}")
+    wall, rss = out.stdout.split()
+    return float(wall), float(rss)
+
+
+def bench_commands(workdir: Path, models: list[Path], mergekit_bin: Path | None) -> None:
+    import yaml
+
+    ours_bin = Path(sys.executable).parent / "merge-yaml"
+    print(f"\n== whole command: merge-yaml vs mergekit-yaml ({models[0].parent}) ==")
+    print(f"{'recipe':<16}{'ours s':>9}{'ours MB':>9}{'mk s':>9}{'mk MB':>9}{'speedup':>9}{'RSS ratio':>10}")
+    for name, make in RECIPES.items():
+        recipe = workdir / f"{name}.yml"
+        recipe.write_text(yaml.safe_dump(make(*map(str, models))))
+        ours = timed_command([str(ours_bin), str(recipe), str(workdir / f"out_ours_{name}"), "-q"])
+        row = f"{name:<16}{ours[0]:>9.1f}{ours[1]:>9.0f}"
+        if mergekit_bin is not None:
+            theirs = timed_command([str(mergekit_bin), str(recipe), str(workdir / f"out_mk_{name}")])
+            row += f"{theirs[0]:>9.1f}{theirs[1]:>9.0f}{theirs[0] / ours[0]:>8.1f}x{ours[1] / theirs[1]:>10.2f}"
+        print(row, flush=True)
+
+
+def bench_in_memory(models: list[Path]) -> None:
+    from merge_core.in_memory import InMemoryMerger
+    from merge_core.planner import plan_merge
+    from merge_core.recipe import recipe_from_dict
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    b, m1, m2 = map(str, models)
+    grad = [0.2, 0.9, 0.4, 0.7]
+    recipes = {
+        "linear": {"merge_method": "linear", "models": [
+            {"model": m1, "parameters": {"weight": grad}}, {"model": m2, "parameters": {"weight": 0.5}}]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": b, "models": [
+            {"model": m1, "parameters": {"weight": grad}}, {"model": m2, "parameters": {"weight": 0.5}}]},
+    }
+    for method in ("ties", "dare_ties", "della", "breadcrumbs"):
+        extra = {"epsilon": 0.1} if method == "della" else {}
+        recipes[method] = {"merge_method": method, "base_model": b, "models": [
+            {"model": m1, "parameters": {"weight": grad, "density": [0.3, 0.7], **extra}},
+            {"model": m2, "parameters": {"weight": 0.5, "density": 0.5, **extra}}]}
+    plans = {k: plan_merge(recipe_from_dict({**r, "dtype": "float32"}), seed=0) for k, r in recipes.items()}
+    print("\n== in-memory API (fp32, inputs loaded once) ==")
+    t = time.perf_counter()
+    merger = InMemoryMerger(plans["ties"], dtype=torch.float32)
+    print(f"load inputs: {time.perf_counter() - t:.1f} s, {merger.input_bytes / 1e9:.2f} GB")
+    target = merger.merged_state_dict(plans["linear"])  # preallocated output, reused below
+    out_bytes = sum(v.numel() * v.element_size() for v in target.values())
+
+    src = {k: v.clone() for k, v in target.items()}
+    best_copy = min(_timeit(lambda: [target[k].copy_(v) for k, v in src.items()]) for _ in range(3))
+    copy_bw = 2 * out_bytes / best_copy
+    del src
+    print(f"preallocated torch copy: {copy_bw / 1e9:.1f} GB/s (read + write)")
+    print(f"{'method':<18}{'first s':>9}{'warm s':>9}{'GB/s':>8}{'ratio':>8}")
+    for method, plan in plans.items():
+        inputs = sum(1 for _ in {s.model for task in plan.tasks for s in task.sources})
+        traffic = inputs * out_bytes + out_bytes  # every input read once + output written once
+        first = _timeit(lambda: merger.merge_into(plan, target))
+        warm = min(_timeit(lambda: merger.merge_into(plan, target)) for _ in range(3))
+        print(f"{method:<18}{first:>9.2f}{warm:>9.2f}{traffic / warm / 1e9:>8.1f}"
+              f"{traffic / warm / copy_bw:>8.2f}", flush=True)
+
+
+def _timeit(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="500M", help="approximate model size, e.g. 500M, 100M")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_merge"))
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--skip-in-memory", action="store_true")
+    args = parser.parse_args()
+    target = float(args.params.rstrip("MB")) * (1e9 if args.params.endswith("B") else 1e6)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    models = build_models(args.workdir / args.params, target)
+    n = sum(v.numel() for v in __import__("safetensors.torch").torch.load_file(
+        str(models[0] / "model.safetensors")).values())
+    print(f"models: 3 x {n / 1e6:.0f}M params bf16 (ready in {time.perf_counter() - t:.0f} s)")
+    mk_python = os.environ.get("MERGEKIT_PYTHON") or str(REPO / ".venv-mergekit/bin/python")
+    mk_bin = Path(mk_python).parent / "mergekit-yaml"
+    bench_commands(args.workdir, models, None if args.skip_mergekit or not mk_bin.exists() else mk_bin)
+    if not args.skip_in_memory:
+        bench_in_memory(models)
+
+
+if __name__ == "__main__":
+    main()
