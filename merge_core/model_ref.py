@@ -1,0 +1,245 @@
+"""Model references: find a recipe's models on disk and read what planning needs from them.
+
+A reference is a local directory (absolute, relative to the working directory, or relative to
+the recipe's directory) or a Hugging Face hub id ``org/name`` with an optional ``@revision``,
+looked up in the local HF cache the way transformers does (``HF_HUB_CACHE``, ``HF_HOME``),
+without network access unless a download is asked for.
+
+Planning reads only ``config.json`` and the safetensors headers (the 8-byte length plus JSON
+at the start of each file), never tensor data.  Pickle checkpoints (``pytorch_model.bin``) are
+refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merge_core.errors import ModelError
+
+_REPO_ID_RE = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
+_MAX_HEADER = 100 * 1024 * 1024
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``); mergekit allows at most one ``@``."""
+    if ref.count("@") > 1:
+        raise ModelError(f"'{ref}': a model reference has at most one '@' (before the revision)")
+    if "@" in ref:
+        name, rev = ref.split("@")
+        if not name or not rev:
+            raise ModelError(f"'{ref}': expected 'name@revision'")
+        return name, rev
+    return ref, None
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid hub id (``name`` or ``org/name``), as huggingface_hub checks."""
+    return (
+        0 < len(name) <= 96
+        and bool(_REPO_ID_RE.match(name))
+        and "--" not in name
+        and ".." not in name
+        and not name.endswith(".git")
+        and not name.startswith((".", "-"))
+    )
+
+
+def hf_hub_cache() -> Path:
+    """The hub cache directory, read from the environment now (not at import, so tests and
+    callers can change it): ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME/hub``."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        home = os.path.join(xdg, "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub_cache(repo_id: str, revision: str | None, download: bool) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hf_hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
+        pass
+    if not download or _offline():
+        return None
+    try:  # same file set as mergekit downloads; pickles are never fetched
+        return Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=cache,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+        ))
+    except Exception as err:  # network and hub errors all mean "cannot get it"
+        raise ModelError(f"'{repo_id}': download failed: {type(err).__name__}: {err}") from None
+
+
+def resolve_model_ref(ref: str, *, relative_to: Path | None = None, download: bool = False) -> Path:
+    """The local directory of model reference ``ref``.
+
+    Tries, in order: ``ref`` as a directory relative to the working directory (mergekit's rule),
+    then relative to ``relative_to`` (the recipe's directory), then ``ref`` (minus ``@revision``)
+    as a hub id in the local HF cache.  With ``download`` (and HF_HUB_OFFLINE unset) a hub id
+    missing from the cache is downloaded.  Raises ModelError naming ``ref``.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelError(f"empty model reference {ref!r}")
+    candidates = [ref]
+    name, revision = split_revision(ref) if "@" in ref else (ref, None)
+    if name != ref:
+        candidates.append(name)
+    for cand in candidates:
+        path = Path(cand).expanduser()
+        places = [path] if path.is_absolute() else [Path.cwd() / path]
+        if relative_to is not None and not path.is_absolute():
+            places.append(Path(relative_to) / path)
+        for full in places:
+            if full.is_dir():
+                return full.resolve()
+            if full.exists():
+                raise ModelError(f"'{ref}': {full} is not a directory")
+    if looks_like_repo_id(name):
+        found = _from_hub_cache(name, revision, download)
+        if found is not None:
+            return found
+        why = "offline: nothing is downloaded" if (not download or _offline()) else "not downloadable"
+        raise ModelError(
+            f"'{ref}' is neither a directory nor in the Hugging Face cache {hf_hub_cache()} ({why})"
+        )
+    raise ModelError(f"no such directory '{ref}'")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as a safetensors header describes it."""
+
+    dtype: str  # safetensors dtype code: F32, BF16, F16...
+    shape: tuple[int, ...]
+    file: str  # file name inside the model directory
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse the header of one ``.safetensors`` file (no tensor data is read).
+
+    Raises ModelError naming the file when the header is malformed.
+    """
+    def bad(reason: str) -> ModelError:
+        return ModelError(f"corrupt safetensors header in {file}: {reason}")
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad("file shorter than 8 bytes")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise bad(f"header length {length} exceeds the file")
+            raw = fh.read(length)
+    except OSError as err:
+        raise ModelError(f"cannot read {file}: {err.strerror or err}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"invalid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_size = size - 8 - length
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
+                raise bad(f"tensor {name} lies outside the file")
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"malformed entry for tensor {name}") from None
+        out[name] = TensorInfo(dtype, tuple(shape), file.name)
+    return out
+
+
+def read_tensor_index(path: Path, reference: str) -> dict[str, TensorInfo]:
+    """All tensors of the checkpoint in ``path`` (single file, sharded with an index, or shards
+    without an index).  Raises ModelError for pickle-only or missing weights."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ModelError(f"'{reference}': malformed {index_file}") from None
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        out: dict[str, TensorInfo] = {}
+        for name, fname in weight_map.items():
+            if fname not in headers:
+                shard = path / fname
+                if not shard.is_file():
+                    raise ModelError(f"'{reference}': {index_file.name} names missing shard {fname}")
+                headers[fname] = read_safetensors_header(shard)
+            info = headers[fname].get(name)
+            if info is None:
+                raise ModelError(f"'{reference}': {index_file.name} puts {name} in {fname}, which lacks it")
+            out[name] = info
+        return out
+    single = path / "model.safetensors"
+    files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if files:
+        out = {}
+        for file in files:
+            for name, info in read_safetensors_header(file).items():
+                out.setdefault(name, info)
+        return out
+    pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickles:
+        raise ModelError(
+            f"'{reference}': only pickle checkpoints ({', '.join(pickles[:3])}) in {path}; pickles are "
+            "refused because loading them can run arbitrary code; convert the model to safetensors"
+        )
+    raise ModelError(f"'{reference}': no safetensors weights in {path}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the planner knows about one input model (read once, cached by the Planner)."""
+
+    reference: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+
+def read_config(path: Path, reference: str) -> dict[str, Any]:
+    """``config.json`` of the model in ``path``; ModelError naming the file when unusable."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"'{reference}': no config.json in {path}")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"'{reference}': cannot parse {file}: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"'{reference}': {file} is not a JSON object")
+    return config
+
+
+def load_model_info(reference: str, path: Path) -> ModelInfo:
+    """Read config.json and the tensor headers of the model ``reference`` resolved to ``path``."""
+    return ModelInfo(reference, path, read_config(path, reference), read_tensor_index(path, reference))

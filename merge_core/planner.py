@@ -1,0 +1,442 @@
+"""The planner: recipe + input models -> :class:`MergePlan` (one task per output tensor).
+
+Semantics follow mergekit 0.1.5's ``MergePlanner``:
+
+* ``models:`` is one slice over all layers of every model; a ``base_model`` not listed is
+  appended as one more input.  ``slices:`` output layers are the slices' layers in order:
+  output layer ``j`` of a slice comes from layer ``start + j`` of each of its sources.
+* Pre-layer tensors (embeddings) come from the first slice's sources, post-layer tensors
+  (norm, lm_head) from the last slice's; both evaluate gradients at ``t = 0``.  Layer ``k`` of a
+  slice of ``n`` layers evaluates them at ``t = k / (n - 1)`` (``t = 1`` when ``n == 1``).
+* Parameter precedence: the source's (model's) own ``parameters`` > its slice's > the
+  module's > the top level; per-model parameters are not resolved for the base model of a
+  method that uses one.  Global parameters are filtered on the output tensor name, per-model
+  ones on that source's tensor name.
+* ``lm_head.weight`` is written only when an input has one; tied inputs give their embeddings.
+
+Structure (which tensors come from where, shape checks) depends only on the recipe's layout,
+so :class:`Planner` caches it: re-planning a recipe that differs only in parameter values (the
+evolve loop) reads no file and redoes only the parameter resolution.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_core.architecture import Architecture, WeightSpec, architecture_for
+from merge_core.errors import ModelError, RecipeError
+from merge_core.methods import get_method
+from merge_core.methods.base import MergeMethod, MethodError, TensorParams
+from merge_core.model_ref import ModelInfo, load_model_info, resolve_model_ref
+from merge_core.params import Scope, resolve_param
+from merge_core.plan_types import InputModel, MergePlan, TensorSource, TensorTask
+from merge_core.recipe import Module, Recipe
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float32": torch.float32, "float64": torch.float64}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` (or ``"torch.bfloat16"``) -> ``torch.bfloat16``; None stays None."""
+    return None if name is None else _DTYPES[name.removeprefix("torch.")]
+
+
+def tensor_seed(run_seed: int | None, output: str) -> int:
+    """A stable 63-bit seed for one output tensor (independent of processing order)."""
+    digest = hashlib.blake2b(f"{run_seed or 0}\0{output}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str  # reference
+    path: str  # YAML path of the entry naming it ("models[1]", "slices[0].sources[1]", "base_model")
+    layer_range: tuple[int, int] | None  # None: all layers (models: form)
+    params: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    base: str | None
+    path: str  # "slices[0]", or "" for models: form
+    params: dict[str, Any] | None
+    base_path: str = "base_model"  # YAML path of the base_model that applies to this slice
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """One output tensor minus its parameters."""
+
+    output: str
+    sources: tuple[TensorSource, ...]
+    filter_names: tuple[str, ...]  # tensor name each source's per-model filters see
+    slice_index: int
+    t: float
+    base_index: int | None
+
+
+@dataclass
+class _Structure:
+    models: list[str]
+    slices: list[_Slice]
+    skeletons: list[_Skeleton]
+    out_config: dict[str, Any]
+    base_model: str | None
+    dropped: list[str]
+
+
+def _normalize(recipe: Recipe) -> tuple[list[_Slice], Scope | None]:
+    """The recipe's inputs as slices (mergekit's ``normalize_config``), plus module parameters."""
+    sections = recipe.input_sections()
+    if len(sections) != 1 or (recipe.modules and "default" not in recipe.modules):
+        name = next(iter(recipe.modules or {}), "?")
+        raise RecipeError(f"modules.{name}", "only single-module models are supported: use the module name 'default'")
+    prefix, section = sections[0]
+    module_params: Scope | None = None
+    if isinstance(section, Module):
+        module_params = (f"{prefix}parameters", section.parameters)
+    if section.models:
+        sources = [_Source(m.model, f"{prefix}models[{i}]", None, m.parameters) for i, m in enumerate(section.models)]
+        if recipe.base_model and all(s.model != recipe.base_model for s in sources):
+            sources.append(_Source(recipe.base_model, "base_model", None, None))
+        return [_Slice(tuple(sources), recipe.base_model, "", None)], module_params
+    slices = []
+    for i, sl in enumerate(section.slices or []):
+        path = f"{prefix}slices[{i}]"
+        sources = tuple(
+            _Source(s.model, f"{path}.sources[{j}]", s.layer_range, s.parameters) for j, s in enumerate(sl.sources)
+        )
+        base_path = f"{path}.base_model" if sl.base_model else "base_model"
+        slices.append(_Slice(sources, sl.base_model or recipe.base_model, path, sl.parameters, base_path))
+    return slices, module_params
+
+
+def _base_index(method: MergeMethod, sl: _Slice) -> int | None:
+    if method.base_rule == "ignored" or sl.base is None:
+        return None
+    refs = [s.model for s in sl.sources]
+    return refs.index(sl.base) if sl.base in refs else None
+
+
+def _check_method(method: MergeMethod, slices: list[_Slice]) -> None:
+    """Structural checks that need no model files: base membership, number of inputs."""
+    for sl in slices:
+        refs = [s.model for s in sl.sources]
+        where = sl.path or "models"
+        if method.base_rule != "ignored" and sl.base is not None and sl.base not in refs:
+            raise RecipeError(
+                sl.base_path,
+                f"'{sl.base}' is not one of the models merged in {where}; "
+                f"merge_method {method.name} needs its base_model among the merged models",
+            )
+        try:
+            method.check_models(len(refs), _base_index(method, sl))
+        except MethodError as err:
+            if any(s.path == "base_model" for s in sl.sources):
+                raise RecipeError(
+                    "base_model",
+                    f"'{sl.base}' is not listed in models, so it is merged as one more model, and "
+                    f"merge_method {method.name} {err}",
+                ) from None
+            raise RecipeError(sl.path or "models", f"merge_method {method.name}: {err}") from None
+
+
+class Planner:
+    """Plans recipes against a fixed set of input models, caching everything read from disk.
+
+    ``models`` maps references (as recipes write them) to :class:`ModelInfo`; references not in
+    it are resolved (relative to ``relative_to``) and read on first use, then cached.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelInfo] | None = None,
+        *,
+        relative_to: Path | None = None,
+        allow_crimes: bool = False,
+        download: bool = False,
+    ) -> None:
+        self.models: dict[str, ModelInfo] = dict(models or {})
+        self.relative_to = relative_to
+        self.allow_crimes = allow_crimes
+        self.download = download
+        self._structures: dict[Any, _Structure] = {}
+
+    # -- models ---------------------------------------------------------------------------
+    def model_info(self, ref: str, yaml_path: str) -> ModelInfo:
+        """The cached info of ``ref``, read on first use; errors carry ``yaml_path``."""
+        info = self.models.get(ref)
+        if info is None:
+            try:
+                path = resolve_model_ref(ref, relative_to=self.relative_to, download=self.download)
+            except ModelError as err:
+                raise RecipeError(f"{yaml_path}", str(err)) from None
+            info = load_model_info(ref, path)
+            self.models[ref] = info
+        return info
+
+    # -- structure ------------------------------------------------------------------------
+    @staticmethod
+    def _structure_key(recipe: Recipe) -> Any:
+        def src_key(prefix: str, section: Any) -> Any:
+            models = tuple(m.model for m in section.models or ())
+            slices = tuple(
+                (sl.base_model, tuple((s.model, s.layer_range) for s in sl.sources)) for sl in section.slices or ()
+            )
+            return prefix, models, slices
+
+        return (recipe.merge_method, recipe.base_model,
+                tuple(src_key(p, s) for p, s in recipe.input_sections()), recipe.dtype, recipe.out_dtype)
+
+    def _structure(self, recipe: Recipe, method: MergeMethod) -> _Structure:
+        key = self._structure_key(recipe)
+        cached = self._structures.get(key)
+        if cached is None:
+            cached = self._build_structure(recipe, method)
+            self._structures[key] = cached
+        return cached
+
+    def _build_structure(self, recipe: Recipe, method: MergeMethod) -> _Structure:
+        slices, _ = _normalize(recipe)
+        _check_method(method, slices)
+        order: list[str] = []
+        first_path: dict[str, str] = {}
+        for sl in slices:
+            for s in sl.sources:
+                if s.model not in first_path:
+                    order.append(s.model)
+                    first_path[s.model] = _ref_path(s)
+        if recipe.base_model and recipe.base_model not in first_path:
+            order.append(recipe.base_model)
+            first_path[recipe.base_model] = "base_model"
+        infos = {ref: self.model_info(ref, first_path[ref]) for ref in order}
+        donor = recipe.base_model or order[0]
+        arch = architecture_for(infos[donor].config, donor)
+        self._check_models(arch, infos, donor)
+        slices = self._fill_ranges(arch, slices, infos)
+        index = {ref: i for i, ref in enumerate(order)}
+        skeletons, dropped = self._skeletons(arch, method, slices, infos, index)
+        # The output config is the base model's (else the first model's), as in mergekit; only
+        # slices change the layer count.
+        out_config = copy.deepcopy(infos[donor].config)
+        if recipe.slices or (recipe.modules and recipe.modules["default"].slices):
+            out_config[arch.num_layers_key] = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+                                                  for s in slices)
+        out_name = recipe.out_dtype or recipe.dtype
+        if out_name:
+            out_config["torch_dtype"] = out_name.removeprefix("torch.")
+            if "dtype" in out_config:
+                out_config["dtype"] = out_config["torch_dtype"]
+        return _Structure(order, slices, skeletons, out_config, recipe.base_model, dropped)
+
+    def _check_models(self, arch: Architecture, infos: dict[str, ModelInfo], donor: str) -> None:
+        for ref, info in infos.items():
+            other = architecture_for(info.config, ref)
+            if other != arch and not self.allow_crimes:
+                raise ModelError(
+                    f"architecture mismatch: '{ref}' is {info.config['architectures'][0]} but '{donor}' is "
+                    f"{infos[donor].config['architectures'][0]} (allow_crimes to merge anyway)"
+                )
+        vocab = {}
+        for ref, info in infos.items():
+            embed = info.tensors.get(arch.pre[0].name)
+            vocab[ref] = embed.shape[0] if embed is not None else info.config.get("vocab_size")
+        refs = list(vocab)
+        for ref in refs[1:]:
+            if vocab[ref] != vocab[refs[0]]:
+                raise ModelError(
+                    f"vocab-size mismatch: '{refs[0]}' has {vocab[refs[0]]} tokens but '{ref}' has {vocab[ref]}; "
+                    "merging different vocabularies is not supported"
+                )
+
+    @staticmethod
+    def _fill_ranges(arch: Architecture, slices: list[_Slice], infos: dict[str, ModelInfo]) -> list[_Slice]:
+        out = []
+        for sl in slices:
+            sources = []
+            for s in sl.sources:
+                n = arch.num_layers(infos[s.model].config)
+                if s.layer_range is None:
+                    s = _Source(s.model, s.path, (0, n), s.params)
+                elif s.layer_range[1] > n:
+                    raise RecipeError(
+                        f"{s.path}.layer_range", f"end {s.layer_range[1]} > num_hidden_layers {n} of '{s.model}'"
+                    )
+                sources.append(s)
+            first = sources[0]
+            for s in sources[1:]:
+                if s.layer_range[1] - s.layer_range[0] != first.layer_range[1] - first.layer_range[0]:
+                    raise RecipeError(
+                        _ref_path(s),
+                        f"'{s.model}' has {s.layer_range[1]} layers but '{first.model}' has "
+                        f"{first.layer_range[1]}; models: merges need equal layer counts (use slices:)",
+                    )
+            out.append(_Slice(tuple(sources), sl.base, sl.path, sl.params, sl.base_path))
+        return out
+
+    def _skeletons(
+        self, arch: Architecture, method: MergeMethod, slices: list[_Slice],
+        infos: dict[str, ModelInfo], index: dict[str, int],
+    ) -> tuple[list[_Skeleton], list[str]]:
+        skeletons: list[_Skeleton] = []
+
+        def add(spec: WeightSpec, output: str, slice_index: int, names: list[str], t: float) -> None:
+            sl = slices[slice_index]
+            if spec.optional and not any(n in infos[s.model].tensors for s, n in zip(sl.sources, names)):
+                return  # e.g. lm_head when every input ties it to the embeddings
+            sources = []
+            for s, name in zip(sl.sources, names):
+                tensors = infos[s.model].tensors
+                found = name if name in tensors else (spec.tied_to if spec.tied_to in tensors else None)
+                if found is None:
+                    raise ModelError(f"'{s.model}' has no tensor {name} (needed by {s.path or 'models'})")
+                sources.append(TensorSource(index[s.model], found))
+            self._check_shapes(output, sl, sources, infos)
+            skeletons.append(_Skeleton(output, tuple(sources), tuple(names), slice_index, t, _base_index(method, sl)))
+
+        first, last = 0, len(slices) - 1
+        for spec in arch.pre:
+            add(spec, spec.name, first, [spec.name] * len(slices[first].sources), 0.0)
+        out_layer = 0
+        for k, sl in enumerate(slices):
+            start0, end0 = sl.sources[0].layer_range
+            n = end0 - start0
+            for j in range(n):
+                t = j / (n - 1) if n > 1 else 1.0
+                outs = arch.layer_weights(out_layer)
+                ins = [arch.layer_weights(s.layer_range[0] + j) for s in sl.sources]
+                for w, spec in enumerate(outs):
+                    add(spec, spec.name, k, [ws[w].name for ws in ins], t)
+                out_layer += 1
+        for spec in arch.post:
+            add(spec, spec.name, last, [spec.name] * len(slices[last].sources), 0.0)
+        # Non-layer tensors of the inputs that the output lacks (mergekit drops them too).
+        outputs = {sk.output for sk in skeletons}
+        dropped = sorted({name for info in infos.values() for name in info.tensors
+                          if name not in outputs and not _is_layer_name(name)})
+        return skeletons, dropped
+
+    @staticmethod
+    def _check_shapes(output: str, sl: _Slice, sources: list[TensorSource], infos: dict[str, ModelInfo]) -> None:
+        shapes = [infos[s.model].tensors[src.tensor].shape for s, src in zip(sl.sources, sources)]
+        for s, shape in zip(sl.sources[1:], shapes[1:]):
+            if shape != shapes[0]:
+                raise ModelError(
+                    f"tensor {output}: shape {list(shapes[0])} in '{sl.sources[0].model}' "
+                    f"but {list(shape)} in '{s.model}'"
+                )
+
+    # -- parameters -----------------------------------------------------------------------
+    def plan(self, recipe: Recipe, *, seed: int | None = None) -> MergePlan:
+        """Plan ``recipe``.  Raises RecipeError / ModelError (one line)."""
+        try:
+            method = get_method(recipe.merge_method)
+        except MethodError as err:
+            raise RecipeError("merge_method", str(err)) from None
+        st = self._structure(recipe, method)
+        tokenizer_source = self._tokenizer_source(recipe, st.models)
+        # Parameters come from THIS recipe (the cached structure may stem from another one).
+        slices, module_params = _normalize(recipe)
+        global_scopes = [self._global_scopes(recipe, sl, module_params) for sl in slices]
+        model_scopes = [
+            [[(f"{s.path}.parameters", s.params)] + g if s.path != "base_model" else g for s in sl.sources]
+            for sl, g in zip(slices, global_scopes)
+        ]
+        skip_base = method.base_rule != "ignored"
+        tasks = []
+        for sk in st.skeletons:
+            sl = slices[sk.slice_index]
+            gparams = {}
+            for spec in method.global_params:
+                value = resolve_param(spec, global_scopes[sk.slice_index], sk.output, sk.t, method=method.name)
+                if value is not None:
+                    gparams[spec.name] = value
+            per_model = []
+            for i, s in enumerate(sl.sources):
+                values: dict[str, Any] = {}
+                if not (skip_base and i == sk.base_index):
+                    for spec in method.model_params:
+                        value = resolve_param(
+                            spec, model_scopes[sk.slice_index][i], sk.filter_names[i], sk.t,
+                            method=method.name, owner=s.model,
+                            missing_path="base_model" if s.path == "base_model" else None,
+                        )
+                        if value is not None:
+                            values[spec.name] = value
+                per_model.append(values)
+            tasks.append(TensorTask(
+                output=sk.output,
+                sources=sk.sources,
+                base_index=sk.base_index,
+                method=method.name,
+                params=TensorParams(gparams, per_model),
+                seed=tensor_seed(seed, sk.output) if method.randomized else None,
+            ))
+        return MergePlan(
+            models=[InputModel(ref, self.models[ref].path, self.models[ref].config) for ref in st.models],
+            tasks=tasks,
+            out_config=copy.deepcopy(st.out_config),
+            dtype=torch_dtype(recipe.dtype),
+            out_dtype=torch_dtype(recipe.out_dtype or recipe.dtype),
+            tokenizer_source=tokenizer_source,
+            chat_template=recipe.chat_template,
+            base_model=st.models.index(st.base_model) if st.base_model else None,
+            extra={"merge_method": method.name, "dropped_tensors": list(st.dropped)},
+        )
+
+    @staticmethod
+    def _tokenizer_source(recipe: Recipe, models: list[str]) -> str | None:
+        tok = recipe.tokenizer
+        if tok is not None and (tok.tokens or tok.pad_to_multiple_of):
+            key = "tokens" if tok.tokens else "pad_to_multiple_of"
+            raise RecipeError(f"tokenizer.{key}", "not supported by this engine (only tokenizer.source is)")
+        source = tok.source if tok is not None else recipe.tokenizer_source
+        if source not in (None, "base", "union") and source not in models:
+            path = "tokenizer.source" if tok is not None else "tokenizer_source"
+            raise RecipeError(path, f"'{source}' is not one of the merged models")
+        return source
+
+    @staticmethod
+    def _global_scopes(recipe: Recipe, sl: _Slice, module_params: Scope | None) -> list[Scope]:
+        scopes: list[Scope] = []
+        if sl.path:
+            scopes.append((f"{sl.path}.parameters", sl.params))
+        if module_params is not None:
+            scopes.append(module_params)
+        scopes.append(("parameters", recipe.parameters))
+        return scopes
+
+
+def _ref_path(source: _Source) -> str:
+    return "base_model" if source.path == "base_model" else f"{source.path}.model"
+
+
+def _is_layer_name(name: str) -> bool:
+    return name.startswith("model.layers.")
+
+
+def plan_merge(
+    recipe: Recipe,
+    *,
+    seed: int | None = None,
+    relative_to: Path | None = None,
+    allow_crimes: bool = False,
+    trust_remote_code: bool = False,
+    download: bool = False,
+) -> MergePlan:
+    """Plan ``recipe`` (resolving and reading its models).  ``seed`` seeds the randomized
+    methods per tensor (0 when None).  ``trust_remote_code`` is accepted for mergekit CLI
+    parity: planning reads config.json as data and never runs model code."""
+    del trust_remote_code
+    return Planner(relative_to=relative_to, allow_crimes=allow_crimes, download=download).plan(recipe, seed=seed)
+
+
+__all__ = ["Planner", "plan_merge", "tensor_seed", "torch_dtype"]
