@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 from merge_core.errors import ModelError
 
 _REPO_ID_RE = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
-_MAX_HEADER = 100 * 1024 * 1024
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -133,46 +131,16 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse the header of one ``.safetensors`` file (no tensor data is read).
+    """The tensors of one ``.safetensors`` file, from its validated header (no data is read).
 
     Raises ModelError naming the file when the header is malformed.
     """
-    def bad(reason: str) -> ModelError:
-        return ModelError(f"corrupt safetensors header in {file}: {reason}")
+    from merge_core.tensor_io import TORCH_TO_SAFETENSORS, parse_header
 
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise bad("file shorter than 8 bytes")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(size - 8, _MAX_HEADER):
-                raise bad(f"header length {length} exceeds the file")
-            raw = fh.read(length)
-    except OSError as err:
-        raise ModelError(f"cannot read {file}: {err.strerror or err}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"invalid JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    data_size = size - 8 - length
-    out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not isinstance(dtype, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
-                raise bad(f"tensor {name} lies outside the file")
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"malformed entry for tensor {name}") from None
-        out[name] = TensorInfo(dtype, tuple(shape), file.name)
-    return out
+    return {
+        name: TensorInfo(TORCH_TO_SAFETENSORS[entry.dtype], entry.shape, file.name)
+        for name, entry in parse_header(file).items()
+    }
 
 
 def read_tensor_index(path: Path, reference: str) -> dict[str, TensorInfo]:

@@ -138,7 +138,7 @@ def test_corrupt_headers_name_the_file(tmp_path: Path):
     for name in cases:
         with pytest.raises(ModelError) as err:
             read_safetensors_header(tmp_path / name)
-        assert str(err.value).startswith(f"corrupt safetensors header in {tmp_path / name}: "), str(err.value)
+        assert str(err.value).startswith(f"{tmp_path / name}: corrupt safetensors header ("), str(err.value)
     good = _write_raw(tmp_path / "good.safetensors",
                       json.dumps({"__metadata__": {"format": "pt"},
                                   "w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode(),

@@ -277,7 +277,7 @@ def test_corrupt_and_pickled_models(zoo: Path, tmp_path: Path):
     make_tiny_llama(bad, seed=0, tokenizer=False)
     (bad / "model.safetensors").write_bytes(b"\xff" * 4)
     msg = failure(zoo, f"merge_method: linear\nmodels: [{{model: a}}, {{model: '{bad}'}}]\nparameters: {{weight: 1}}")
-    assert msg.startswith(f"corrupt safetensors header in {bad / 'model.safetensors'}")
+    assert msg.startswith(f"{bad / 'model.safetensors'}: corrupt safetensors header")
     (bad / "model.safetensors").unlink()
     (bad / "pytorch_model.bin").write_bytes(b"x")
     msg = failure(zoo, f"merge_method: linear\nmodels: [{{model: a}}, {{model: '{bad}'}}]\nparameters: {{weight: 1}}")

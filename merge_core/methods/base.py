@@ -201,12 +201,15 @@ class MethodBase:
 
 
 def _check_count(what: str, count: int, minimum: int, maximum: int | None) -> None:
+    def noun(number: int) -> str:
+        return what.replace("models", "model", 1) if number == 1 else what
+
     if maximum is not None and minimum == maximum and count != minimum:
-        raise MethodError(f"needs exactly {minimum} {what}, got {count}")
+        raise MethodError(f"needs exactly {minimum} {noun(minimum)}, got {count}")
     if count < minimum:
-        raise MethodError(f"needs at least {minimum} {what}, got {count}")
+        raise MethodError(f"needs at least {minimum} {noun(minimum)}, got {count}")
     if maximum is not None and count > maximum:
-        raise MethodError(f"accepts at most {maximum} {what}, got {count}")
+        raise MethodError(f"accepts at most {maximum} {noun(maximum)}, got {count}")
 
 
 def _resolve_one(spec: ParamSpec, value: ParamValue | None, where: str) -> Any:
