@@ -1,0 +1,263 @@
+"""The evolve config: mergekit-evolve's YAML schema, accepted unchanged, plus our additions.
+
+mergekit-evolve fields (same names and defaults as mergekit 0.1.5's ``EvolMergeConfiguration``):
+
+- ``genome``: ``models``, ``merge_method``, ``base_model``, ``tokenizer_source``,
+  ``layer_granularity`` (0), ``normalize`` (None = method default), ``allow_negative_weights``
+  (False), ``filters`` (None), ``smooth`` (False).
+- ``tasks``: a list of ``{name, weight (1.0), metric ("acc,none")}`` or plain task names.
+- ``limit``, ``num_fewshot`` (None), ``shuffle`` (False), ``random_init`` (False),
+  ``apply_chat_template`` (True), ``fewshot_as_multiturn`` (True).
+
+Ours: ``held_out`` (tasks re-scored on the best candidates, never optimised), a per-task
+``split`` (lm-eval split override) and a ``vllm:`` section (engine settings, used by the
+evaluation side). Unknown keys are errors (mergekit silently ignored them).
+
+Every problem is reported as one :class:`~merge_core.errors.RecipeError` whose path is the YAML
+path of the field (``genome.models[2]``, ``tasks[0].weight``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from merge_core.errors import RecipeError
+
+# Genes per (layer group, model, filter set), in gene order; "weight"/"t" always first.
+# mergekit-evolve supports the first five; the others are ours (same gene layout as ties).
+METHOD_GENES: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "breadcrumbs": ("weight", "density"),
+    "della": ("weight", "density"),
+    "slerp": ("t",),
+}
+# Methods that merge task vectors relative to a base model (base_model required).
+BASE_METHODS = frozenset(
+    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
+)
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenomeConfig(_Strict):
+    """What is searched: the models, the merge method and the genome's layout."""
+
+    models: list[str]
+    merge_method: str
+    base_model: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    layer_granularity: int = 0
+    normalize: Optional[bool] = None
+    allow_negative_weights: bool = False
+    filters: Optional[list[str]] = None
+    smooth: bool = False
+
+
+class TaskConfig(_Strict):
+    """One lm-eval task; its ``metric`` value times ``weight`` adds to the fitness."""
+
+    name: str
+    weight: float = 1.0
+    metric: str = "acc,none"
+    split: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        # mergekit-evolve accepts a bare task name as shorthand.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class VllmConfig(_Strict):
+    """vLLM engine settings for the evaluation workers (defaults as mergekit-evolve's)."""
+
+    gpu_memory_utilization: float = 0.8
+    max_model_len: Optional[int] = 4096
+    dtype: Optional[str] = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    max_num_seqs: Optional[int] = None
+    batch_size: Union[int, str] = "auto"  # an int or "auto", checked in _check_semantics
+
+
+class EvolveConfig(_Strict):
+    """A whole evolve config file."""
+
+    genome: GenomeConfig
+    tasks: list[TaskConfig]
+    held_out: list[TaskConfig] = []
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    shuffle: bool = False
+    random_init: bool = False
+    apply_chat_template: bool = True
+    fewshot_as_multiturn: bool = True
+    vllm: Optional[VllmConfig] = None
+
+
+def load_evolve_config(path: str | Path) -> EvolveConfig:
+    """Read and validate an evolve config YAML; raise a one-line RecipeError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(str(path), f"cannot read evolve config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise RecipeError(str(path), f"invalid YAML{where}: {problem}") from None
+    return parse_evolve_config(data)
+
+
+def parse_evolve_config(data: Any) -> EvolveConfig:
+    """Validate an already-parsed evolve config (a dict as loaded from YAML)."""
+    if not isinstance(data, dict):
+        raise RecipeError("", f"an evolve config must be a mapping, got {type(data).__name__}")
+    try:
+        config = EvolveConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc) from None
+    _check_semantics(config)
+    return config
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _one_line(exc: ValidationError) -> RecipeError:
+    """Turn pydantic's multi-error report into one RecipeError about the first problem."""
+    errors = exc.errors()
+    # Unknown keys: name all of them at their parent, it is the likeliest typo.
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        parent = extra[0]["loc"][:-1]
+        keys = [str(e["loc"][-1]) for e in extra if e["loc"][:-1] == parent]
+        return RecipeError(_yaml_path(parent), "unknown key(s) " + ", ".join(map(repr, keys)))
+    first = errors[0]
+    # Drop pydantic's internal union/validator tags from the location.
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or "-" in p)))
+    msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if "input" in first and first["type"] not in ("missing",):
+        msg += f" (got {first['input']!r:.60})"
+    return RecipeError(_yaml_path(loc), msg)
+
+
+def _check_semantics(config: EvolveConfig) -> None:
+    """Cross-field checks pydantic's types cannot express, each with its exact YAML path."""
+    g = config.genome
+    if not g.models:
+        raise RecipeError("genome.models", "at least one model is required")
+    seen: dict[str, int] = {}
+    for i, model in enumerate(g.models):
+        if not model.strip():
+            raise RecipeError(f"genome.models[{i}]", "empty model reference")
+        if model in seen:
+            raise RecipeError(f"genome.models[{i}]", f"{model!r} is already genome.models[{seen[model]}]")
+        seen[model] = i
+    if g.merge_method not in METHOD_GENES:
+        raise RecipeError(
+            "genome.merge_method",
+            f"unsupported method {g.merge_method!r}; choose one of {', '.join(METHOD_GENES)}",
+        )
+    if g.base_model is not None and not g.base_model.strip():
+        raise RecipeError("genome.base_model", "empty model reference")
+    if g.merge_method in BASE_METHODS and g.base_model is None:
+        raise RecipeError("genome.base_model", f"required for merge_method {g.merge_method}")
+    if g.layer_granularity < 0:
+        raise RecipeError("genome.layer_granularity", f"must be >= 0 (0 = one group), got {g.layer_granularity}")
+    if g.filters is not None:
+        for i, f in enumerate(g.filters):
+            if not f.strip():
+                raise RecipeError(f"genome.filters[{i}]", "empty filter")
+            if f in g.filters[:i]:
+                raise RecipeError(f"genome.filters[{i}]", f"duplicate filter {f!r}")
+    if g.merge_method == "slerp":
+        if len(g.models) < 2:
+            raise RecipeError("genome.models", "slerp needs at least two models")
+        if g.smooth:
+            raise RecipeError("genome.smooth", "not supported with merge_method slerp")
+        if g.filters:
+            raise RecipeError("genome.filters", "not supported with merge_method slerp")
+    if g.tokenizer_source is not None and not g.tokenizer_source.strip():
+        raise RecipeError("genome.tokenizer_source", "empty value")
+
+    if not config.tasks:
+        raise RecipeError("tasks", "at least one task is required")
+    for key in ("tasks", "held_out"):
+        tasks: list[TaskConfig] = getattr(config, key)
+        pairs: dict[tuple[str, str], int] = {}
+        for i, task in enumerate(tasks):
+            if not task.name.strip():
+                raise RecipeError(f"{key}[{i}].name", "empty task name")
+            if not task.metric.strip():
+                raise RecipeError(f"{key}[{i}].metric", "empty metric")
+            if not math.isfinite(task.weight):
+                raise RecipeError(f"{key}[{i}].weight", f"must be a finite number, got {task.weight}")
+            if task.split is not None and not task.split.strip():
+                raise RecipeError(f"{key}[{i}].split", "empty split name")
+            pair = (task.name, task.metric)
+            if pair in pairs:
+                raise RecipeError(
+                    f"{key}[{i}]", f"task {task.name!r} metric {task.metric!r} repeats {key}[{pairs[pair]}]"
+                )
+            pairs[pair] = i
+    if all(t.weight == 0 for t in config.tasks):
+        raise RecipeError("tasks", "all task weights are 0: the fitness would be constant")
+    if config.limit is not None and config.limit < 1:
+        raise RecipeError("limit", f"must be >= 1, got {config.limit}")
+    if config.num_fewshot is not None and config.num_fewshot < 0:
+        raise RecipeError("num_fewshot", f"must be >= 0, got {config.num_fewshot}")
+
+    v = config.vllm
+    if v is not None:
+        if not 0 < v.gpu_memory_utilization <= 1:
+            raise RecipeError("vllm.gpu_memory_utilization", f"must be in (0, 1], got {v.gpu_memory_utilization}")
+        for name in ("max_model_len", "max_num_seqs", "tensor_parallel_size"):
+            value = getattr(v, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"vllm.{name}", f"must be >= 1, got {value}")
+        if isinstance(v.batch_size, bool) or (isinstance(v.batch_size, int) and v.batch_size < 1) or (
+            isinstance(v.batch_size, str) and v.batch_size != "auto"
+        ):
+            raise RecipeError("vllm.batch_size", f"must be >= 1 or 'auto', got {v.batch_size}")
+        if v.dtype is not None and v.dtype not in VLLM_DTYPES:
+            raise RecipeError("vllm.dtype", f"unknown dtype {v.dtype!r}; choose one of {', '.join(VLLM_DTYPES)}")
+
+
+def normalized_config(config: EvolveConfig) -> dict[str, Any]:
+    """The config as plain JSON data with every default filled in (the hashed form)."""
+    return config.model_dump(mode="json")
+
+
+def canonical_json(data: Any) -> str:
+    """Key-sorted, compact JSON: equal data gives equal text on every run and machine."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def config_hash(config: EvolveConfig) -> str:
+    """sha256 of the normalized config (provenance; shorthand and defaults hash alike)."""
+    return hashlib.sha256(canonical_json(normalized_config(config)).encode()).hexdigest()

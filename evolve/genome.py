@@ -1,0 +1,317 @@
+"""The genome: a flat vector of floats that CMA-ES searches, and its mergekit recipe.
+
+Layout (the same ordering as mergekit-evolve, so its genotypes mean the same here)::
+
+    x has shape (G, M, F, P), flattened in C order:
+    x[((g * M + m) * F + f) * P + p]
+
+- G layer groups: ``ceil(L / layer_granularity)`` groups of ``layer_granularity`` consecutive
+  layers (``layer_granularity: 0`` = one group of all L layers). mergekit-evolve requires the
+  granularity to divide L; we accept any, the last group is then shorter.
+- M models: ``genome.models`` in order. For the task-vector methods the base model is not a
+  gene-carrying model unless it is also listed in ``models`` (mergekit-evolve's rule); it is added
+  to every slice as the parameter-less base source.
+- F filter sets: one per ``genome.filters`` entry plus a catch-all, in that order; each becomes a
+  conditional parameter ``[{filter: f, value: v}, ..., {value: v_catchall}]``. F = 1 without
+  filters, and the parameters are plain numbers.
+- P genes per (group, model, filter set), by method::
+
+    linear, task_arithmetic                               weight
+    ties, dare_ties, dare_linear, breadcrumbs, della      weight, density
+    slerp                                                 t-score (one per model)
+
+  dimension = G * M * F * P.
+
+Bounds (CMA-ES runs with them; decode also accepts points outside, with mergekit-evolve's maps):
+
+- weight: [0, 1], or [-1, 1] with ``allow_negative_weights`` (outside: ``|w|`` unless negatives
+  are allowed, like mergekit-evolve).
+- density: [0, 1] (outside: ``clamp(|d|, 0, 1)``).
+- slerp t-score: [0, 4]. As in mergekit-evolve, per layer group the two models with the highest
+  score are merged (ties broken by model order), the best one is the slice's base, and
+  ``t = softmax(top two)[1] = 1 / (1 + exp(s1 - s2))``; so t is in [0.0180, 0.5] (the other
+  half is reached by swapping which model is the base).
+- della's ``epsilon`` is not a gene: it is derived per value as
+  ``min(0.15, density / 2, (1 - density) / 2)`` so that ``density +/- epsilon`` stays in (0, 1)
+  (mergekit's della rejects other values; 0.15 is its default).
+
+``smooth: true`` writes each parameter as a gradient (list of G values, interpolated across the
+layers) in a ``models:`` section instead of one slice per group.
+
+Initial point (mergekit-evolve's): weight = 1/M, density = 1 (t-scores = 1/M, i.e. equal), or
+uniform in the bounds with ``random_init`` (mergekit-evolve drew U[0, 1)).
+
+Recipe parameters besides the genes: ``normalize`` (explicit value, else True for linear, ties,
+dare_ties, della), ``int8_mask: true`` for the task-vector methods, ``dtype: bfloat16``,
+``tokenizer_source`` when set. Deviations from mergekit-evolve: a ``base_model`` is not added
+for linear (it would need a weight; mergekit-evolve's recipe did not merge) nor for slerp (a
+slice takes exactly two models); slerp sources carry no ``weight`` with a ``tokenizer_source``
+and smooth ``models:`` entries no ``layer_range`` (mergekit 0.1.5 ignores both; our recipe
+model rejects them as unknown).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from evolve.config import BASE_METHODS, METHOD_GENES, GenomeConfig, canonical_json
+from merge_core.errors import RecipeError
+
+WEIGHT_BOUND = 1.0
+SLERP_SCORE_MAX = 4.0
+DELLA_EPSILON = 0.15
+NORMALIZE_BY_DEFAULT = frozenset({"linear", "ties", "dare_ties", "della"})
+HASH_DECIMALS = 9
+
+
+class GenomeError(ValueError):
+    """A vector or recipe that does not fit this genome (a programming error, not user input)."""
+
+
+class Genome:
+    """Maps flat float vectors to mergekit recipe dicts and back for one genome config."""
+
+    def __init__(self, definition: GenomeConfig, num_layers: int, dtype: str = "bfloat16") -> None:
+        if num_layers < 1:
+            raise RecipeError("genome", f"the base model has {num_layers} layers; need at least 1")
+        self.definition = definition
+        self.num_layers = num_layers
+        self.dtype = dtype
+        self.method = definition.merge_method
+        self.genes = METHOD_GENES[self.method]
+        step = definition.layer_granularity or num_layers
+        self.layer_ranges: list[tuple[int, int]] = [
+            (start, min(start + step, num_layers)) for start in range(0, num_layers, step)
+        ]
+        self.filters: list[str | None] = list(definition.filters or []) + [None]
+        self.shape = (len(self.layer_ranges), len(definition.models), len(self.filters), len(self.genes))
+
+    # -- geometry -----------------------------------------------------------------------
+
+    @property
+    def dimension(self) -> int:
+        """Number of genes: groups x models x filter sets x genes per method."""
+        return math.prod(self.shape)
+
+    def _gene_bounds(self, gene: str) -> tuple[float, float]:
+        if gene == "weight":
+            return (-WEIGHT_BOUND if self.definition.allow_negative_weights else 0.0, WEIGHT_BOUND)
+        if gene == "density":
+            return (0.0, 1.0)
+        return (0.0, SLERP_SCORE_MAX)
+
+    @property
+    def bounds(self) -> tuple[list[float], list[float]]:
+        """Per-gene (lower, upper) lists, for CMA-ES's ``bounds`` option."""
+        lo, hi = zip(*(self._gene_bounds(self.genes[i % len(self.genes)]) for i in range(self.dimension)))
+        return list(lo), list(hi)
+
+    @property
+    def scales(self) -> list[float]:
+        """Per-gene scale of the search step (``CMA_stds``): t-scores span 4x a weight's range."""
+        return [SLERP_SCORE_MAX if self.method == "slerp" else 1.0] * self.dimension
+
+    def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
+        """mergekit-evolve's start: weight 1/M, density 1; or uniform within the bounds."""
+        lo, hi = (np.asarray(b) for b in self.bounds)
+        if random_init:
+            return [float(v) for v in rng.uniform(lo, hi)]
+        x = np.zeros(self.shape)
+        x[..., 0] = 1.0 / self.shape[1]
+        x[..., 1:] = 1.0
+        return [float(v) for v in x.reshape(-1)]
+
+    # -- decode ---------------------------------------------------------------------------
+
+    def _as_array(self, x: Sequence[float]) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.shape != (self.dimension,):
+            raise GenomeError(f"genome vector has shape {arr.shape}, expected ({self.dimension},)")
+        if not np.all(np.isfinite(arr)):
+            raise GenomeError("genome vector has non-finite values")
+        return arr.reshape(self.shape)
+
+    def _normalize_param(self) -> bool:
+        if self.definition.normalize is not None:
+            return self.definition.normalize
+        return self.method in NORMALIZE_BY_DEFAULT
+
+    def decode(self, x: Sequence[float]) -> dict[str, Any]:
+        """The mergekit recipe dict (YAML structure) for genome vector ``x``."""
+        arr = self._as_array(x)
+        recipe: dict[str, Any] = {"merge_method": self.method}
+        if self.method == "slerp":
+            recipe["slices"] = self._slerp_slices(arr)
+        else:
+            values = {}
+            for p, gene in enumerate(self.genes):
+                v = arr[..., p]
+                if gene == "density":
+                    v = np.clip(np.abs(v), 0.0, 1.0)
+                elif not self.definition.allow_negative_weights:
+                    v = np.abs(v)
+                values[gene] = v
+            if self.method == "della":
+                d = values["density"]
+                values["epsilon"] = np.minimum(DELLA_EPSILON, np.minimum(d, 1.0 - d) / 2.0)
+            if self.method in BASE_METHODS:
+                recipe["base_model"] = self.definition.base_model
+            if self.definition.smooth:
+                recipe["models"] = self._smooth_models(values)
+            else:
+                recipe["slices"] = self._discrete_slices(values)
+            params: dict[str, Any] = {"normalize": self._normalize_param()}
+            if self.method in BASE_METHODS:
+                params["int8_mask"] = True
+            recipe["parameters"] = params
+        recipe["dtype"] = self.dtype
+        if self.definition.tokenizer_source is not None:
+            recipe["tokenizer_source"] = self.definition.tokenizer_source
+        return recipe
+
+    def _param_value(self, per_filter: list[Any]) -> Any:
+        """One parameter: a plain value, or conditional on the tensor-name filters."""
+        if len(per_filter) == 1:
+            return per_filter[0]
+        out = [{"filter": f, "value": v} for f, v in zip(self.filters[:-1], per_filter[:-1])]
+        return out + [{"value": per_filter[-1]}]
+
+    def _base_source(self, layer_range: list[int] | None) -> dict[str, Any] | None:
+        base = self.definition.base_model
+        if self.method not in BASE_METHODS or base is None or base in self.definition.models:
+            return None
+        return {"model": base} if layer_range is None else {"model": base, "layer_range": layer_range}
+
+    def _discrete_slices(self, values: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        slices = []
+        for g, (start, end) in enumerate(self.layer_ranges):
+            sources = []
+            for m, model in enumerate(self.definition.models):
+                params = {
+                    name: self._param_value([float(v[g, m, f]) for f in range(len(self.filters))])
+                    for name, v in values.items()
+                }
+                sources.append({"model": model, "layer_range": [start, end], "parameters": params})
+            base = self._base_source([start, end])
+            if base is not None:
+                sources.append(base)
+            slices.append({"sources": sources})
+        return slices
+
+    def _smooth_models(self, values: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        models = []
+        for m, model in enumerate(self.definition.models):
+            params = {}
+            for name, v in values.items():
+                per_filter = []
+                for f in range(len(self.filters)):
+                    gradient = [float(val) for val in v[:, m, f]]
+                    per_filter.append(gradient[0] if len(gradient) == 1 else gradient)
+                params[name] = self._param_value(per_filter)
+            # No layer_range here: mergekit's models entries have none (mergekit-evolve wrote one,
+            # which mergekit ignored); the gradient spans all layers.
+            models.append({"model": model, "parameters": params})
+        base = self._base_source(None)
+        if base is not None:
+            models.append(base)
+        return models
+
+    def _slerp_slices(self, arr: np.ndarray) -> list[dict[str, Any]]:
+        slices = []
+        models = self.definition.models
+        for g, (start, end) in enumerate(self.layer_ranges):
+            scores = arr[g, :, 0, 0]
+            # Stable: equal scores keep model order, so the result never depends on sort details.
+            first, second = sorted(range(len(models)), key=lambda i: (-scores[i], i))[:2]
+            t = 1.0 / (1.0 + math.exp(scores[first] - scores[second]))
+            sources = [
+                {"model": models[first], "layer_range": [start, end]},
+                {"model": models[second], "layer_range": [start, end]},
+            ]
+            slices.append({"sources": sources, "base_model": models[first], "parameters": {"t": t}})
+        return slices
+
+    # -- encode ---------------------------------------------------------------------------
+
+    def encode(self, recipe: dict[str, Any]) -> list[float]:
+        """The genome vector of a recipe :meth:`decode` produced (``decode(encode(r)) == r``).
+
+        For points inside the bounds ``encode(decode(x)) == x``, except slerp, whose decode keeps
+        only the top two scores per group: there encode returns a canonical vector with the same
+        recipe.
+        """
+        if recipe.get("merge_method") != self.method:
+            raise GenomeError(f"recipe merge_method {recipe.get('merge_method')!r} is not {self.method!r}")
+        x = np.zeros(self.shape)
+        if self.method == "slerp":
+            self._encode_slerp(recipe, x)
+        elif self.definition.smooth:
+            for m, entry in enumerate(self._genes_sources(recipe.get("models"), 0)):
+                for p, gene in enumerate(self.genes):
+                    for f, value in enumerate(self._unconditional(entry["parameters"][gene])):
+                        grad = value if isinstance(value, list) else [value]
+                        if len(grad) != self.shape[0]:
+                            raise GenomeError(f"gradient of {len(grad)} values, expected {self.shape[0]}")
+                        x[:, m, f, p] = grad
+        else:
+            slices = recipe.get("slices") or []
+            if len(slices) != self.shape[0]:
+                raise GenomeError(f"recipe has {len(slices)} slices, expected {self.shape[0]}")
+            for g, sl in enumerate(slices):
+                for m, src in enumerate(self._genes_sources(sl["sources"], g)):
+                    for p, gene in enumerate(self.genes):
+                        x[g, m, :, p] = self._unconditional(src["parameters"][gene])
+        return [float(v) for v in x.reshape(-1)]
+
+    def _genes_sources(self, sources: Any, g: int) -> list[dict[str, Any]]:
+        """The gene-carrying sources, checked against the genome's models."""
+        models = self.definition.models
+        if not isinstance(sources, list) or [s.get("model") for s in sources[: len(models)]] != list(models):
+            raise GenomeError(f"recipe sources of group {g} do not list the genome's models in order")
+        return sources[: len(models)]
+
+    def _unconditional(self, value: Any) -> list[Any]:
+        """Per-filter values of a parameter, in genome filter order (catch-all last)."""
+        if len(self.filters) == 1:
+            return [value]
+        if not isinstance(value, list) or len(value) != len(self.filters):
+            raise GenomeError(f"expected {len(self.filters)} filtered values, got {value!r:.80}")
+        if [c.get("filter") for c in value] != self.filters:
+            raise GenomeError("filtered values are not in the genome's filter order")
+        return [c["value"] for c in value]
+
+    def _encode_slerp(self, recipe: dict[str, Any], x: np.ndarray) -> None:
+        slices = recipe.get("slices") or []
+        if len(slices) != self.shape[0]:
+            raise GenomeError(f"recipe has {len(slices)} slices, expected {self.shape[0]}")
+        index = {name: i for i, name in enumerate(self.definition.models)}
+        for g, sl in enumerate(slices):
+            first, second = (index[s["model"]] for s in sl["sources"][:2])
+            t = float(sl["parameters"]["t"])
+            if not 0.0 < t <= 0.5:
+                raise GenomeError(f"slerp t={t} of group {g} is outside (0, 0.5]")
+            gap = math.log((1.0 - t) / t)  # s1 - s2, >= 0
+            # Top model at the upper bound, runner-up `gap` below, the others at the floor.
+            x[g, :, 0, 0] = 0.0
+            x[g, first, 0, 0] = SLERP_SCORE_MAX
+            x[g, second, 0, 0] = max(SLERP_SCORE_MAX - gap, 0.0)
+
+
+def _round_floats(value: Any) -> Any:
+    if isinstance(value, float):
+        rounded = round(value, HASH_DECIMALS)
+        return 0.0 if rounded == 0 else rounded  # -0.0 and 0.0 hash alike
+    if isinstance(value, dict):
+        return {str(k): _round_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round_floats(v) for v in value]
+    return value
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """sha256 of the recipe's canonical JSON, floats rounded to 1e-9: equal merges hash equal."""
+    return hashlib.sha256(canonical_json(_round_floats(recipe)).encode()).hexdigest()

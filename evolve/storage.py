@@ -1,0 +1,217 @@
+"""What a run keeps under ``--storage-path``, written so that a kill at any instant is harmless.
+
+- ``evaluations.jsonl``: the ledger, one JSON object per line, append-only. A line is written
+  whole, flushed and fsynced before the result counts; a torn last line (kill mid-write) is cut
+  off when the ledger is next opened.
+- ``search_state.pkl``: the optimizer state after the latest ``tell`` (temp file + os.replace).
+- ``run.json``: the run manifest (config, seed, search settings, versions, start time, budget);
+  a resume with different settings is refused, naming the first difference.
+- ``best_config.yaml``: the best recipe, provenance as leading ``#`` comments, and
+  ``best_config.provenance.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from merge_core.errors import MergeError
+
+LEDGER = "evaluations.jsonl"
+STATE = "search_state.pkl"
+MANIFEST = "run.json"
+BEST_CONFIG = "best_config.yaml"
+BEST_PROVENANCE = "best_config.provenance.json"
+
+
+class StorageError(MergeError):
+    """The storage directory holds something we cannot continue from (one line)."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """YAML-style path of the first place two JSON values differ, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                return sub
+            found = first_difference(old[key], new[key], sub)
+            if found is not None:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = first_difference(a, b, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None if len(old) == len(new) else f"{path} (length {len(old)} vs {len(new)})"
+    return None if old == new and type(old) is type(new) else (path or "<root>")
+
+
+def _lookup(data: Any, path: str) -> Any:
+    """Best-effort value at a first_difference path, for the error message."""
+    cur = data
+    for part in path.replace("[", ".[").split("."):
+        if not part or cur is None:
+            continue
+        try:
+            cur = cur[int(part[1:-1])] if part.startswith("[") else cur.get(part)
+        except (ValueError, IndexError, AttributeError, TypeError):
+            return None
+    return cur
+
+
+class RunStorage:
+    """One run's directory; all writes are atomic or append-whole-line."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._ledger_checked = False
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / LEDGER
+
+    # -- ledger ---------------------------------------------------------------------------
+
+    def load_evaluations(self) -> list[dict[str, Any]]:
+        """All ledger records in file order; a torn last line is truncated away."""
+        if not self.ledger_path.exists():
+            self._ledger_checked = True
+            return []
+        data = self.ledger_path.read_bytes()
+        records: list[dict[str, Any]] = []
+        # Every append is one write of "json\n": text after the last newline is a torn write.
+        lines = data.split(b"\n")[:-1]
+        good_end = 0
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                if number == len(lines):
+                    break  # a damaged last line (crash mid-write): drop it like a torn one
+                raise StorageError(f"{self.ledger_path}: line {number} is not a JSON record")
+            records.append(record)
+            good_end += len(line) + 1
+        if good_end < len(data):
+            with open(self.ledger_path, "r+b") as fh:
+                fh.truncate(good_end)
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._ledger_checked = True
+        return records
+
+    def append_evaluation(self, record: dict[str, Any]) -> None:
+        """Append one record as a whole line and make it durable before returning."""
+        if not self._ledger_checked:
+            self.load_evaluations()  # cut a torn tail first, or the new line would join it
+        line = json.dumps(record, sort_keys=True, allow_nan=False, separators=(",", ":")) + "\n"
+        with open(self.ledger_path, "ab") as fh:
+            fh.write(line.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # -- search state ---------------------------------------------------------------------
+
+    def save_search_state(self, blob: bytes) -> None:
+        """Replace the saved optimizer state (called after every tell)."""
+        atomic_write(self.path / STATE, blob)
+
+    def load_search_state(self) -> bytes | None:
+        """The saved optimizer state, or None for a fresh run."""
+        path = self.path / STATE
+        return path.read_bytes() if path.exists() else None
+
+    # -- manifest -------------------------------------------------------------------------
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.path / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise StorageError(f"{path}: unreadable run manifest ({exc})") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+    def open_run(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any]:
+        """Start or resume: write ``manifest`` if new, else check the ``must_match`` keys.
+
+        Returns the stored manifest (updated with the new values of keys that may change, such
+        as the budget). Raises StorageError naming the first differing setting.
+        """
+        old = self.read_manifest()
+        if old is None:
+            if self.ledger_path.exists() or (self.path / STATE).exists():
+                raise StorageError(f"{self.path}: has evaluations but no {MANIFEST}; use a new --storage-path")
+            self.write_manifest(manifest)
+            return manifest
+        for key in must_match:
+            where = first_difference(old.get(key), manifest.get(key), key)
+            if where is not None:
+                raise StorageError(
+                    f"{self.path}: cannot resume, {where} differs from the stored run "
+                    f"({_short(_lookup(old, where))} there, {_short(_lookup(manifest, where))} now);"
+                    " use a new --storage-path"
+                )
+        merged = {**manifest, **{k: old[k] for k in ("started",) if k in old}}
+        if merged != old:
+            self.write_manifest(merged)
+        return merged
+
+    # -- best recipe ----------------------------------------------------------------------
+
+    def write_best_config(self, recipe_yaml: str, provenance: dict[str, Any]) -> Path:
+        """Write ``best_config.yaml`` (provenance as leading comments) and its JSON sidecar."""
+        header = yaml.safe_dump(provenance, sort_keys=False, default_flow_style=None, width=100)
+        comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+        text = "# merge-evolve best recipe; provenance:\n" + comments + recipe_yaml
+        if not text.endswith("\n"):
+            text += "\n"
+        sidecar = json.dumps(provenance, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        atomic_write(self.path / BEST_PROVENANCE, sidecar.encode())
+        atomic_write(self.path / BEST_CONFIG, text.encode())
+        return self.path / BEST_CONFIG
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
