@@ -1,0 +1,54 @@
+"""The merge methods, by ``merge_method`` name (mergekit 0.1.5's names, parameters and defaults)."""
+
+from __future__ import annotations
+
+from merge_core.methods.base import MergeMethod, MethodError
+from merge_core.methods.linear import Linear
+from merge_core.methods.model_stock import ModelStock
+from merge_core.methods.passthrough import Passthrough
+from merge_core.methods.sce import Sce
+from merge_core.methods.slerp import NuSlerp, Slerp
+from merge_core.methods.task_arithmetic import (
+    Breadcrumbs,
+    BreadcrumbsTies,
+    DareLinear,
+    DareTies,
+    Della,
+    DellaLinear,
+    TaskArithmetic,
+    Ties,
+)
+
+METHODS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        Linear,
+        Slerp,
+        NuSlerp,
+        TaskArithmetic,
+        Ties,
+        DareTies,
+        DareLinear,
+        Breadcrumbs,
+        BreadcrumbsTies,
+        Della,
+        DellaLinear,
+        ModelStock,
+        Sce,
+        Passthrough,
+    )
+}
+
+
+def method_names() -> list[str]:
+    """The registered ``merge_method`` names, in registry order."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    """A fresh instance of the method called ``name``; MethodError for unknown names."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise MethodError(f"unknown merge_method '{name}'; known: {', '.join(METHODS)}") from None
+    return cls()
