@@ -88,6 +88,22 @@ class EvaluationPool(Protocol):
         """Block until at least one submitted job finished; return the finished ones."""
 
 
+class SearchObserver(Protocol):
+    """Follows a run as it goes (progress bar, W&B); every hook must be cheap and must not raise."""
+
+    def on_start(self, driver: "SearchDriver") -> None:
+        """Called once the run is opened (resumed records are in ``driver.records``)."""
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """A ledger record was appended (train, cached or held-out)."""
+
+    def on_generation(self, number: int, records: list[dict[str, Any]], sigma: float) -> None:
+        """Generation ``number`` was told to CMA-ES; ``records`` are its candidates in order."""
+
+    def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:
+        """A new incumbent; ``best_config`` is the path of the rewritten best_config.yaml."""
+
+
 @dataclass
 class SearchOutcome:
     """Summary of a finished search (the ledger has every detail)."""
@@ -208,6 +224,7 @@ class SearchDriver:
         max_fevals: int = 100,
         penalty: float | None = None,
         versions: dict[str, str] | None = None,
+        observers: Sequence[SearchObserver] = (),
     ) -> None:
         if sigma0 <= 0 or not math.isfinite(sigma0):
             raise ValueError(f"sigma0 must be a positive number, got {sigma0}")
@@ -225,6 +242,8 @@ class SearchDriver:
         self.penalty = float(default_penalty(config.tasks) if penalty is None else penalty)
         self.versions = package_versions() if versions is None else versions
         self.records: dict[str, dict[str, Any]] = {}
+        self.observers = list(observers)
+        self.deadline: float | None = None  # time.monotonic() after which no generation is asked
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -329,6 +348,8 @@ class SearchDriver:
     def _append(self, record: dict[str, Any]) -> None:
         self.storage.append_evaluation(record)
         self.records[record["eval_id"]] = record
+        for observer in self.observers:
+            observer.on_record(record)
 
     def _train_record(self, gen: _Generation, i: int, result: Result | None, source: dict[str, Any] | None,
                       submitted: float | None) -> dict[str, Any]:
@@ -410,6 +431,8 @@ class SearchDriver:
     def _should_stop(self) -> str | None:
         if self.next_gen * self.popsize_ >= self.max_fevals:
             return f"max_fevals {self.max_fevals} reached"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "timeout reached"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stop = dict(self.es.stop())
@@ -440,6 +463,8 @@ class SearchDriver:
                       "recipe_hash": self.records[train_id]["recipe_hash"]}
             record.update(self._scored(result, self.config.held_out, submitted))
             self._append(record)
+            if train_id == self.best_id:
+                self._write_best()  # provenance gains the held-out scores
             return
         i = self.gen.ids.index(result.eval_id)
         record = self._train_record(self.gen, i, result, None, submitted)
@@ -456,8 +481,13 @@ class SearchDriver:
         self.next_gen = gen.number + 1
         self._save_state()
         self.gen = None
+        for observer in self.observers:
+            observer.on_generation(gen.number, [self.records[i] for i in gen.ids], float(self.es.sigma))
         if self._after_tell(gen.ids):
-            self._write_best()
+            path = self._write_best()
+            best = self.records[self.best_id]
+            for observer in self.observers:
+                observer.on_new_best(best, self.genome.decode(best["x"]), path)
 
     def run(self, pool: EvaluationPool) -> SearchOutcome:
         """Search until the budget or pycma's stop criteria; return the outcome.
@@ -471,6 +501,8 @@ class SearchDriver:
         self.waiting: dict[str, list[int]] = {}
         self.in_flight: dict[str, float] = {}
         self.busy_s = 0.0
+        for observer in self.observers:
+            observer.on_start(self)
         started = time.monotonic()
         stop_reason = self._should_stop()
         while True:
@@ -507,10 +539,10 @@ class SearchDriver:
             busy_fraction=min(busy, 1.0),
         )
 
-    def _write_best(self) -> None:
-        """(Re)write best_config.yaml for the incumbent, with provenance comments."""
+    def _write_best(self) -> Any:
+        """(Re)write best_config.yaml for the incumbent, with provenance comments; its path."""
         if self.best_id is None:
-            return
+            return None
         best = self.records[self.best_id]
         recipe = self.genome.decode(best["x"])
         held = self.records.get(f"{self.best_id}/{HELD_OUT}")
@@ -535,4 +567,4 @@ class SearchDriver:
             "versions": self.versions,
         }
         recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
-        self.storage.write_best_config(recipe_yaml, provenance)
+        return self.storage.write_best_config(recipe_yaml, provenance)
