@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from merge_core.errors import ModelError
 from merge_core.executor import merge_tensor
 from merge_core.methods.base import TensorInputs
-from merge_core.plan_types import MergePlan, TensorSource, TensorTask
+from merge_core.plan_types import MergePlan, TensorTask
 from merge_core.tensor_io import CheckpointReader
 
 
@@ -31,39 +32,56 @@ class MergeStats:
 class InMemoryMerger:
     """Holds the input models' tensors and merges plans into a target model in place.
 
-    ``plan`` fixes which tensors are loaded: any later plan passed to :meth:`merge_into` must draw
-    on the same (model, tensor) sources, as the plans of one evolve run do (they differ in
-    parameter values only).  ``device`` is where inputs live and the math runs; ``dtype`` is
-    the storage dtype of the inputs (the recipe's ``dtype`` when None).
+    Input tensors are keyed by (model directory, tensor name), not by a plan's model numbering,
+    so plans that list their models in different orders (slerp candidates pick different pairs
+    per layer group) share them.  ``plan`` (optional) is loaded eagerly; any tensor a later plan
+    needs beyond it is read on first use and kept.  ``device`` is where inputs live and the math
+    runs; ``dtype`` is the storage dtype of the inputs (the plan's ``dtype`` when None).
     """
 
-    def __init__(self, plan: MergePlan, *, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, plan: MergePlan | None = None, *, device: str = "cpu",
+                 dtype: torch.dtype | None = None):
         self.device = torch.device(device)
-        self._dtype = dtype or plan.dtype
-        self._tensors: dict[TensorSource, torch.Tensor] = {}
+        self._dtype = dtype or (plan.dtype if plan is not None else None)
+        self._readers: dict[Path, CheckpointReader] = {}
+        self._tensors: dict[tuple[Path, str], torch.Tensor] = {}
         self._inputs: dict[tuple, TensorInputs] = {}
         self.input_bytes = 0
-        needed: dict[int, set[str]] = {}
-        for task in plan.tasks:
-            for source in task.sources:
-                needed.setdefault(source.model, set()).add(source.tensor)
-        for index, names in needed.items():
-            with CheckpointReader(plan.models[index].path) as reader:
-                for name in sorted(names):
-                    tensor = reader.get(name, dtype=self._dtype, device=str(self.device))
-                    self._tensors[TensorSource(index, name)] = tensor
-                    self.input_bytes += tensor.numel() * tensor.element_size()
+        if plan is not None:
+            for task in plan.tasks:
+                self._source_keys(plan, task)
+            self._close_readers()
 
-    def _inputs_for(self, task: TensorTask) -> TensorInputs:
-        key = (task.output, task.sources, task.base_index)
-        inputs = self._inputs.get(key)
+    def _tensor(self, key: tuple[Path, str]) -> torch.Tensor:
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            path, name = key
+            reader = self._readers.get(path)
+            if reader is None:
+                reader = self._readers[path] = CheckpointReader(path)
+            tensor = reader.get(name, dtype=self._dtype, device=str(self.device))
+            self._tensors[key] = tensor
+            self.input_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _source_keys(self, plan: MergePlan, task: TensorTask) -> tuple[tuple[Path, str], ...]:
+        keys = tuple((Path(plan.models[s.model].path), s.tensor) for s in task.sources)
+        for key in keys:
+            self._tensor(key)
+        return keys
+
+    def _close_readers(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def _inputs_for(self, plan: MergePlan, task: TensorTask) -> TensorInputs:
+        keys = self._source_keys(plan, task)
+        cache_key = (task.output, keys, task.base_index)
+        inputs = self._inputs.get(cache_key)
         if inputs is None:
-            try:
-                tensors = [self._tensors[s] for s in task.sources]
-            except KeyError as err:
-                raise ModelError(f"{task.output}: source {err.args[0]} was not loaded") from None
-            inputs = TensorInputs(task.output, tensors, task.base_index)
-            self._inputs[key] = inputs
+            inputs = TensorInputs(task.output, [self._tensors[k] for k in keys], task.base_index)
+            self._inputs[cache_key] = inputs
         return inputs
 
     @torch.no_grad()
@@ -79,8 +97,9 @@ class InMemoryMerger:
             out = params.get(task.output)
             if out is None:
                 raise ModelError(f"{task.output}: the target model has no such tensor")
-            inputs = self._inputs_for(task)
+            inputs = self._inputs_for(plan, task)
             merge_tensor(task, inputs.tensors, out=out, inputs=inputs)
+        self._close_readers()  # lazily opened for tensors this plan added
         return MergeStats(len(plan.tasks), time.perf_counter() - start)
 
     def merged_state_dict(self, plan: MergePlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -88,7 +107,7 @@ class InMemoryMerger:
         dtype = dtype or plan.out_dtype or self._dtype or torch.float32
         out: dict[str, torch.Tensor] = {}
         for task in plan.tasks:
-            first = self._tensors[task.sources[0]]
+            first = self._tensor(self._source_keys(plan, task)[0])
             out[task.output] = torch.empty(first.shape, dtype=dtype, device=self.device)
         self.merge_into(plan, out)
         return out
