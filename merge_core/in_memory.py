@@ -80,7 +80,7 @@ class InMemoryMerger:
         cache_key = (task.output, keys, task.base_index)
         inputs = self._inputs.get(cache_key)
         if inputs is None:
-            inputs = TensorInputs(task.output, [self._tensors[k] for k in keys], task.base_index)
+            inputs = TensorInputs(task.output, [self._tensors[k] for k in keys], task.base_index, reuse=True)
             self._inputs[cache_key] = inputs
         return inputs
 

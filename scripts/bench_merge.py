@@ -177,8 +177,9 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     models = build_models(args.workdir / args.params, target)
-    n = sum(v.numel() for v in __import__("safetensors.torch").torch.load_file(
-        str(models[0] / "model.safetensors")).values())
+    from merge_core.tensor_io import read_header
+
+    n = sum(torch.Size(shape).numel() for _, shape in read_header(models[0] / "model.safetensors").values())
     print(f"models: 3 x {n / 1e6:.0f}M params bf16 (ready in {time.perf_counter() - t:.0f} s)")
     mk_python = os.environ.get("MERGEKIT_PYTHON") or str(REPO / ".venv-mergekit/bin/python")
     mk_bin = Path(mk_python).parent / "mergekit-yaml"

@@ -75,6 +75,10 @@ class TensorInputs:
     base_index: int | None = None
     compute_dtype: torch.dtype = torch.float32
     cache: dict[str, Any] = field(default_factory=dict)
+    # True when the same inputs will be merged again with other parameters (the in-memory
+    # merger): derived data worth caching.  False for one-shot merges (merge-yaml), where
+    # building a cache that is never reused (e.g. a full sort) only costs time and memory.
+    reuse: bool = False
 
     @property
     def base(self) -> torch.Tensor:
