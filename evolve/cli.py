@@ -33,7 +33,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="merge on the GPU when one is present (default on)")
     mk.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size")
     mk.add_argument("--sigma0", type=float, default=1 / 6, help="initial CMA-ES step (default 1/6)")
-    mk.add_argument("--random-seed", type=int, default=0, help="seed of the whole run (default 0)")
+    mk.add_argument("--random-seed", type=int, default=None,
+                    help="seed of the whole run (default 0, or the stored run's seed when resuming)")
     mk.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                     help="log to Weights & Biases (WANDB_MODE=offline works without a key)")
     mk.add_argument("--wandb-project", default=None)

@@ -94,6 +94,8 @@ def run_search(args: argparse.Namespace, *, resume: bool) -> int:
 
     genome = Genome(config.genome, _num_layers(config, models))
     storage = RunStorage(args.storage_path)
+    if args.random_seed is None:
+        args.random_seed = int((storage.read_manifest() or {}).get("seed", 0))
     device, workers, threads = _placement(args)
     observers = _observers(args, config)
     driver = SearchDriver(genome, storage, config, sigma0=args.sigma0,

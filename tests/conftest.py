@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import make_tiny_llama  # noqa: E402
+from tiny_models import make_tiny_llama, write_bpe_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +57,27 @@ def mergekit_py() -> str:
     if python is None:
         pytest.skip("mergekit 0.1.5 oracle not installed (bash scripts/setup.sh --with-mergekit)")
     return python
+
+
+TASK_VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def task_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``base``, ``e1``, ``e2``: tiny random Llamas whose byte-level BPE reads the toy tasks.
+
+    Random weights score near chance, but every evaluation path runs for real.
+    """
+    import json
+
+    corpus = []
+    for path in sorted((REPO_ROOT / "eval_tasks" / "data").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            corpus.extend(str(v) for v in json.loads(line).values())
+    root = tmp_path_factory.mktemp("task_models")
+    out = {}
+    for name, seed in (("base", 20), ("e1", 21), ("e2", 22)):
+        path = make_tiny_llama(root / name, seed=seed, tokenizer=False, vocab_size=TASK_VOCAB)
+        write_bpe_tokenizer(path, TASK_VOCAB, corpus)
+        out[name] = path
+    return out

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import make_tiny_llama
 
 pytest.importorskip("lm_eval")
 
@@ -32,38 +31,12 @@ from merge_core.in_memory import InMemoryMerger  # noqa: E402
 from merge_core.planner import Planner  # noqa: E402
 from merge_core.recipe import recipe_from_dict  # noqa: E402
 
-VOCAB = 320
-
-
-def _train_bpe(out: Path) -> None:
-    """A byte-level BPE on the toy tasks' text (the word-level toy tokenizer maps it to <unk>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = []
-    for path in sorted((default_task_dir() / "data").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            corpus.extend(str(v) for v in json.loads(line).values())
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out))
-
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A base and two "experts" of one shape (random weights), with the BPE tokenizer."""
-    root = tmp_path_factory.mktemp("worker_models")
-    out = {}
-    for name, seed in (("base", 20), ("e1", 21), ("e2", 22)):
-        path = make_tiny_llama(root / name, seed=seed, tokenizer=False, vocab_size=VOCAB)
-        _train_bpe(path)
-        out[name] = path
-    return out
+def models(task_models: dict[str, Path]) -> dict[str, Path]:
+    """A base and two "experts" (random weights) with a tokenizer that reads the toy tasks."""
+    return task_models
+
 
 
 def _config(models: dict[str, Path], method: str = "task_arithmetic", **extra):

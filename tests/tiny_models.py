@@ -113,3 +113,18 @@ def make_tiny_llama(
     if tokenizer:
         write_tokenizer(path, config["vocab_size"])
     return path
+
+
+def write_bpe_tokenizer(path: Path, vocab_size: int, corpus: list[str]) -> None:
+    """A byte-level BPE trained on ``corpus`` (unlike the word-level one, it reads any text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(path))

@@ -1,0 +1,124 @@
+"""``merge-evolve`` as users run it: one-line errors, a whole run, report, resume, the exported recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evolve.cli import main as merge_evolve
+from merge_core.cli import main as merge_yaml
+
+
+def _config(models: dict[str, Path], tmp_path: Path, **extra: object) -> Path:
+    data = {
+        "genome": {"models": [str(models["e1"]), str(models["e2"])], "base_model": str(models["base"]),
+                   "merge_method": "task_arithmetic", "layer_granularity": 2},
+        "tasks": [{"name": "toy_arith", "weight": 0.6}, {"name": "toy_prompt_format", "weight": 0.4}],
+        "held_out": [{"name": "toy_arith_heldout"}],
+        "limit": 12,
+        "apply_chat_template": False,
+    }
+    data.update(extra)
+    path = tmp_path / "evolve.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert merge_evolve(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_help_is_instant_and_imports_nothing_heavy() -> None:
+    probe = ("import sys, evolve.cli as c; c.build_parser('run'); "
+             "print(sorted(m for m in ('torch', 'ray', 'lm_eval', 'wandb') if m in sys.modules))")
+    assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
+
+
+def test_missing_model_names_the_field(task_models, tmp_path: Path, capsys) -> None:
+    config = _config(task_models, tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["genome"]["models"].append(str(tmp_path / "missing"))
+    config.write_text(yaml.safe_dump(data))
+    err = _error([str(config), "--storage-path", str(tmp_path / "run"), "--no-ray"], capsys)
+    assert err.startswith("merge-evolve: error: genome.models[2]:") and "missing" in err
+
+
+def test_bad_config_field(task_models, tmp_path: Path, capsys) -> None:
+    config = _config(task_models, tmp_path, tasks=[{"name": "toy_arith", "weight": "heavy"}])
+    err = _error([str(config), "--storage-path", str(tmp_path / "run")], capsys)
+    assert "tasks[0].weight" in err
+
+
+def test_report_on_a_directory_without_a_run(tmp_path: Path, capsys) -> None:
+    err = _error(["report", "--storage-path", str(tmp_path)], capsys)
+    assert "--storage-path" in err
+
+
+def test_resume_without_a_run(tmp_path: Path, capsys) -> None:
+    err = _error(["resume", "--storage-path", str(tmp_path / "nothing")], capsys)
+    assert "no run to resume" in err
+
+
+@pytest.mark.slow
+def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path, capsys) -> None:
+    config = _config(task_models, tmp_path)
+    run = tmp_path / "run"
+    argv = [str(config), "--storage-path", str(run), "--no-ray", "--max-fevals", "8",
+            "--force-population-size", "4", "--random-seed", "3", "-q"]
+    assert merge_evolve(argv) == 0
+    out = capsys.readouterr().out
+    assert "best fitness" in out and "final model" in out
+
+    ledger = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    train = [r for r in ledger if r["kind"] == "train"]
+    assert len(train) == 8 and all(r["status"] == "ok" for r in train)
+    assert any(r["kind"] == "held_out" for r in ledger)
+
+    # best_config.yaml: original model references, provenance comments, merges with merge-yaml
+    # to exactly the final model the run saved.
+    best_text = (run / "best_config.yaml").read_text()
+    assert best_text.startswith("#") and "seed: 3" in best_text
+    best = yaml.safe_load(best_text)
+    assert best["base_model"] == str(task_models["base"])
+    assert merge_yaml([str(run / "best_config.yaml"), str(tmp_path / "remerged"), "-q"]) == 0
+    ours = load_file(str(tmp_path / "remerged" / "model.safetensors"))
+    final = load_file(str(run / "final_model" / "model.safetensors"))
+    assert all(torch.equal(ours[k], final[k]) for k in final)
+
+    assert merge_evolve(["report", "--storage-path", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["evaluations"] + summary["cache_hits"] == 8
+    assert summary["best"]["eval_id"] == max(train, key=lambda r: r["fitness"])["eval_id"]
+
+    # Resuming with a larger budget continues the same run: old records kept, nothing re-run.
+    # (seed and population size come from the stored run)
+    assert merge_evolve(["resume", "--storage-path", str(run), "--no-ray", "--max-fevals", "12",
+                         "-q", "--no-save-final-model"]) == 0
+    again = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert again[: len(ledger)] == ledger
+    ids = [r["eval_id"] for r in again]
+    assert len(ids) == len(set(ids))
+    assert len([r for r in again if r["kind"] == "train"]) == 12
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_on_the_same_storage(task_models, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    first = _config(task_models, tmp_path)
+    assert merge_evolve([str(first), "--storage-path", str(run), "--no-ray", "--max-fevals", "4",
+                         "--force-population-size", "4", "-q", "--no-save-final-model"]) == 0
+    capsys.readouterr()
+    other = _config(task_models, tmp_path, limit=5)
+    err = _error([str(other), "--storage-path", str(run), "--no-ray", "--max-fevals", "4",
+                  "--force-population-size", "4", "-q"], capsys)
+    assert "limit" in err
