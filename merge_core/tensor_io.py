@@ -5,14 +5,22 @@ mergekit 0.1.5 does (``model.safetensors.index.json`` first, else ``model.safete
 validates every shard's header up front (so a corrupt download fails before any output is
 written) and then reads tensors one by one on request.
 
+Reads are plain ``pread`` calls into a freshly allocated tensor, at the offsets of our own
+validated header: one copy from the page cache, no mapping (so resident memory holds only
+the tensors alive, not every page ever touched), and the GIL is released while the kernel
+copies, so a prefetch thread overlaps reading with the merge math.
+
 Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused: unpickling runs arbitrary
 code, and every model on the hub worth merging ships safetensors or can be converted.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -20,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from merge_core.errors import ModelError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# madvise advice (Linux 5.14+) that maps every page of a range without copy-on-write;
+# Python's mmap module gained the name only in 3.13.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # safetensors refuses headers above 100 MB; a larger length field means a corrupt file.
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -73,6 +83,11 @@ def parse_header(file: Path | str) -> dict[str, TensorEntry]:
     file, a bad length field, invalid JSON, an unknown dtype, a size that does not match the
     shape, overlapping data or offsets beyond the end of the file.
     """
+    return _parse_header_and_start(file)[0]
+
+
+def _parse_header_and_start(file: Path | str) -> tuple[dict[str, TensorEntry], int]:
+    """:func:`parse_header` plus the file offset where the data section starts."""
     path = Path(file)
     try:
         size = path.stat().st_size
@@ -104,7 +119,7 @@ def parse_header(file: Path | str) -> dict[str, TensorEntry]:
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise _corrupt(path, f"data of '{name}' overlaps '{prev}'")
-    return entries
+    return entries, 8 + header_len
 
 
 def _parse_entry(path: Path, name: str, spec: Any, data_size: int) -> TensorEntry:
@@ -137,40 +152,22 @@ def read_header(file: Path | str) -> dict[str, tuple[torch.dtype, tuple[int, ...
     return {name: (e.dtype, e.shape) for name, e in parse_header(file).items()}
 
 
-def _open_kwargs() -> dict[str, str]:
-    """Prefer safetensors' pread backend: it copies one tensor into process memory per read.
-
-    The mmap backend (the only one before safetensors 0.8) maps the file, so resident memory
-    grows by every byte touched; those pages are reclaimable page cache, but they make RSS
-    look like the whole model is loaded.
-    """
-    try:
-        import inspect
-
-        sig = inspect.signature(safe_open)  # the Rust class may not expose a signature
-        if "backend" in sig.parameters:
-            return {"backend": "pread"}
-    except (TypeError, ValueError):
-        pass
-    return {}
-
-
 class CheckpointReader:
     """Read tensors one at a time from a safetensors checkpoint directory.
 
-    Use as a context manager (or call :meth:`close`); shard handles are opened on first use
+    Use as a context manager (or call :meth:`close`); shard files are opened on first use
     and kept open.  ``get`` returns a fresh tensor holding only that tensor's data, so peak
     memory is the largest tensor read, never the whole model.  Safe to share across threads.
     """
 
-    def __init__(self, model_dir: Path | str, *, backend: str | None = None) -> None:
+    def __init__(self, model_dir: Path | str) -> None:
         self.path = Path(model_dir)
         self._files: dict[str, Path] = {}  # shard filename -> path
+        self._data_start: dict[str, int] = {}  # shard filename -> offset of its data section
         self._where: dict[str, str] = {}  # tensor name -> shard filename
         self._entries: dict[str, TensorEntry] = {}
-        self._handles: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._open_kwargs = {"backend": backend} if backend else _open_kwargs()
         self._discover()
 
     # -- discovery -------------------------------------------------------------------------
@@ -210,9 +207,10 @@ class CheckpointReader:
             self._add_shard(file, names, key=shard)
 
     def _add_shard(self, file: Path, names: list[str] | None, key: str | None = None) -> None:
-        entries = parse_header(file)
+        entries, data_start = _parse_header_and_start(file)
         key = key or file.name
         self._files[key] = file
+        self._data_start[key] = data_start
         if names is None:
             names = list(entries)
         for name in names:
@@ -256,53 +254,102 @@ class CheckpointReader:
         return list(self._files.values())
 
     # -- reading ---------------------------------------------------------------------------
-    def _handle(self, shard: str) -> Any:
+    def _fd(self, shard: str) -> int:
         with self._lock:
-            handle = self._handles.get(shard)
-            if handle is None:
+            fd = self._fds.get(shard)
+            if fd is None:
                 file = self._files[shard]
                 try:
-                    try:
-                        handle = safe_open(str(file), framework="pt", **self._open_kwargs)
-                    except TypeError:  # a safetensors without the backend keyword
-                        self._open_kwargs = {}
-                        handle = safe_open(str(file), framework="pt")
-                except Exception as err:  # safetensors raises its own SafetensorError
-                    raise ModelError(f"{file}: cannot open ({err})".replace("\n", " ")) from None
-                self._handles[shard] = handle
-            return handle
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as err:
+                    raise ModelError(f"{file}: cannot open ({err.strerror or err})") from None
+                self._fds[shard] = fd
+            return fd
 
-    def get(
-        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
-        """Read tensor ``name``, cast to ``dtype`` (if given) and placed on ``device``.
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, in freshly allocated memory the caller owns."""
+        entry = self._entry(name)
+        shard = self._where[name]
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if entry.nbytes:
+            offset = self._data_start[shard] + entry.begin
+            try:
+                _pread_into(self._fd(shard), memoryview(buf.numpy()), offset)
+            except OSError as err:
+                file = self._files[shard]
+                raise ModelError(f"{file}: cannot read '{name}' ({err.strerror or err})") from None
+        return buf.view(entry.dtype).reshape(entry.shape)
 
-        The result owns its memory (or is a private copy-on-write map): callers may modify it.
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype as a private copy-on-write map of the file.
+
+        No copy is made: the page tables are filled up front where the kernel can
+        (``MADV_POPULATE_READ``, Linux 5.14+), so the calling thread (a prefetcher) rather
+        than the one doing the math pays for the page faults, and the mapping goes away with
+        the tensor.  Writes to the tensor stay private.  Falls back to :meth:`read` where a
+        map cannot be made (empty or misaligned tensors).
         """
         entry = self._entry(name)
         shard = self._where[name]
+        offset = self._data_start[shard] + entry.begin
+        delta = offset % mmap.ALLOCATIONGRANULARITY
+        if entry.nbytes == 0 or delta % entry.dtype.itemsize:
+            return self.read(name)
+        fd = self._fd(shard)
+        # Touching a mapped page past the end of a file kills the process (SIGBUS); a file
+        # cut short since its header was validated goes through read(), which reports it.
+        if os.fstat(fd).st_size < offset + entry.nbytes:
+            return self.read(name)
         try:
-            tensor = self._handle(shard).get_tensor(name)
-        except ModelError:
-            raise
-        except Exception as err:
-            raise ModelError(f"{self._files[shard]}: cannot read '{name}' ({err})") from None
+            mapped = mmap.mmap(
+                fd, delta + entry.nbytes, flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - delta,
+            )  # fmt: skip
+        except (OSError, ValueError):
+            return self.read(name)
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+        except OSError as err:
+            if err.errno == errno.EFAULT:  # pages beyond the end of the file
+                mapped.close()
+                return self.read(name)
+            # EINVAL: kernel older than 5.14, pages are faulted in on first touch instead
+        count = entry.nbytes // entry.dtype.itemsize
+        return torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=delta).reshape(entry.shape)
+
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        mapped: bool = False,
+    ) -> torch.Tensor:
+        """Read tensor ``name``, cast to ``dtype`` (if given) and placed on ``device``.
+
+        The result is private to the caller, who may modify it.  ``mapped=True`` reads
+        through :meth:`map` (no copy; best for data used once, such as a streaming merge),
+        otherwise the data is copied into process memory (best for data kept around: a map
+        would be re-read from disk if the kernel dropped those cache pages).
+        """
+        entry = self._entry(name)
+        tensor = self.map(name) if mapped else self.read(name)
         target = torch.device(device)
         if dtype is None or dtype == tensor.dtype:
-            return tensor.to(target)
+            return tensor if target.type == "cpu" else tensor.to(target)
         # Move the narrower representation across devices, cast on the other side.
         if target.type != "cpu" and dtype.itemsize > entry.dtype.itemsize:
             return tensor.to(target).to(dtype)
         return tensor.to(dtype).to(target)
 
     def close(self) -> None:
-        """Close the open shard handles (the reader can still be used; it reopens them)."""
+        """Close the open shard files (the reader can still be used; it reopens them)."""
         with self._lock:
-            handles, self._handles = self._handles, {}
-        for handle in handles.values():
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
             try:
-                handle.__exit__(None, None, None)
-            except Exception:  # closing is best effort; the handle is dropped either way
+                os.close(fd)
+            except OSError:  # closing is best effort; the descriptor is dropped either way
                 pass
 
     def __enter__(self) -> CheckpointReader:
@@ -313,6 +360,16 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self._entries)} tensors)"
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (loops: one read returns at most ~2 GiB)."""
+    done, total = 0, len(view)
+    while done < total:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:  # the file shrank after its header was validated
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += got
 
 
 def _is_plain_relpath(name: str) -> bool:

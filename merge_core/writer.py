@@ -4,12 +4,18 @@ Everything is written into a hidden sibling of the destination
 (``.<name>.tmp-<pid>``) and renamed into place only by :meth:`ShardedModelWriter.finalize`, so
 an interrupted or failed merge never leaves a directory that looks like a complete model.
 
-Memory trade-off: the safetensors format puts the header (every tensor's offsets) before the
-data, so a shard can only be written once all of its tensors are known.  The writer buffers
-tensors in memory until the next one would push the shard past ``max_shard_size`` bytes, then
-writes the shard.  Peak memory is therefore about one shard (mergekit's default 5B = 5 GB);
-pass a smaller ``--out-shard-size`` on memory-tight machines.  The alternative (spill to disk
-and copy the data behind the header at the end) would double the disk writes.
+Memory: the safetensors format puts the header (every tensor's offsets) before the data, so
+a shard can only be written once all of its tensors are known.  Two modes:
+
+* Declared (what ``merge-yaml`` uses): the caller announces every tensor's name, dtype and
+  shape up front with :meth:`ShardedModelWriter.declare`.  Shard boundaries and headers are
+  then known before any data exists, and each added tensor is written by a background thread
+  straight to its final offset in its shard file: nothing is buffered beyond a bounded queue,
+  and disk writes overlap the caller's work.
+* Undeclared: tensors are buffered in memory until the next one would push the shard past
+  ``max_shard_size`` bytes, then the shard is written (peak memory about one shard).
+
+Both modes produce byte-identical files.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import os
 import re
 import shutil
 import struct
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,10 @@ _SIZE_RE = re.compile(r"^(\d+)([kmb]?)$", re.IGNORECASE | re.ASCII)
 _MULTIPLIERS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
 _WEIGHT_NAME_RE = re.compile(r"^(model|pytorch_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
 _WRITE_CHUNK = 1 << 28  # bytes per write() call: stays below Linux's ~2 GiB single-write cap
+# Declared mode: bytes of added tensors the background thread may have queued before add()
+# waits (bounds memory), and bytes written between two "start writing back now" hints.
+_QUEUE_BYTES = 64 << 20
+_WRITEBACK_EVERY = 64 << 20
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -119,40 +133,205 @@ def _looks_like_model_dir(path: Path) -> bool:
     return bool(names & markers) or any(_WEIGHT_NAME_RE.match(n) for n in names)
 
 
+def _safetensors_layout(
+    specs: dict[str, tuple[torch.dtype, Sequence[int]]], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int], int]:
+    """``(header prefix, {name: data offset}, data bytes)`` of a safetensors file of ``specs``.
+
+    The prefix is the 8-byte length plus the JSON header padded to 8 bytes; a tensor's bytes
+    go at ``len(prefix) + offset``.  Like safetensors, data is ordered by decreasing element
+    size (then name) so every tensor stays aligned.
+    """
+    order = sorted(specs, key=lambda n: (-specs[n][0].itemsize, n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offsets: dict[str, int] = {}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = _numel(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": TORCH_TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offsets[name] = offset
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor ``t`` (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> int:
     """Write ``tensors`` (contiguous, CPU) as one safetensors file; returns the data bytes.
 
     Streams each tensor's memory straight to the file: no serialized copy of the shard is
-    built, and tensors sharing storage (views, tied weights) are fine.  Like safetensors, data
-    is ordered by decreasing element size so every tensor stays aligned.
+    built, and tensors sharing storage (views, tied weights) are fine.
     """
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    prefix, offsets, total = _safetensors_layout(specs, metadata)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for name in order:
+        fh.write(prefix)
+        for name in sorted(offsets, key=offsets.__getitem__):
             t = tensors[name]
             if t.numel() == 0:
                 continue
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            view = _byte_view(t)
             for start in range(0, len(view), _WRITE_CHUNK):
                 fh.write(view[start : start + _WRITE_CHUNK])
-    return offset
+    return total
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + _WRITE_CHUNK], offset + done)
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None: starts writeback without waiting for it."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@dataclass
+class _Shard:
+    """One shard of a declared layout: its file, header and how many tensors are still due."""
+
+    part: str
+    names: list[str]
+    prefix: bytes
+    size: int
+    pending: int
+    fd: int | None = None
+    unflushed: int = 0
+
+
+@dataclass
+class _Slot:
+    shard: _Shard
+    offset: int  # absolute file offset of the tensor's data
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Stream:
+    """Background writing of a declared layout (see :meth:`ShardedModelWriter.declare`)."""
+
+    tmp_dir: Path
+    shards: list[_Shard]
+    slots: dict[str, _Slot]
+    queue: deque = field(default_factory=deque)
+    queued_bytes: int = 0
+    closing: bool = False
+    error: BaseException | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._sync_range = _load_sync_file_range()
+        self.thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        with self.cond:
+            while self.queue and self.queued_bytes + nbytes > _QUEUE_BYTES and self.error is None:
+                self.cond.wait()
+            self.raise_error()
+            self.queue.append((name, t))
+            self.queued_bytes += nbytes
+            self.cond.notify_all()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread and close the files; re-raises its error."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+        for shard in self.shards:
+            if shard.fd is not None:
+                os.close(shard.fd)
+                shard.fd = None
+        self.raise_error()
+
+    def discard(self) -> None:
+        """Stop as soon as possible, dropping what is queued (the files are deleted after)."""
+        with self.cond:
+            self.queued_bytes -= sum(t.numel() * t.element_size() for _, t in self.queue)
+            self.queue.clear()
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001 - the output is being thrown away anyway
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closing:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                name, t = self.queue.popleft()
+            try:
+                if self.error is None:
+                    self._write(name, t)
+            except BaseException as err:  # noqa: BLE001 - handed to the producer thread
+                self.error = err
+            with self.cond:
+                self.queued_bytes -= t.numel() * t.element_size()
+                self.cond.notify_all()
+            del t
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        slot = self.slots[name]
+        shard = slot.shard
+        if shard.fd is None:
+            shard.fd = os.open(self.tmp_dir / shard.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(shard.fd, memoryview(shard.prefix), 0)
+            os.ftruncate(shard.fd, shard.size)
+        if t.numel():
+            _pwrite_all(shard.fd, _byte_view(t), slot.offset)
+            shard.unflushed += t.numel() * t.element_size()
+        shard.pending -= 1
+        if shard.unflushed >= _WRITEBACK_EVERY or (shard.pending == 0 and shard.unflushed):
+            # Start writing back now, so the fsync before the final rename finds little left
+            # (the kernel alone would wait until dirty pages are 30 s old or many GB).
+            if self._sync_range is not None:
+                self._sync_range(shard.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            shard.unflushed = 0
+        if shard.pending == 0:
+            os.close(shard.fd)
+            shard.fd = None
 
 
 class ShardedModelWriter:
@@ -198,6 +377,7 @@ class ShardedModelWriter:
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self._names: set[str] = set()
         self.total_size = 0
+        self._stream: _Stream | None = None
         self._state = "open"
 
     # -- setup -----------------------------------------------------------------------------
@@ -220,6 +400,50 @@ class ShardedModelWriter:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- tensors ---------------------------------------------------------------------------
+    def declare(self, specs: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> None:
+        """Announce every tensor, as ``(name, dtype, shape)`` in the order they will be added.
+
+        Shards are cut exactly as :meth:`add` would cut them; afterwards each added tensor is
+        written by a background thread directly to its place in its shard file instead of
+        being buffered (``add`` waits only while over ~64 MB are queued).  Every declared
+        tensor must then be added, with the declared dtype and shape, and no other; the
+        output is byte-identical to the undeclared mode.  Call once, before adding anything.
+        """
+        self._require_open()
+        if self._names or self._stream is not None:
+            raise RuntimeError("declare() must be called once, before any tensor is added")
+        if not self.safe_serialization:
+            raise ValueError("declare() needs safe_serialization (safetensors output)")
+        groups: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        current: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        current_bytes = 0
+        seen: set[str] = set()
+        for name, dtype, shape in specs:
+            if not isinstance(name, str) or not name or name in seen:
+                raise ValueError(f"declared tensor name {name!r} is empty or repeated")
+            if dtype not in TORCH_TO_SAFETENSORS:
+                raise ValueError(f"tensor '{name}': dtype {dtype} cannot be stored in safetensors")
+            seen.add(name)
+            nbytes = _numel(shape) * dtype.itemsize
+            if current and self.max_shard_size > 0 and current_bytes + nbytes > self.max_shard_size:
+                groups.append(current)
+                current, current_bytes = {}, 0
+            current[name] = (dtype, tuple(int(d) for d in shape))
+            current_bytes += nbytes
+        if current:
+            groups.append(current)
+        shards: list[_Shard] = []
+        slots: dict[str, _Slot] = {}
+        for i, group in enumerate(groups, start=1):
+            prefix, offsets, data = _safetensors_layout(group, {"format": "pt"})
+            part = f"{self._basename()}.part-{i:05d}.safetensors"
+            shard = _Shard(part, list(group), prefix, len(prefix) + data, len(group))
+            shards.append(shard)
+            for name, (dtype, shape) in group.items():
+                slots[name] = _Slot(shard, len(prefix) + offsets[name], dtype, shape)
+        self._stream = _Stream(self.tmp_dir, shards, slots)
+        self._stream.start()
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow.
 
@@ -242,6 +466,19 @@ class ShardedModelWriter:
             # A view into a larger buffer: copy it, so the buffer's accounting is honest and a
             # caller reusing that buffer for the next tensor cannot change what we write.
             t = t.clone()
+        if self._stream is not None:
+            slot = self._stream.slots.get(name)
+            if slot is None:
+                raise ValueError(f"tensor '{name}' was not declared")
+            if t.dtype != slot.dtype or tuple(t.shape) != slot.shape:
+                raise ValueError(
+                    f"tensor '{name}' is {t.dtype} {list(t.shape)}, "
+                    f"declared {slot.dtype} {list(slot.shape)}"
+                )
+            self._stream.put(name, t)
+            self._names.add(name)
+            self.total_size += nbytes
+            return
         if (
             self._buffer
             and self.max_shard_size > 0
@@ -254,8 +491,21 @@ class ShardedModelWriter:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes of tensors waiting for the current shard to be written."""
+        """Bytes of added tensors not yet written (the shard buffer, or the writer's queue)."""
+        if self._stream is not None:
+            return self._stream.queued_bytes
         return self._buffer_bytes
+
+    def _finish_stream(self) -> None:
+        """Declared mode: wait for the background writes, check everything declared came."""
+        stream = self._stream
+        assert stream is not None
+        stream.close()
+        missing = [n for n in stream.slots if n not in self._names]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(f"{len(missing)} declared tensors were never added ({shown})")
+        self._shards = [(shard.part, shard.names) for shard in stream.shards]
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -314,6 +564,8 @@ class ShardedModelWriter:
         """
         self._require_open()
         try:
+            if self._stream is not None:
+                self._finish_stream()
             self._flush()
             if not self._shards:
                 raise ValueError("no tensors were added; refusing to write a model without weights")
@@ -371,6 +623,8 @@ class ShardedModelWriter:
             return
         self._state = "aborted"
         self._buffer = {}
+        if self._stream is not None:
+            self._stream.discard()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> ShardedModelWriter:

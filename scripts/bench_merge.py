@@ -1,12 +1,14 @@
 """Benchmark the merge engine against mergekit-yaml, and the in-memory API against memory bandwidth.
 
     python scripts/bench_merge.py [--params 500M] [--workdir /tmp/bench_merge] [--skip-mergekit]
+                                  [--skip-in-memory] [--repeat N]
 
 1. Builds three random Llama checkpoints of about ``--params`` parameters (bf16 safetensors),
    once, in ``--workdir``.
 2. Times the whole ``merge-yaml`` command and, when ``.venv-mergekit`` (or ``MERGEKIT_PYTHON``) is
    installed, the whole ``mergekit-yaml`` command on the same recipes (task_arithmetic, ties,
-   slerp), and prints wall time, peak RSS and the ratios.  Target: >= 3x faster, RSS no higher.
+   slerp), and prints wall time, CPU time, peak RSS, the ratios and the load average they were
+   measured under.  Target: >= 3x faster wall, RSS no higher.
 3. Times the in-memory API (inputs loaded once, fp32, one merge per method with per-layer
    gradient parameters into a preallocated state dict) and prints its effective memory traffic
    (every input byte read once + every output byte written once, per second) as a ratio to a
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,36 +88,63 @@ RECIPES = {
 }
 
 
-def timed_command(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of ``cmd``, measured by a wrapper process of its own."""
+def timed_command(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + sys) of ``cmd``.
+
+    Measured by a wrapper process of its own, so the RSS and CPU are those of ``cmd`` alone.
+    """
     wrapper = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
         "dt = time.perf_counter() - t\n"
         "if r.returncode: sys.stderr.write(r.stderr[-3000:]); sys.exit(r.returncode)\n"
-        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(dt, u.ru_maxrss / 1024, u.ru_utime + u.ru_stime)\n"
     )
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{cmd[0]} failed: {out.stderr}")
-    wall, rss = out.stdout.split()
-    return float(wall), float(rss)
+    wall, rss, cpu = out.stdout.split()
+    return float(wall), float(rss), float(cpu)
 
 
-def bench_commands(workdir: Path, models: list[Path], mergekit_bin: Path | None) -> None:
+def _best_run(cmd: list[str], out_dir: Path, repeat: int) -> tuple[float, float, float]:
+    """The fastest of ``repeat`` runs of ``cmd``, each writing a fresh ``out_dir``."""
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out_dir, ignore_errors=True)  # both tools write a new directory
+        runs.append(timed_command(cmd))
+    return min(runs)
+
+
+def bench_commands(
+    workdir: Path, models: list[Path], mergekit_bin: Path | None, repeat: int = 1
+) -> None:
+    """Time the whole ``merge-yaml`` and ``mergekit-yaml`` commands on :data:`RECIPES`.
+
+    Prints wall time, CPU time (user + sys, less sensitive to other load on the machine) and
+    peak RSS of each, the speedup and the RSS ratio, and the 1-minute load average measured
+    before the row (timings taken under load > ~0.5 per core are unreliable).
+    """
     import yaml
 
     ours_bin = Path(sys.executable).parent / "merge-yaml"
-    print(f"\n== whole command: merge-yaml vs mergekit-yaml ({models[0].parent}) ==")
-    print(f"{'recipe':<16}{'ours s':>9}{'ours MB':>9}{'mk s':>9}{'mk MB':>9}{'speedup':>9}{'RSS ratio':>10}")
+    tag = models[0].parent.name
+    print(f"\n== whole command: merge-yaml vs mergekit-yaml ({models[0].parent}, best of {repeat}) ==")
+    print(f"{'recipe':<16}{'load':>6}{'ours s':>8}{'cpu s':>7}{'MB':>7}"
+          f"{'mk s':>8}{'cpu s':>7}{'MB':>7}{'speedup':>9}{'RSS ratio':>10}")
     for name, make in RECIPES.items():
-        recipe = workdir / f"{name}.yml"
+        recipe = workdir / f"{name}_{tag}.yml"
         recipe.write_text(yaml.safe_dump(make(*map(str, models))))
-        ours = timed_command([str(ours_bin), str(recipe), str(workdir / f"out_ours_{name}"), "-q"])
-        row = f"{name:<16}{ours[0]:>9.1f}{ours[1]:>9.0f}"
+        load = os.getloadavg()[0]
+        out = workdir / f"out_ours_{name}"
+        ours = _best_run([str(ours_bin), str(recipe), str(out), "-q"], out, repeat)
+        row = f"{name:<16}{load:>6.1f}{ours[0]:>8.1f}{ours[2]:>7.1f}{ours[1]:>7.0f}"
         if mergekit_bin is not None:
-            theirs = timed_command([str(mergekit_bin), str(recipe), str(workdir / f"out_mk_{name}")])
-            row += f"{theirs[0]:>9.1f}{theirs[1]:>9.0f}{theirs[0] / ours[0]:>8.1f}x{ours[1] / theirs[1]:>10.2f}"
+            out = workdir / f"out_mk_{name}"
+            theirs = _best_run([str(mergekit_bin), str(recipe), str(out)], out, repeat)
+            row += (f"{theirs[0]:>8.1f}{theirs[2]:>7.1f}{theirs[1]:>7.0f}"
+                    f"{theirs[0] / ours[0]:>8.1f}x{ours[1] / theirs[1]:>10.2f}")
         print(row, flush=True)
 
 
@@ -172,6 +202,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_merge"))
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--skip-in-memory", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per command; the fastest counts")
     args = parser.parse_args()
     target = float(args.params.rstrip("MB")) * (1e9 if args.params.endswith("B") else 1e6)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +214,8 @@ def main() -> None:
     print(f"models: 3 x {n / 1e6:.0f}M params bf16 (ready in {time.perf_counter() - t:.0f} s)")
     mk_python = os.environ.get("MERGEKIT_PYTHON") or str(REPO / ".venv-mergekit/bin/python")
     mk_bin = Path(mk_python).parent / "mergekit-yaml"
-    bench_commands(args.workdir, models, None if args.skip_mergekit or not mk_bin.exists() else mk_bin)
+    mergekit = None if args.skip_mergekit or not mk_bin.exists() else mk_bin
+    bench_commands(args.workdir, models, mergekit, max(1, args.repeat))
     if not args.skip_in_memory:
         bench_in_memory(models)
 
