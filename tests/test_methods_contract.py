@@ -158,6 +158,7 @@ def test_one_dimensional_tensor(name):
 @pytest.mark.parametrize("name", ALL)
 def test_warm_cache_equals_fresh_inputs(name):
     method, inputs, params = setup(name, dtype=torch.bfloat16)
+    inputs.reuse = True  # the in-memory merger's inputs: caches kept between calls
     first = run(method, inputs, params)
     # Other parameter values in between must not leak through the cache.
     other = {"t": 0.9} if name == "slerp" else {}
@@ -166,9 +167,11 @@ def test_warm_cache_equals_fresh_inputs(name):
     ]
     run(method, inputs, TensorParams({**params.global_, **other}, per_model))
     again = run(method, inputs, params)
-    fresh_inputs = TensorInputs(inputs.name, list(inputs.tensors), inputs.base_index)
+    fresh_inputs = TensorInputs(inputs.name, list(inputs.tensors), inputs.base_index)  # one-shot path
     assert torch.equal(again, first)
     assert torch.equal(run(method, fresh_inputs, params), first)
+    if name in TASK_VECTOR:
+        assert not fresh_inputs.cache  # one-shot: no sorted magnitudes, random fields or ranks kept
 
 
 # --- randomness ---------------------------------------------------------------------------------

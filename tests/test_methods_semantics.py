@@ -221,3 +221,24 @@ def test_out_aliasing_an_input_is_safe():
                                      out=b)
     assert got is b
     close(b, [2.0, 3.0])
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_equal_magnitudes_at_threshold_are_kept_in_index_order(reuse, monkeypatch):
+    """Of the elements tied at a threshold, the first ones (a stable sort's choice) are kept."""
+    monkeypatch.setattr("merge_core.methods.linear.CPU_CHUNK", 3)  # the split falls inside a chunk
+    d = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 3.0, 2.0, -1.0, 2.0])
+    zero = torch.zeros_like(d)
+    method = get_method("ties")
+    # density 0.4: keep 4 of 10 = the 3 and the first three of the six 2s.
+    inputs = TensorInputs("w", [zero, d], 0, reuse=reuse)
+    got = method.merge(inputs, TensorParams({}, [{}, {"weight": 1.0, "density": 0.4}]))
+    close(got, [0.0, -2.0, 2.0, 0.0, -2.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+    # density 0.6: the 3 and the first five 2s (the split is then found scanning from the end).
+    got = method.merge(inputs, TensorParams({}, [{}, {"weight": 1.0, "density": 0.6}]))
+    close(got, [0.0, -2.0, 2.0, 0.0, -2.0, 2.0, 3.0, 2.0, 0.0, 0.0])
+    # breadcrumbs, density 0.3, gamma 0.2: the top two (the 3, the last 2) and the bottom five (0.5,
+    # the 1s, the first two 2s) are dropped; the three 2s in between stay.
+    got = get_method("breadcrumbs").merge(
+        inputs, TensorParams({}, [{}, {"weight": 1.0, "density": 0.3, "gamma": 0.2}]))
+    close(got, [0.0, 0.0, 0.0, 0.0, -2.0, 2.0, 0.0, 2.0, 0.0, 0.0])

@@ -11,47 +11,72 @@ its L1 norm equals the original's):
 * ``della_magprune`` (DELLA): keep each element with a probability from
   ``density - epsilon`` (smallest ``|d|`` of its row) to ``density + epsilon`` (largest).
 
-Speed: the magnitude methods cache the sorted ``|d|`` per model and its permutation
-(param-independent; 8 bytes per element and model), so any density's threshold is an index
-lookup and masking is one ``hardshrink`` per chunk; elements tied at a threshold that mergekit's
-sort leaves out are zeroed by index.  DELLA caches
-each element's normalised rank.  The random methods draw 16-bit integers per element from a
-stream seeded by the caller's generator (one stream per model, consumed chunk by chunk, so the
-result does not depend on ``out``); keep probabilities are thus multiples of 1/65536.
+Magnitude methods: a plan is one or two *cuts* (a threshold magnitude and which side is kept),
+applied per chunk with ``hardshrink``.  The thresholds come from order statistics of ``|d|``:
+one-shot merges (``TensorInputs.reuse`` False) partition a copy (numpy's SIMD introselect, no
+sort); the in-memory merger caches the sorted ``|d|`` per model (4 bytes per element, values
+only), so any density's threshold is a binary search.  Elements whose magnitude equals a
+threshold (frequent with bf16 checkpoints) are kept in index order, as a *stable* sort in
+mergekit's direction would keep them; mergekit's own unstable ``argsort`` picks an
+implementation-defined subset of those equal elements instead.  The number kept, the kept L1
+and every element with another magnitude are identical to mergekit.
+
+Random methods: each model gets one uniform 16-bit field per call, drawn whole from a stream
+seeded by ``(seed drawn from the caller's generator, model index)`` (numpy SFC64 on CPU), and
+an element is kept when its draw is below the keep probability (a multiple of 1/65536).  The
+in-memory merger caches the field (2 bytes per element; the planner's seeds do not change
+between candidates) and, for DARE's rescale, the L1 of ``|d|`` per draw value, so a
+candidate's mask is one compare and its rescale a lookup.  DELLA caches each element's
+normalised rank within its row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from merge_core.methods.base import MethodError, TensorInputs
-from merge_core.methods.linear import chunks, flat
+from merge_core.methods.linear import flat
 
 RESCALE_EPS = 1e-7  # mergekit leaves the tensor unscaled when either L1 norm is below this
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class Cut:
+    """One magnitude threshold of a ``band`` plan.
+
+    ``side == "lo"`` keeps ``|d| > value``, ``"hi"`` keeps ``|d| < value``.  Elements with
+    ``|d| == value`` at flat indices below ``split`` are kept when ``first_kept`` (else dropped);
+    those from ``split`` on get the opposite treatment.
+    """
+
+    value: float
+    side: str
+    first_kept: bool
+    split: int
+    bounds: tuple[float, float] = (0.0, 0.0)  # ``hardshrink`` bounds before / from ``split``
 
 
 @dataclass
 class Plan:
     """How one model's task vector is sparsified for one call.
 
-    ``kind``: ``full`` (untouched), ``zero`` (all dropped), ``band`` (keep ``lo < |d| <= hi``,
-    each bound optional, then zero the ``drop`` indices), ``random`` (keep if a 16-bit draw < ``thr``), ``della`` (keep if the
-    draw < ``ceil(a + b * rank_norm)``).  ``scale`` multiplies what is kept; ``l1_before`` is set
-    when the random kinds still need their L1 rescale measured.
+    ``kind``: ``full`` (untouched), ``zero`` (all dropped), ``band`` (keep between ``cuts``),
+    ``random`` (keep if the draw < ``thr``), ``della`` (keep if the draw < ``ceil(a + b * rank)``).
+    ``scale`` multiplies what is kept; ``l1_before`` is set when the kept L1 still has to be
+    measured (DELLA's rescale).
     """
 
     kind: str
-    lo: float | None = None
-    hi: float | None = None
+    cuts: list[Cut] = field(default_factory=list)
     thr: float = 0.0
     a: float = 0.0
     b: float = 0.0
     scale: float = 1.0
     l1_before: float | None = None
-    drop: torch.Tensor | None = None  # sorted flat indices tied at a threshold but not kept
 
     @property
     def random(self) -> bool:
@@ -71,115 +96,205 @@ def _deltas(inputs: TensorInputs, i: int) -> torch.Tensor:
     return inputs.tensors[i].to(cd) - inputs.base.to(cd)
 
 
-def magnitude_order(inputs: TensorInputs, i: int, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``|model_i - base|`` sorted (values, flat compute dtype) and the permutation that sorts it; cached.
+def _abs_numpy(inputs: TensorInputs, i: int) -> np.ndarray:
+    """``|model_i - base|`` as a flat numpy array (float32 unless the compute dtype is float64)."""
+    mags = flat(_deltas(inputs, i)).abs_()
+    if mags.dtype not in _NUMPY_DTYPES:
+        mags = mags.float()  # bf16/fp16 magnitudes are exact in float32
+    return mags.cpu().numpy()
 
-    The permutation comes from the same call mergekit makes (``argsort(descending=True)`` for
-    ``magnitude``, ``sort()`` for ``magnitude_outliers``), so elements tied at a threshold are
-    kept or dropped as mergekit does (for float32 inputs).  Stored as int32 when it fits.
-    """
-    key = f"magnitude_order:{inputs.base_index}:{i}:{'desc' if descending else 'asc'}"
+
+def _cached(inputs: TensorInputs, key: str, build):
+    """``build()``, kept in ``inputs.cache`` (one-shot callers clear it after the call)."""
     if key not in inputs.cache:
-        mags = flat(_deltas(inputs, i)).abs_()
-        if descending:
-            perm = torch.argsort(mags, descending=True)
-            values = mags[perm]
-        else:
-            values, perm = torch.sort(mags)
-        if mags.numel() < 2**31:
-            perm = perm.to(torch.int32)
-        inputs.cache[key] = (values, perm)
+        inputs.cache[key] = build()
     return inputs.cache[key]
 
 
-def _tie_end(values: torch.Tensor, start: int, value: float) -> int:
-    """First position ``>= start`` whose value differs from ``value`` (``values`` sorted, run contiguous)."""
-    lo, hi = start, values.numel()
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if float(values[mid]) == value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+@dataclass
+class _Stats:
+    """Order statistics of ``|d|`` at two ascending-sort positions ``lo <= hi``."""
+
+    values: tuple[float, float]
+    below: tuple[int, int]  # elements strictly smaller than each value
+    upto: tuple[int, int]  # elements smaller or equal
+    l1_total: float
+    l1_kept: float  # sum of the ascending-sorted magnitudes at positions lo..hi
 
 
-def _tie_start(values: torch.Tensor, stop: int, value: float) -> int:
-    """First position of the run of ``value`` that ends just before ``stop``."""
-    lo, hi = 0, stop
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if float(values[mid]) == value:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _drops(perm: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
-    """Flat indices ``perm[start:stop]`` sorted, or None when empty."""
-    if stop <= start:
-        return None
-    return torch.sort(perm[start:stop].to(torch.int64)).values
-
-
-def _join(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return torch.sort(torch.cat([a, b])).values
-
-
-def l1_norm(inputs: TensorInputs, i: int) -> float:
-    """``sum |model_i - base|``, cached."""
-    key = f"l1:{inputs.base_index}:{i}"
-    if key not in inputs.cache:
-        base, x = flat(inputs.base), flat(inputs.tensors[i])
-        total = 0.0
-        for start, stop in chunks(x.numel(), x.device):
-            total += float(x[start:stop].to(torch.float64).sub_(base[start:stop]).abs_().sum())
-        inputs.cache[key] = total
-    return inputs.cache[key]
-
-
-def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
-    """DELLA's per-element rank of ``|d|`` within its row, scaled to [0, 1]; flat, cached.
-
-    Rows are along dim 1 (a 1-D tensor is one row), as in mergekit.  A row of one element gets
-    0.5 (mergekit would fail on it).
-    """
-    key = f"della_rank:{inputs.base_index}:{i}"
-    if key in inputs.cache:
-        return inputs.cache[key]
-    mags = _deltas(inputs, i).abs_()
-    if mags.dim() < 2:
-        mags = mags.unsqueeze(0)
-    moved = mags.movedim(1, -1)
-    length = moved.shape[-1]
-    rows = moved.reshape(-1, length)
-    ranks = torch.empty_like(rows)
-    if length == 1:
-        ranks.fill_(0.5)
-    else:
-        positions = torch.arange(length, dtype=rows.dtype, device=rows.device) / (length - 1)
-        block = max(1, (1 << 20) // length)
-        for start in range(0, rows.shape[0], block):
-            order = torch.argsort(rows[start : start + block], dim=1)
-            ranks[start : start + block].scatter_(1, order, positions.expand_as(order))
-    result = flat(ranks.reshape(moved.shape).movedim(-1, 1).contiguous())
-    inputs.cache[key] = result
-    return result
-
-
-def _lower(value: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` number below ``value`` (so ``|d| > it`` means ``|d| >= value``)."""
-    v = torch.tensor(value, dtype=dtype)
-    return float(torch.nextafter(v, torch.zeros((), dtype=dtype)))
+def _order_stats(inputs: TensorInputs, i: int, lo: int, hi: int, want_l1: bool) -> _Stats:
+    if inputs.reuse:
+        key = f"sorted_abs:{inputs.base_index}:{i}"
+        if key not in inputs.cache:
+            values = np.sort(_abs_numpy(inputs, i))
+            inputs.cache[key] = (values, float(values.sum(dtype=np.float64)))
+        values, total = inputs.cache[key]
+        vals = (values[lo], values[hi])
+        below = tuple(int(np.searchsorted(values, v, "left")) for v in vals)
+        upto = tuple(int(np.searchsorted(values, v, "right")) for v in vals)
+        kept = float(values[lo : hi + 1].sum(dtype=np.float64)) if want_l1 else 0.0
+        return _Stats((float(vals[0]), float(vals[1])), below, upto, total, kept)
+    mags = _abs_numpy(inputs, i)
+    mags.partition(sorted({lo, hi}))  # in place: positions lo and hi hold their order statistics
+    vals = (mags[lo], mags[hi])
+    below = tuple(int(np.count_nonzero(mags < v)) for v in vals)
+    upto = tuple(int(np.count_nonzero(mags <= v)) for v in vals)
+    total = float(mags.sum(dtype=np.float64)) if want_l1 else 0.0
+    kept = float(mags[lo : hi + 1].sum(dtype=np.float64)) if want_l1 else 0.0
+    return _Stats((float(vals[0]), float(vals[1])), below, upto, total, kept)
 
 
 def _l1_scale(before: float, after: float) -> float:
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return before / after
+
+
+def _cut(inputs: TensorInputs, i: int, value: float, side: str, first_kept: bool, quota: int, ties: int) -> Cut:
+    """A cut whose first ``quota`` of the ``ties`` elements equal to ``value`` get the first treatment."""
+    n = inputs.tensors[i].numel()
+    if quota <= 0:
+        split = 0
+    elif quota >= ties:
+        split = n
+    else:
+        split = _tie_split(inputs, i, value, quota, ties)
+    exact, below = value, _below(value, inputs.compute_dtype)
+    keep, drop = (below, exact) if side == "lo" else (exact, below)
+    return Cut(value, side, first_kept, split, (keep, drop) if first_kept else (drop, keep))
+
+
+def _tie_split(inputs: TensorInputs, i: int, value: float, quota: int, ties: int) -> int:
+    """The flat index just after the ``quota``-th element (in index order) with ``|d| == value``.
+
+    Scanned in blocks from the nearer end, stopping at the answer (numpy on CPU: its compares
+    are much faster than torch's boolean kernels here).
+    """
+    x, b, cd = flat(inputs.tensors[i]), flat(inputs.base), inputs.compute_dtype
+    n, block, seen = x.numel(), 1 << 20, 0
+    use_numpy = x.device.type == "cpu" and cd in _NUMPY_DTYPES
+    backward = quota > ties // 2
+    want = ties - quota if backward else quota  # from the end: the first of the last ``ties - quota``
+    starts = range(0, n, block)
+    for start in reversed(starts) if backward else starts:
+        xs, bs = x[start : start + block].to(cd), b[start : start + block].to(cd)
+        if use_numpy:
+            mags = np.subtract(xs.numpy(), bs.numpy())
+            equal = np.abs(mags, out=mags) == value
+            count = int(np.count_nonzero(equal))
+        else:
+            equal = (xs - bs).abs_() == value
+            count = int(equal.sum())
+        if seen + count >= want:
+            hits = np.flatnonzero(equal) if use_numpy else torch.nonzero(equal).flatten().cpu().numpy()
+            if backward:
+                return start + int(hits[count - (want - seen)])
+            return start + int(hits[want - seen - 1]) + 1
+        seen += count
+    return n
+
+
+def _magnitude_plan(inputs: TensorInputs, i: int, density: float, rescale: bool) -> Plan:
+    n = inputs.tensors[i].numel()
+    if density <= 0 or n == 0:
+        return Plan("zero")
+    k = max(1, int(density * n))
+    pos = n - k  # ascending position of the k-th largest
+    st = _order_stats(inputs, i, pos, n - 1, rescale)
+    value = st.values[0]
+    if value <= 0:
+        return Plan("full")  # every non-zero element is kept
+    ties = st.upto[0] - st.below[0]
+    plan = Plan("band", [_cut(inputs, i, value, "lo", True, st.upto[0] - pos, ties)])
+    if rescale:
+        plan.scale = _l1_scale(st.l1_total, st.l1_kept)
+    return plan
+
+
+def _outliers_plan(inputs: TensorInputs, i: int, density: float, gamma: float, rescale: bool) -> Plan:
+    n = inputs.tensors[i].numel()
+    keep = int(density * n)
+    if keep <= 0:
+        return Plan("zero")
+    n_bot = max(0, n - keep - int(gamma * n))
+    end = n_bot + keep  # kept: ascending positions n_bot .. end - 1
+    st = _order_stats(inputs, i, n_bot, end - 1, rescale)
+    lo, hi = st.values
+    if hi <= 0:
+        return Plan("zero")  # everything kept is 0
+    plan = Plan("band")
+    if n_bot > 0 and lo > 0:
+        plan.cuts.append(_cut(inputs, i, lo, "lo", False, n_bot - st.below[0], st.upto[0] - st.below[0]))
+    if end < n:
+        plan.cuts.append(_cut(inputs, i, hi, "hi", True, end - st.below[1], st.upto[1] - st.below[1]))
+    if rescale:
+        plan.scale = _l1_scale(st.l1_total, st.l1_kept)
+    return plan
+
+
+def random_field(inputs: TensorInputs, i: int, seed: int) -> torch.Tensor:
+    """Model ``i``'s uniform int16 draws for one call (flat, on the tensors' device); cached per seed."""
+    ref = inputs.tensors[i]
+    key = f"rand16:{i}"
+    hit = inputs.cache.get(key)
+    if hit is not None and hit[0] == seed:
+        return hit[1]
+    n = ref.numel()
+    if ref.device.type == "cpu":
+        bits = np.random.SFC64(np.random.SeedSequence([seed, i]))
+        draws = torch.from_numpy(bits.random_raw((n + 3) // 4)).view(torch.int16)[:n]
+    else:
+        gen = torch.Generator(device=ref.device)
+        gen.manual_seed((seed * 1_000_003 + i) % (1 << 63))
+        draws = torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=ref.device, generator=gen)
+    inputs.cache[key] = (seed, draws)
+    return draws
+
+
+def _random_l1(inputs: TensorInputs, i: int, seed: int) -> np.ndarray:
+    """Cumulative ``sum |d|`` over draw values (float64, 65536 bins): the L1 any DARE mask keeps."""
+    key = f"rand_l1:{i}"
+    hit = inputs.cache.get(key)
+    if hit is not None and hit[0] == seed:
+        return hit[1]
+    draws = random_field(inputs, i, seed).cpu().numpy().view(np.uint16) ^ np.uint16(0x8000)
+    cum = np.cumsum(np.bincount(draws, weights=_abs_numpy(inputs, i), minlength=65536))
+    inputs.cache[key] = (seed, cum)
+    return cum
+
+
+def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
+    """DELLA's per-element rank of ``|d|`` within its row, scaled to [0, 1]; flat, cached.
+
+    Rows are along dim 1 (a 1-D tensor is one row), as in mergekit; equal magnitudes get
+    distinct ranks in an arbitrary order, as there.  A row of one element gets 0.5 (mergekit
+    would fail on it).
+    """
+    return _cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
+
+
+def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
+    mags = _deltas(inputs, i).abs_()
+    if mags.dim() < 2:
+        mags = mags.unsqueeze(0)
+    moved = mags.movedim(1, -1)
+    length = moved.shape[-1]
+    rows = moved.reshape(-1, length)
+    ranks = torch.empty(rows.shape, dtype=inputs.compute_dtype, device=rows.device)
+    if length == 1:
+        ranks.fill_(0.5)
+    else:
+        positions = torch.arange(length, dtype=ranks.dtype, device=rows.device) / (length - 1)
+        block = max(1, (1 << 22) // length)
+        for start in range(0, rows.shape[0], block):
+            part = rows[start : start + block]
+            if part.device.type == "cpu":  # numpy's SIMD argsort is several times faster here
+                src = part if part.dtype in _NUMPY_DTYPES else part.float()
+                order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1))
+            else:
+                order = torch.argsort(part, dim=1)
+            ranks[start : start + block].scatter_(1, order, positions.expand_as(order))
+    return flat(ranks.reshape(moved.shape).movedim(-1, 1).contiguous())
 
 
 def make_plan(
@@ -190,53 +305,29 @@ def make_plan(
     rescale: bool,
     gamma: float = 0.0,
     epsilon: float = 0.0,
+    seed: int = 0,
 ) -> Plan:
-    """The sparsification of model ``i`` for ``density`` etc. (``method`` as in mergekit)."""
+    """The sparsification of model ``i`` for ``density`` etc. (``method`` as in mergekit).
+
+    ``seed`` is the call's stream seed (random methods only).
+    """
     if density >= 1:
         return Plan("full")
-    n = inputs.tensors[i].numel()
     if method == "magnitude":
-        if density <= 0 or n == 0:
-            return Plan("zero")
-        k = max(1, int(density * n))
-        values, perm = magnitude_order(inputs, i, descending=True)
-        lo = float(values[k - 1])
-        plan = Plan("band")
-        if lo > 0:
-            plan.lo = _lower(lo, values.dtype)
-            plan.drop = _drops(perm, k, _tie_end(values, k, lo))
-        if rescale:
-            plan.scale = _l1_scale(float(values.sum(dtype=torch.float64)),
-                                   float(values[:k].sum(dtype=torch.float64)))
-        return plan
+        return _magnitude_plan(inputs, i, density, rescale)
     if method == "magnitude_outliers":
-        keep = int(density * n)
-        if keep <= 0:
-            return Plan("zero")
-        n_bot = max(0, n - keep - int(gamma * n))
-        end = n_bot + keep
-        values, perm = magnitude_order(inputs, i, descending=False)
-        lo, hi = float(values[n_bot]), float(values[end - 1])
-        plan = Plan("band")
-        if lo > 0:
-            plan.lo = _lower(lo, values.dtype)
-            plan.drop = _drops(perm, _tie_start(values, n_bot, lo), n_bot)
-        if end < n and hi > 0:
-            plan.hi = hi
-            plan.drop = _join(plan.drop, _drops(perm, end, _tie_end(values, end, hi)))
-        if rescale:
-            plan.scale = _l1_scale(float(values.sum(dtype=torch.float64)),
-                                   float(values[n_bot:end].sum(dtype=torch.float64)))
-        return plan
+        return _outliers_plan(inputs, i, density, gamma, rescale)
     if method == "random":
-        if density <= 0:
-            return Plan("zero")
-        thr = round(density * 65536)
+        thr = round(density * 65536) if density > 0 else 0
         if thr >= 65536:
             return Plan("full")
         if thr <= 0:
             return Plan("zero")
-        return Plan("random", thr=float(thr - 32768), l1_before=l1_norm(inputs, i) if rescale else None)
+        plan = Plan("random", thr=float(thr - 32768))
+        if rescale:
+            cum = _random_l1(inputs, i, seed)
+            plan.scale = _l1_scale(float(cum[-1]), float(cum[thr - 1]))
+        return plan
     if method == "della_magprune":
         if density <= 0:
             return Plan("zero")
@@ -244,36 +335,12 @@ def make_plan(
             raise MethodError(
                 f"model {i}: density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
             )
-        return Plan(
-            "della",
-            a=(density - epsilon) * 65536 - 32768,
-            b=2 * epsilon * 65536,
-            l1_before=l1_norm(inputs, i) if rescale else None,
-        )
+        plan = Plan("della", a=(density - epsilon) * 65536 - 32768, b=2 * epsilon * 65536)
+        if rescale:
+            plan.l1_before = _cached(inputs, f"l1:{inputs.base_index}:{i}",
+                                     lambda: float(_abs_numpy(inputs, i).sum(dtype=np.float64)))
+        return plan
     raise ValueError(f"unknown sparsification {method!r}")
-
-
-class Rand16:
-    """A reproducible stream of uniform int16 values for one model of one call.
-
-    On CPU numpy's SFC64 (several times faster than torch's CPU generator); elsewhere a torch
-    generator on the tensors' device.  Both are seeded from ``(seed, stream)`` only.
-    """
-
-    def __init__(self, seed: int, stream: int, device: torch.device) -> None:
-        self.device = device
-        if device.type == "cpu":
-            self._bits = np.random.SFC64(np.random.SeedSequence([seed, stream]))
-        else:
-            self._gen = torch.Generator(device=device)
-            self._gen.manual_seed((seed * 1_000_003 + stream) % (1 << 63))
-
-    def next(self, n: int) -> torch.Tensor:
-        """The next ``n`` values."""
-        if self.device.type == "cpu":
-            raw = self._bits.random_raw((n + 3) // 4)
-            return torch.from_numpy(raw).view(torch.int16)[:n]
-        return torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=self.device, generator=self._gen)
 
 
 def draw_seed(generator: torch.Generator | None, name: str) -> int:
@@ -283,36 +350,50 @@ def draw_seed(generator: torch.Generator | None, name: str) -> int:
     return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))
 
 
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``value`` (so ``|d| > it`` means ``|d| >= value``)."""
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.zeros((), dtype=dtype)))
+
+
 class Masker:
     """Applies plans to chunks of task vectors in place, with scratch buffers reused across chunks."""
 
-    def __init__(self, inputs: TensorInputs, step: int) -> None:
+    def __init__(self, inputs: TensorInputs, step: int, seed: int = 0) -> None:
         dev, cd = inputs.tensors[0].device, inputs.compute_dtype
         self.inputs = inputs
+        self.seed = seed
         self._u = torch.empty(step, dtype=cd, device=dev)
         self._p = torch.empty(step, dtype=cd, device=dev)
+        self._zero = torch.zeros((), dtype=cd, device=dev)
 
-    def apply(self, plan: Plan, i: int, d: torch.Tensor, start: int, stream: Rand16 | None) -> None:
+    def _band(self, plan: Plan, d: torch.Tensor, start: int) -> None:
+        n = d.numel()
+        splits = [min(max(cut.split - start, 0), n) for cut in plan.cuts]
+        edges = sorted({0, n, *splits})
+        for lo_edge, hi_edge in zip(edges, edges[1:]):
+            seg = d[lo_edge:hi_edge]
+            for cut, split in zip(plan.cuts, splits):
+                bound = cut.bounds[0] if hi_edge <= split else cut.bounds[1]
+                if cut.side == "lo":
+                    torch.ops.aten.hardshrink.out(seg, bound, out=seg)
+                else:
+                    over = self._u[lo_edge:hi_edge]
+                    torch.ops.aten.hardshrink.out(seg, bound, out=over)
+                    seg.sub_(over)
+
+    def apply(self, plan: Plan, i: int, d: torch.Tensor, start: int) -> None:
         """Zero the dropped elements of chunk ``d`` (model ``i``, elements from ``start``)."""
         n = d.numel()
         if plan.kind == "full":
             return
         if plan.kind == "band":
-            if plan.hi is not None:
-                over = self._p[:n]
-                torch.ops.aten.hardshrink.out(d, plan.hi, out=over)
-                d.sub_(over)
-            if plan.lo is not None:
-                torch.ops.aten.hardshrink.out(d, plan.lo, out=d)
-            if plan.drop is not None:
-                first, last = torch.searchsorted(plan.drop, torch.tensor([start, start + n])).tolist()
-                if last > first:
-                    d.index_fill_(0, plan.drop[first:last] - start, 0.0)
+            self._band(plan, d, start)
             return
         u = self._u[:n]
-        u.copy_(stream.next(n))
+        u.copy_(random_field(self.inputs, i, self.seed)[start : start + n])  # int16 -> float: fast
         if plan.kind == "random":
-            u.neg_().add_(plan.thr)  # thr - draw >= 1 exactly when kept (integers)
+            torch.sub(self._zero.fill_(plan.thr), u, out=u)  # thr - draw >= 1 exactly when kept
         else:
             p = self._p[:n]
             torch.mul(rank_norm(self.inputs, i)[start : start + n], plan.b, out=p)

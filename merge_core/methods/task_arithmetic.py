@@ -12,12 +12,11 @@ For task vectors ``d_i = model_i - base`` (base required), each sparsified (see
 and the result is ``base + lambda * mixed``.  ``int8_mask`` only changes mergekit's mask
 storage, never the result; it is accepted and ignored.
 
-Implementation: one pass over chunks of the tensors (two for the random sparsifiers with
-``rescale``: the first measures the kept L1 norm).  The consensus keeps running sums per
-element instead of per-model masks: ``S = sum x_i``, ``P = sum max(x_i, 0)`` (so the negative
-sum is ``S - P``) and, for ``normalize``, ``Q = sum w_i sign(x_i)``, ``R = sum w_i |sign(x_i)|``,
-from which the agreeing weights are ``(R + Q) / 2`` (positive side) or ``(R - Q) / 2``.  All of it
-stays in float arithmetic: boolean masks are many times slower in PyTorch on CPU.
+Implementation: one pass over chunks of the tensors (two for DELLA with ``rescale``: the first
+measures the kept L1 norm; the other sparsifiers know it from their plan).  The consensus keeps
+each model's chunk ``x_i``, takes the sign ``g`` of ``sum x_i`` and sums ``max(g x_i, 0)`` (and,
+for ``normalize``, ``w_i sign(max(g x_i, 0))``): all float arithmetic, since boolean masks are
+several times slower in PyTorch on CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 
 from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
 from merge_core.methods.linear import Target, chunk_len, chunks, flat, lincomb
-from merge_core.methods.sparsify import Masker, Plan, Rand16, delta_chunk, draw_seed, make_plan
+from merge_core.methods.sparsify import Masker, Plan, delta_chunk, draw_seed, make_plan
 
 _WEIGHT = ParamSpec("weight", required=True)
 _DENSITY = ParamSpec("density", 1.0, minimum=0.0, maximum=1.0)
@@ -64,15 +63,32 @@ class GeneralizedTaskArithmetic(MethodBase):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
+        try:
+            return self._merge(inputs, params, out, generator)
+        finally:
+            if not inputs.reuse:
+                inputs.cache.clear()  # one-shot: per-call data (random fields, ranks) is not kept
+
+    def _merge(
+        self,
+        inputs: TensorInputs,
+        params: TensorParams,
+        out: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         glob, per_model = self.resolve(inputs, params)
         base = inputs.base_index
         others = inputs.others
         weights = {i: float(per_model[i]["weight"]) for i in others}
-        plans = {i: self._plan(inputs, i, per_model[i], bool(glob["rescale"])) for i in others}
+        seed = draw_seed(generator, self.name) if self.sparsification in ("random", "della_magprune") else 0
+        rescale = bool(glob["rescale"])
+        plans = {
+            i: self._plan(inputs, i, per_model[i], rescale, seed) if weights[i] != 0.0 else Plan("zero")
+            for i in others
+        }
         lam = float(glob["lambda"])
-        streams_seed = draw_seed(generator, self.name) if any(p.random for p in plans.values()) else 0
         if any(p.l1_before is not None for p in plans.values()):
-            self._measure_rescale(inputs, plans, streams_seed)
+            self._measure_rescale(inputs, plans, seed)
         active = [i for i in others if plans[i].kind != "zero" and weights[i] != 0.0]
         if not active:
             return lincomb(inputs, [(base, 1.0)], out)
@@ -83,16 +99,16 @@ class GeneralizedTaskArithmetic(MethodBase):
             if all(plans[i].kind == "full" for i in active):
                 # No sparsification: base + sum k_i (x_i - base) is a plain linear combination.
                 return lincomb(inputs, [(base, 1.0 - sum(coef.values()))] + list(coef.items()), out)
-            return self._run(inputs, plans, active, coef, None, lam, False, streams_seed, out)
+            return self._run(inputs, plans, active, coef, None, lam, False, seed, out)
         coef = {i: weights[i] * plans[i].scale for i in active}
-        return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), streams_seed, out)
+        return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), seed, out)
 
-    def _plan(self, inputs: TensorInputs, i: int, values: dict, rescale: bool) -> Plan:
+    def _plan(self, inputs: TensorInputs, i: int, values: dict, rescale: bool, seed: int) -> Plan:
         if self.sparsification is None:
             return Plan("full")
         return make_plan(
             self.sparsification, inputs, i, float(values["density"]), rescale,
-            gamma=float(values.get("gamma", 0.0)), epsilon=float(values.get("epsilon", 0.0)),
+            gamma=float(values.get("gamma", 0.0)), epsilon=float(values.get("epsilon", 0.0)), seed=seed,
         )
 
     @staticmethod
@@ -101,8 +117,7 @@ class GeneralizedTaskArithmetic(MethodBase):
         todo = [i for i, p in plans.items() if p.l1_before is not None]
         ref = inputs.tensors[0]
         cd, step = inputs.compute_dtype, min(chunk_len(ref.device), ref.numel())
-        streams = {i: Rand16(seed, i, ref.device) for i in todo}
-        masker = Masker(inputs, step)
+        masker = Masker(inputs, step, seed)
         bbuf = torch.empty(step, dtype=cd, device=ref.device)
         dbuf = torch.empty(step, dtype=cd, device=ref.device)
         parts: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
@@ -113,7 +128,7 @@ class GeneralizedTaskArithmetic(MethodBase):
                 b = bbuf[: stop - start].copy_(b)
             for i in todo:
                 d = delta_chunk(flat(inputs.tensors[i])[start:stop], b, dbuf[: stop - start])
-                masker.apply(plans[i], i, d, start, streams[i])
+                masker.apply(plans[i], i, d, start)
                 parts[i].append(d.abs_().sum())
         for i in todo:
             after = float(torch.stack(parts[i]).to(torch.float64).sum()) if parts[i] else 0.0
@@ -143,54 +158,39 @@ class GeneralizedTaskArithmetic(MethodBase):
         def buf() -> torch.Tensor:
             return torch.empty(size, dtype=cd, device=dev)
 
-        bb, d, tmp, s, p = buf(), buf(), buf(), buf(), buf()
-        q, r = (buf(), buf()) if normalize else (None, None)
+        bb, d = buf(), buf()
+        xbufs = [buf() for _ in active] if self.consensus else []
+        s = buf()  # the sum of the x_i (consensus) or the accumulator (when ``out`` is not direct)
+        sgn, den = (buf(), buf()) if self.consensus else (None, None)
         one = torch.ones((), dtype=cd, device=dev)
-        streams = {i: Rand16(seed, i, dev) for i in active if plans[i].random}
-        masker = Masker(inputs, size)
+        masker = Masker(inputs, size, seed)
         base = flat(inputs.base)
         xs = {i: flat(inputs.tensors[i]) for i in active}
+        ws = [weights[i] for i in active] if normalize else None
         for start, stop in chunks(ref.numel(), dev):
             n = stop - start
             b = base[start:stop]
             if b.dtype != cd:
                 b = bb[:n].copy_(b)
             dest = target.flat_out[start:stop]
-            dc, tc, sc, pc = d[:n], tmp[:n], s[:n], p[:n]
-            qc, rc = (q[:n], r[:n]) if normalize else (None, None)
-            acc = dest if (target.direct and not self.consensus) else sc
-            for k, i in enumerate(active):
-                delta_chunk(xs[i][start:stop], b, dc)
-                masker.apply(plans[i], i, dc, start, streams.get(i))
-                c = coef[i]
-                if not self.consensus:
+            if not self.consensus:
+                acc = dest if target.direct else s[:n]
+                dc = d[:n]
+                for k, i in enumerate(active):
+                    delta_chunk(xs[i][start:stop], b, dc)
+                    masker.apply(plans[i], i, dc, start)
                     if k == 0:
-                        torch.mul(dc, c, out=acc)
+                        torch.mul(dc, coef[i], out=acc)
                     else:
-                        acc.add_(dc, alpha=c)
-                    continue
-                # x = c * d rounded first, as mergekit does, so the elected sign matches it exactly.
-                if k == 0:
-                    x = torch.mul(dc, c, out=sc)
-                    torch.clamp(x, min=0, out=pc)
-                else:
-                    x = dc.mul_(c)
-                    sc.add_(x)
-                    pc.add_(torch.clamp(x, min=0, out=tc))
-                if normalize:
-                    w = weights[i]
-                    torch.sign(x, out=tc)
-                    if k == 0:
-                        torch.mul(tc, w, out=qc)
-                    else:
-                        qc.add_(tc, alpha=w)
-                    tc.abs_()
-                    if k == 0:
-                        torch.mul(tc, w, out=rc)
-                    else:
-                        rc.add_(tc, alpha=w)
-            if self.consensus:
-                acc = _elect(sc, pc, qc, rc, tc, dc, one)
+                        acc.add_(dc, alpha=coef[i])
+            else:
+                chunk_x = []
+                for k, i in enumerate(active):
+                    x = xbufs[k][:n]
+                    delta_chunk(xs[i][start:stop], b, x)
+                    masker.apply(plans[i], i, x, start)
+                    chunk_x.append(x.mul_(coef[i]))  # x = c * d rounded first, as mergekit does
+                acc = _elect(chunk_x, ws, s[:n], sgn[:n], den[:n], one)
             # dest = base + lam * mixed.
             if target.direct:
                 torch.add(b, acc, alpha=lam, out=dest)
@@ -202,25 +202,40 @@ class GeneralizedTaskArithmetic(MethodBase):
 
 
 def _elect(
-    s: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, r: torch.Tensor | None,
-    h: torch.Tensor, g: torch.Tensor, one: torch.Tensor,
+    xs: list[torch.Tensor], weights: list[float] | None,
+    s: torch.Tensor, sgn: torch.Tensor, den: torch.Tensor, one: torch.Tensor,
 ) -> torch.Tensor:
-    """TIES election from the running sums; returns the mixed delta (in ``p``'s storage).
+    """TIES election over one chunk of the weighted sparse task vectors ``xs`` (overwritten).
 
-    ``h``/``g`` are scratch.  ``h = 1`` where ``S >= 0`` (mergekit breaks ties towards +).
+    Returns the mixed delta (in ``xs[0]``'s storage): per element the sign of ``sum x_i`` wins
+    (+ on ties), the agreeing ``x_i`` are summed and, with ``weights``, divided by the sum of
+    their weights (by 1 where that is 0).  Agreement is ``x_i * sign > 0``, so the sum runs over
+    ``max(x_i * sign, 0)`` and is multiplied back by the sign: the same roundings as mergekit's
+    masked sum.  Boolean masks are avoided: they are several times slower in PyTorch on CPU.
     """
-    torch.sign(s, out=h)
-    h.add_(1).clamp_(max=1)
-    torch.sub(one, h, out=g)  # 1 where the negative side wins
-    s.sub_(p).mul_(g)  # negative sum, kept where it wins
-    p.mul_(h).add_(s)  # exact: one of the two terms is 0
-    if q is None:
-        return p
-    # Agreeing weights: (R - Q) / 2 + H * Q, i.e. (R + Q) / 2 on the positive side.
-    r.sub_(q).mul_(0.5).add_(q.mul_(h))
-    torch.sign(r, out=g)
-    torch.sub(one, g.abs_(), out=g)  # 1 where the divisor is 0 (mergekit divides by 1 there)
-    return p.div_(r.add_(g))
+    total = xs[0]
+    if len(xs) > 1:
+        total = torch.add(xs[0], xs[1], out=s)
+        for x in xs[2:]:
+            total.add_(x)
+    # +1 where the sum is >= 0.  A sum of -0 only arises when every x_i is 0, where the sign
+    # does not matter.
+    torch.copysign(one, total, out=sgn)
+    acc = xs[0].mul_(sgn).clamp_(min=0)
+    if weights is not None:
+        torch.sign(acc, out=den).mul_(weights[0])
+    for x, w in zip(xs[1:], (weights or [0.0] * len(xs))[1:]):
+        x.mul_(sgn).clamp_(min=0)
+        acc.add_(x)
+        if weights is not None:
+            den.add_(x.sign_(), alpha=w)
+    acc.mul_(sgn)
+    if weights is None:
+        return acc
+    # den + (1 - |sign(den)|): 1 where the agreeing weights sum to 0, unchanged elsewhere.
+    torch.sign(den, out=s).abs_()
+    torch.sub(one, s, out=s)
+    return acc.div_(den.add_(s))
 
 
 class TaskArithmetic(GeneralizedTaskArithmetic):
