@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny_models import make_tiny_llama, write_bpe_tokenizer  # noqa: E402
 
+pytest_plugins = ["zoo_fixture"]  # the session-scoped toy_zoo fixture
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

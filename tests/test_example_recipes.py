@@ -17,8 +17,8 @@ from merge_core.errors import RecipeError
 from merge_core.planner import Planner, plan_merge, torch_dtype
 from merge_core.recipe import load_recipe
 
-EXAMPLES = Path(__file__).parents[2] / "shared/examples/recipes"
-FILES = sorted(EXAMPLES.glob("*.yml")) if EXAMPLES.is_dir() else []
+EXAMPLES = Path(__file__).parent / "data/shared_examples/recipes"
+FILES = sorted(EXAMPLES.glob("*.yml"))
 LAYERS = 8
 EXPECTED_FAILURES = {
     "slerp_gradient_filters.yml": (
@@ -27,7 +27,6 @@ EXPECTED_FAILURES = {
     ),
 }
 
-pytestmark = pytest.mark.skipif(not FILES, reason=f"no example recipes in {EXAMPLES}")
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,6 @@ def _tasks(file_name: str) -> tuple:
 
 
 def test_slerp_q_proj_only_values(offline_cache: Path):
-    if not (EXAMPLES / "slerp_q_proj_only.yml").exists():
-        pytest.skip("example missing")
     plan, tasks = _tasks("slerp_q_proj_only.yml")
     assert [m.reference for m in plan.models] == ["model1", "model2"] and plan.base_model == 0
     for name, task in tasks.items():
@@ -89,8 +86,6 @@ def test_slerp_q_proj_only_values(offline_cache: Path):
 
 
 def test_ties_three_models_values(offline_cache: Path):
-    if not (EXAMPLES / "ties_three_models.yml").exists():
-        pytest.skip("example missing")
     plan, tasks = _tasks("ties_three_models.yml")
     assert plan.models[plan.base_model].reference == "mistralai/Mistral-7B-v0.1"
     mlp, attn = tasks["model.layers.5.mlp.up_proj.weight"], tasks["model.layers.5.self_attn.v_proj.weight"]
@@ -103,8 +98,6 @@ def test_ties_three_models_values(offline_cache: Path):
 
 
 def test_sce_appends_unlisted_base(offline_cache: Path):
-    if not (EXAMPLES / "sce_four_models.yml").exists():
-        pytest.skip("example missing")
     plan, tasks = _tasks("sce_four_models.yml")
     assert len(plan.models) == 5 and plan.base_model == 4
     task = tasks["model.norm.weight"]
@@ -122,3 +115,13 @@ def test_planner_reuses_example_models(offline_cache: Path):
     for file in files:
         planner.plan(load_recipe(file))
     assert planner.models == loaded
+
+
+def test_vendored_examples_match_shared() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "examples"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} not beside this checkout (the vendored copy is used)")
+    ours = {p.relative_to(EXAMPLES.parent): p.read_bytes() for p in EXAMPLES.parent.rglob("*") if p.is_file()}
+    theirs = {p.relative_to(shared): p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+    assert ours == theirs
+    assert FILES, "no example recipes found"

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_fixture import REPO, ZOO_SEED, toy_zoo  # noqa: E402,F401  (fixture until conftest registers it)
+from zoo_fixture import REPO, ZOO_SEED
 
-from toy_zoo import ZooSettings, build_zoo, check_matrix, task_arithmetic_state_dict  # noqa: E402
+from toy_zoo import TaskArithmetic, ZooSettings, build_zoo, check_matrix  # noqa: E402
 from toy_zoo import build as build_mod  # noqa: E402
 from toy_zoo import corpus, tasks  # noqa: E402
 from toy_zoo.evaluate import Scorer  # noqa: E402
@@ -129,17 +128,25 @@ def test_prepare_hub_tasks_fails_with_one_line_offline(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_task_arithmetic_state_dict() -> None:
-    gen = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(3, 4, generator=gen)}
-    experts = [{"w": torch.randn(3, 4, generator=gen)} for _ in range(2)]
-    assert torch.equal(task_arithmetic_state_dict(base, experts, [0, 0])["w"], base["w"])
-    assert torch.allclose(task_arithmetic_state_dict(base, experts, [1, 0])["w"], experts[0]["w"])
-    both = task_arithmetic_state_dict(base, experts, [0.5, 2.0])["w"]
-    assert torch.allclose(both, base["w"] + 0.5 * (experts[0]["w"] - base["w"]) + 2 * (experts[1]["w"] - base["w"]))
-    assert torch.equal(base["w"], base["w"])  # inputs untouched
+def test_zoo_merges_go_through_merge_core(tiny_models: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    def sd(name: str) -> dict[str, torch.Tensor]:
+        files = sorted(tiny_models[name].glob("*.safetensors"))
+        return {k: v.float() for f in files for k, v in load_file(f).items()}
+
+    base, a, b = sd("base"), sd("a"), sd("b")
+    merge = TaskArithmetic(tiny_models["base"], [tiny_models["a"], tiny_models["b"]])
+    zero, only_a, mixed = merge([0, 0]), merge([1, 0]), merge([0.5, 2.0])
+    assert set(zero) == set(base)
+    for name in base:
+        assert torch.allclose(zero[name], base[name])
+        assert torch.allclose(only_a[name], a[name], atol=1e-6)
+        want = base[name] + 0.5 * (a[name] - base[name]) + 2 * (b[name] - base[name])
+        assert torch.allclose(mixed[name], want, atol=1e-5), name
+    assert torch.equal(sd("base")["model.norm.weight"], base["model.norm.weight"])  # inputs untouched
     with pytest.raises(ValueError):
-        task_arithmetic_state_dict(base, experts, [1.0])
+        merge([1.0])
 
 
 # ---------------------------------------------------------------- build mechanics (tiny settings)
@@ -230,9 +237,11 @@ def test_second_build_call_is_cached(toy_zoo) -> None:
 
 @pytest.mark.slow
 def test_lm_eval_cli_runs_a_toy_task_offline_from_any_cwd(toy_zoo, tmp_path: Path) -> None:
+    # lm-eval 0.4.13's CLI always passes its --device (default cuda:0) to the model, so
+    # `--model_args ...,device=cpu` fails there with "multiple values for 'device'": use --device.
     lm_eval = Path(sys.executable).with_name("lm_eval")
     cmd = [str(lm_eval) if lm_eval.exists() else "lm_eval", "--model", "hf", "--model_args",
-           f"pretrained={toy_zoo.models['spatial']},device=cpu", "--tasks", "toy_spatial",
+           f"pretrained={toy_zoo.models['spatial']}", "--device", "cpu", "--tasks", "toy_spatial",
            "--include_path", str(EVAL_TASKS)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)

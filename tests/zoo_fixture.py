@@ -1,6 +1,6 @@
 """Session fixture ``toy_zoo``: the toy model zoo (base + spatial/arith/format experts), built once.
 
-Register it with ``pytest_plugins = ["zoo_fixture"]`` in tests/conftest.py. The zoo is built in a
+Registered by ``pytest_plugins`` in tests/conftest.py. The zoo is built in a
 session temp dir (about 2-5 minutes on 2 cores); set ``TOY_ZOO_DIR=<dir>`` to build into / reuse a
 persistent folder instead (the build's stamp makes a matching zoo return at once).
 """
