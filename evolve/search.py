@@ -387,6 +387,7 @@ class SearchDriver:
         timings = {k: float(v) for k, v in result.timings.items() if isinstance(v, (int, float))}
         if submitted is not None:
             timings["wall_s"] = time.monotonic() - submitted
+        timings["done_unix"] = time.time()  # when the driver got it: throughput, gaps, W&B time axis
         scores = _json_scores(result.scores or {})
         return {"status": status, "reason": reason if status == "failed" else None, "scores": scores,
                 "fitness": float(fitness), "worker": result.worker, "timings": timings}
