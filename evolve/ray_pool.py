@@ -80,7 +80,7 @@ class RayPool:
     def __init__(
         self,
         spec: WorkerSpec,
-        num_workers: int,
+        num_workers: int | None,
         *,
         ray_address: str | None = None,
         num_gpus_per_worker: float = 0,
@@ -90,11 +90,13 @@ class RayPool:
     ) -> None:
         import ray
 
-        if num_workers < 1:
+        if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if num_workers is None and not num_gpus_per_worker:
+            raise ValueError("num_workers=None (one per GPU of the cluster) needs GPU workers")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.num_workers = int(num_workers)
+        self.num_workers = int(num_workers or 1)
         self.timeout = timeout
         self.max_retries = int(max_retries)
         cores = os.cpu_count() or 1
@@ -110,6 +112,8 @@ class RayPool:
                 ray.init(num_cpus=max(cores, self.num_workers * threads), include_dashboard=False,
                          _node_ip_address="127.0.0.1", **quiet)
             self._owns_ray = True
+        if num_workers is None:  # one worker per GPU of the (possibly multi-node) cluster
+            self.num_workers = max(1, int(ray.cluster_resources().get("GPU", 0) // num_gpus_per_worker))
         env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "TOKENIZERS_PARALLELISM": "false"})

@@ -35,18 +35,34 @@ class InMemoryMerger:
     Input tensors are keyed by (model directory, tensor name), not by a plan's model numbering,
     so plans that list their models in different orders (slerp candidates pick different pairs
     per layer group) share them.  ``plan`` (optional) is loaded eagerly; any tensor a later plan
-    needs beyond it is read on first use and kept.  ``device`` is where inputs live and the math
-    runs; ``dtype`` is the storage dtype of the inputs (the plan's ``dtype`` when None).
+    needs beyond it is read on first use and kept.  ``device`` is where the math runs; ``dtype``
+    is the storage dtype of the inputs (the plan's ``dtype`` when None).
+
+    ``resident``: inputs live on ``device`` (True), or in CPU memory (False; pinned when
+    ``device`` is a GPU) and are copied to ``device`` tensor by tensor for each merge -- for
+    inputs that do not fit in GPU memory next to the evaluated model.  None = resident unless
+    ``device`` is a GPU whose free memory, less ``reserve_bytes``, cannot hold the plan's inputs.
+    Streamed merges rebuild methods' derived data each time (nothing is cached on the device).
     """
 
     def __init__(self, plan: MergePlan | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, resident: bool | None = None, reserve_bytes: int = 0):
         self.device = torch.device(device)
         self._dtype = dtype or (plan.dtype if plan is not None else None)
         self._readers: dict[Path, CheckpointReader] = {}
         self._tensors: dict[tuple[Path, str], torch.Tensor] = {}
         self._inputs: dict[tuple, TensorInputs] = {}
         self.input_bytes = 0
+        self.needed_bytes = self.plan_input_bytes(plan) if plan is not None else 0
+        self.free_bytes: int | None = None
+        if resident is None:
+            resident = True
+            if self.device.type == "cuda":
+                self.free_bytes = int(torch.cuda.mem_get_info(self.device)[0])
+                resident = self.needed_bytes <= self.free_bytes - reserve_bytes
+        self.resident = resident
+        self._storage = self.device if resident else torch.device("cpu")
+        self._pin = not resident and self.device.type == "cuda"
         if plan is not None:
             for task in plan.tasks:
                 self._source_keys(plan, task)
@@ -59,7 +75,9 @@ class InMemoryMerger:
             reader = self._readers.get(path)
             if reader is None:
                 reader = self._readers[path] = CheckpointReader(path)
-            tensor = reader.get(name, dtype=self._dtype, device=str(self.device))
+            tensor = reader.get(name, dtype=self._dtype, device=str(self._storage))
+            if self._pin:
+                tensor = tensor.pin_memory()  # lets the per-merge copies to the GPU run async
             self._tensors[key] = tensor
             self.input_bytes += tensor.numel() * tensor.element_size()
         return tensor
@@ -75,8 +93,35 @@ class InMemoryMerger:
             reader.close()
         self._readers.clear()
 
+    def plan_input_bytes(self, plan: MergePlan) -> int:
+        """Bytes the distinct input tensors of ``plan`` take in the storage dtype (from headers)."""
+        total, seen = 0, set()
+        for task in plan.tasks:
+            for src in task.sources:
+                key = (Path(plan.models[src.model].path), src.tensor)
+                if key in seen:
+                    continue
+                seen.add(key)
+                reader = self._readers.get(key[0])
+                if reader is None:
+                    reader = self._readers[key[0]] = CheckpointReader(key[0])
+                itemsize = self._dtype.itemsize if self._dtype is not None else reader.dtype(src.tensor).itemsize
+                total += itemsize * int(torch.Size(reader.shape(src.tensor)).numel())
+        return total
+
+    def memory_report(self) -> str:
+        """One line for a run's start: where inputs live and how much memory they take."""
+        gib = 1 << 30
+        where = f"resident on {self.device}" if self.resident else \
+            f"in {'pinned ' if self._pin else ''}CPU memory, streamed to {self.device} per merge"
+        free = "" if self.free_bytes is None else f" ({self.free_bytes / gib:.2f} GiB free on {self.device})"
+        return f"merge inputs: {self.needed_bytes / gib:.2f} GiB {where}{free}"
+
     def _inputs_for(self, plan: MergePlan, task: TensorTask) -> TensorInputs:
         keys = self._source_keys(plan, task)
+        if not self.resident:  # one-shot copies on the compute device, freed after the merge
+            tensors = [self._tensors[k].to(self.device, non_blocking=True) for k in keys]
+            return TensorInputs(task.output, tensors, task.base_index, reuse=False)
         cache_key = (task.output, keys, task.base_index)
         inputs = self._inputs.get(cache_key)
         if inputs is None:

@@ -92,3 +92,19 @@ def test_target_missing_a_tensor_is_an_error(tiny_models) -> None:
     target.pop("model.norm.weight")
     with pytest.raises(ModelError, match="model.norm.weight"):
         merger.merge_into(plan, target)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_streamed_inputs_equal_resident_inputs(method: str, tiny_models) -> None:
+    """Inputs kept in CPU memory and copied per merge (GPU memory too small) merge identically."""
+    planner = Planner()
+    plans = [planner.plan(recipe_from_dict(_recipe(tiny_models, method, w, density=0.6)), seed=5)
+             for w in ([0.5, 0.3, 0.2], [1.0, -0.4, 0.7])]
+    resident = InMemoryMerger(plans[0], resident=True)
+    streamed = InMemoryMerger(plans[0], resident=False)
+    assert streamed.needed_bytes == resident.needed_bytes == resident.input_bytes > 0
+    assert "streamed" in streamed.memory_report() and "resident" in resident.memory_report()
+    for plan in plans:
+        a, b = resident.merged_state_dict(plan), streamed.merged_state_dict(plan)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not streamed._inputs  # nothing cached per tensor when streaming

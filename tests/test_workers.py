@@ -266,3 +266,14 @@ def test_ray_pool_setup_failure_is_one_clear_error(ray_cluster, models, tmp_path
     with pytest.raises(WorkerPoolError, match=r"failed to set up: ModelError: .*missing: not a model folder"):
         RayPool(spec, 1, threads=1)
     assert time.monotonic() - start < 120
+
+
+def test_ray_pool_counts_cluster_gpus_only_for_gpu_workers(models):
+    from evolve.ray_pool import RayPool
+
+    config = _config(models)
+    spec = _spec(config, Genome(config.genome, 4))
+    with pytest.raises(ValueError, match="one per GPU"):
+        RayPool(spec, None, num_gpus_per_worker=0)
+    with pytest.raises(ValueError, match=">= 1"):
+        RayPool(spec, 0)

@@ -1,0 +1,44 @@
+# merge-evolve for GPU machines and Ray clusters: the project with its [vllm] extra,
+# `merge-evolve` as the entrypoint. Build and run (see README, "GPU / cluster"):
+#   docker build -t merge-evolve .
+#   docker run --gpus all --shm-size 16g -v "$PWD:/work" -v "$HOME/.cache/huggingface:/hf-cache" \
+#     -v "$PWD/storage:/storage" merge-evolve config.yml --storage-path /storage --vllm
+# The CUDA runtime libraries come with the torch/vLLM wheels; the base image supplies the
+# CUDA user-space setup that the NVIDIA container toolkit expects. Override with --build-arg.
+ARG CUDA_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+# gcc + python headers: Triton (used by vLLM) compiles small launchers at run time.
+# Distro package versions are left to the base image's release (pinning them breaks on every
+# security update); the Python stack is what matters and pip resolves it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc git ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/hf-cache \
+    RAY_AUTH_MODE=disabled
+RUN python3 -m venv /opt/venv
+
+WORKDIR /opt/merge-evolve
+# Dependencies first (cached across source edits), then the sources, installed editable:
+# merge-evolve finds its bundled lm-eval tasks next to the package (eval_tasks/).
+COPY pyproject.toml README.md ./
+COPY merge_core/__init__.py merge_core/__init__.py
+COPY evolve/__init__.py evolve/__init__.py
+RUN pip install -e ".[vllm]"
+COPY merge_core merge_core
+COPY evolve evolve
+COPY eval_tasks eval_tasks
+COPY configs configs
+COPY scripts scripts
+
+# Run directory, and the Hugging Face cache (mount yours to reuse downloaded models).
+VOLUME ["/storage", "/hf-cache"]
+WORKDIR /work
+ENTRYPOINT ["merge-evolve"]
+CMD ["--help"]
