@@ -6,7 +6,8 @@ An evolve worker holds ONE model: the merger writes each candidate's weights int
 depend on the weights is built once and reused: the transformers model and tokenizer, lm-eval's
 ``HFLM`` wrapper around them, and the lm-eval task objects of each task list (see
 :mod:`evolve.lm_tasks`).  Per call only lm-eval's own evaluation loop runs
-(``lm_eval.evaluator.evaluate``: build requests, run the model, aggregate).
+(``lm_eval.evaluator.evaluate``: build requests, run the model, aggregate).  The vLLM backend
+(:mod:`evolve.vllm_evaluation`) runs the same loop (:func:`evaluate_lm`) around its engine.
 
 Scores equal ``lm_eval.simple_evaluate``'s for the same model, tasks and options, with
 ``random_seed = numpy_random_seed = torch_random_seed = fewshot_random_seed = settings.seed``.
@@ -23,7 +24,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Protocol, TextIO, Union
@@ -54,6 +55,8 @@ __all__ = [
     "HFEvaluator",
     "TaskLike",
     "TaskSpec",
+    "cached_task_set",
+    "evaluate_lm",
     "score_tasks",
 ]
 
@@ -82,6 +85,9 @@ class EvalSettings:
     process (None: leave it).  ``quiet``: no progress bars or INFO/WARNING lines from lm-eval.
     ``memoize_templates``: compile lm-eval's jinja prompt templates once per process (see
     :func:`evolve.lm_tasks.memoize_lm_eval_templates`; same prompts, ~20% faster on toy models).
+    ``backend``: "hf" (:class:`HFEvaluator`) or "vllm" (:class:`evolve.vllm_evaluation.VLLMEvaluator`).
+    ``vllm``: the vLLM engine settings (the config's ``vllm:`` section as a dict of
+    :class:`evolve.config.VllmConfig` fields; None: its defaults); used by the vllm backend only.
     """
 
     limit: Optional[Union[int, float]] = None
@@ -98,12 +104,17 @@ class EvalSettings:
     threads: Optional[int] = None
     quiet: bool = True
     memoize_templates: bool = True
+    backend: str = "hf"
+    vllm: Optional[Mapping[str, Any]] = None
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> "EvalSettings":
         """Settings from an evolve config (any object with mergekit-evolve's option names)."""
         names = ("limit", "num_fewshot", "shuffle", "apply_chat_template", "fewshot_as_multiturn")
         values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+        engine = getattr(config, "vllm", None)
+        if engine is not None:  # a VllmConfig (pydantic) or already a mapping
+            values["vllm"] = dict(engine.model_dump() if hasattr(engine, "model_dump") else engine)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -303,6 +314,58 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+def cached_task_set(
+    cache: dict[tuple, TaskSet], catalog: TaskCatalog, settings: EvalSettings, tasks: Sequence[TaskLike]
+) -> TaskSet:
+    """The configured lm-eval task objects for ``tasks`` from ``cache``, built on first use."""
+    entries = unique_entries(tasks)
+    key = tuple(entries)
+    cached = cache.get(key)
+    if cached is None:
+        with _quiet(settings.quiet):
+            cached = build_task_set(
+                catalog,
+                entries,
+                num_fewshot=settings.num_fewshot,
+                shuffle=settings.shuffle,
+                seed=settings.seed,
+            )
+        cache[key] = cached
+    return cached
+
+
+def evaluate_lm(
+    lm: Any, task_set: TaskSet, tasks: Sequence[TaskLike], settings: EvalSettings, device: torch.device
+) -> EvalResult:
+    """One lm-eval evaluation loop of a resident lm-eval model (any backend) on ``task_set``."""
+    start = time.perf_counter()
+    s = settings
+    with _quiet(s.quiet), _seeded(s.seed, device):
+        for task in task_set.leaf_tasks.values():
+            # The sampler's RNG advanced during the last call: reset it so every call draws
+            # the same few-shot examples, as a fresh simple_evaluate would.
+            task.set_fewshot_seed(seed=s.seed)
+        results = lm_eval_evaluate(
+            lm=lm,
+            task_dict=task_set.task_dict,
+            limit=s.limit,
+            bootstrap_iters=0,  # stderr only; the scores do not depend on it
+            log_samples=False,
+            apply_chat_template=s.apply_chat_template,
+            fewshot_as_multiturn=s.fewshot_as_multiturn,
+        )
+    scored = score_tasks(tasks, results["results"])
+    samples = {name: int(count["effective"]) for name, count in results.get("n-samples", {}).items()}
+    return EvalResult(
+        scores=scored.scores,
+        fitness=scored.fitness,
+        seconds=time.perf_counter() - start,
+        error=scored.error,
+        metrics=scored.metrics,
+        samples=samples,
+    )
+
+
 class HFEvaluator:
     """lm-eval's HF backend around one resident transformers model (see the module docstring).
 
@@ -345,52 +408,13 @@ class HFEvaluator:
 
     def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
         """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
-        entries = unique_entries(tasks)
-        key = tuple(entries)
-        cached = self._task_sets.get(key)
-        if cached is None:
-            with _quiet(self.settings.quiet):
-                cached = build_task_set(
-                    self.catalog,
-                    entries,
-                    num_fewshot=self.settings.num_fewshot,
-                    shuffle=self.settings.shuffle,
-                    seed=self.settings.seed,
-                )
-            self._task_sets[key] = cached
-        return cached
+        return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
 
     def evaluate(self, tasks: Sequence[TaskLike]) -> EvalResult:
         """Score the model's current weights on ``tasks``; EvalError on a missing task/metric."""
         if not tasks:
             raise EvalError("no tasks to evaluate")
-        start = time.perf_counter()
-        task_set = self.task_set(tasks)
-        s = self.settings
-        with _quiet(s.quiet), _seeded(s.seed, self.device):
-            for task in task_set.leaf_tasks.values():
-                # The sampler's RNG advanced during the last call: reset it so every call draws
-                # the same few-shot examples, as a fresh simple_evaluate would.
-                task.set_fewshot_seed(seed=s.seed)
-            results = lm_eval_evaluate(
-                lm=self.lm,
-                task_dict=task_set.task_dict,
-                limit=s.limit,
-                bootstrap_iters=0,  # stderr only; the scores do not depend on it
-                log_samples=False,
-                apply_chat_template=s.apply_chat_template,
-                fewshot_as_multiturn=s.fewshot_as_multiturn,
-            )
-        scored = score_tasks(tasks, results["results"])
-        samples = {name: int(count["effective"]) for name, count in results.get("n-samples", {}).items()}
-        return EvalResult(
-            scores=scored.scores,
-            fitness=scored.fitness,
-            seconds=time.perf_counter() - start,
-            error=scored.error,
-            metrics=scored.metrics,
-            samples=samples,
-        )
+        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
 
     def close(self) -> None:
         """Release the model, the lm-eval wrapper and the cached tasks."""

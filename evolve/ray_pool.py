@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class RayPool:
         timeout: float | None = None,
         max_retries: int = 2,
         threads: int | None = None,
+        report: bool = False,
     ) -> None:
         import ray
 
@@ -103,6 +105,8 @@ class RayPool:
         threads = threads or spec.threads or (4 if num_gpus_per_worker else max(1, cores // self.num_workers))
         self.spec = dataclasses.replace(spec, threads=threads)
         self._owns_ray = False
+        self.memory_report: str | None = None  # the first worker's merge-memory line (see run.py)
+        self.report = report
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             quiet = {"log_to_driver": False, "logging_level": "ERROR"}
@@ -155,6 +159,10 @@ class RayPool:
         slot.ready, slot.ready_ref = True, None
         slot.setup_s.append(float(info["setup_s"]))
         slot.pid = info["pid"]
+        if self.memory_report is None and info.get("memory"):
+            self.memory_report = str(info["memory"])
+            if self.report:
+                print(f"{slot.name}: {self.memory_report}", file=sys.stderr)
         if slot.job is not None and slot.started is None:
             slot.started = time.monotonic()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,18 @@ def _check_unsupported(args: argparse.Namespace) -> None:
     if args.load_in_8bit or args.load_in_4bit:
         raise RecipeError("--load-in-8bit/--load-in-4bit", "quantized evaluation is not supported")
     if args.vllm:
-        raise RecipeError("--vllm", "the vLLM evaluator is not available in this version yet; "
-                          "run without --vllm (Hugging Face evaluator)")
+        from evolve.vllm_evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
+
+        if not vllm_available():
+            raise RecipeError("--vllm", VLLM_MISSING)
     for flag, value in (("--max-fevals", args.max_fevals), ("--num-workers", args.num_workers or 1)):
         if value < 1:
             raise RecipeError(flag, f"must be >= 1, got {value}")
 
 
-def _placement(args: argparse.Namespace) -> tuple[str, int, int]:
-    """(device, workers, torch threads per worker): one worker per GPU, else share the cores."""
+def _placement(args: argparse.Namespace) -> tuple[str, int | None, int]:
+    """(device, workers, torch threads per worker): one worker per GPU (None: per GPU of the
+    Ray cluster being joined, counted once connected), else share the cores."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +79,8 @@ def _placement(args: argparse.Namespace) -> tuple[str, int, int]:
     if device.startswith("cuda"):
         gpus = args.num_gpus or torch.cuda.device_count()
         workers = args.num_workers or max(gpus, 1)
+        if args.ray_address and not (args.num_workers or args.num_gpus):
+            workers = None  # type: ignore[assignment]  # RayPool: one per GPU of the whole cluster
     else:
         workers = args.num_workers or (1 if args.no_ray else min(2, cores))
     if args.no_ray:
@@ -118,7 +124,7 @@ def run_search(args: argparse.Namespace, *, resume: bool) -> int:
 
 
 def _make_pool(args: argparse.Namespace, config: Any, genome: Any, relative_to: Path, device: str,
-               workers: int, threads: int) -> Any:
+               workers: int | None, threads: int) -> Any:
     import numpy as np
 
     from evolve.evaluation import EvalSettings
@@ -128,6 +134,13 @@ def _make_pool(args: argparse.Namespace, config: Any, genome: Any, relative_to: 
                                  "device": device, "dtype": args.eval_dtype, "seed": args.random_seed}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
+    if args.vllm:
+        # Engine settings: the config's `vllm:` section (defaults when absent); --batch-size,
+        # when given, is lm-eval's batch size for this backend too.
+        engine = config.vllm.model_dump() if config.vllm is not None else {}
+        if args.batch_size is not None:
+            engine["batch_size"] = args.batch_size
+        overrides.update(backend="vllm", vllm=engine)
     settings = EvalSettings.from_config(config, **overrides)
     template = genome.decode(genome.initial_point(False, np.random.default_rng(0)))
     merge_device = "cuda" if (args.merge_cuda and device.startswith("cuda")) else "cpu"
@@ -135,10 +148,13 @@ def _make_pool(args: argparse.Namespace, config: Any, genome: Any, relative_to: 
                       held_out_tasks=list(config.held_out), merge_device=merge_device,
                       threads=threads, relative_to=relative_to, seed=args.random_seed)
     if args.no_ray:
-        return LocalPool(spec)
+        pool = LocalPool(spec)
+        if not args.quiet:
+            print(f"worker: {pool.worker.merger.memory_report()}", file=sys.stderr)
+        return pool
     gpus = 1 if device.startswith("cuda") else 0
     return RayPool(spec, workers, ray_address=args.ray_address, num_gpus_per_worker=gpus,
-                   timeout=args.eval_timeout)
+                   timeout=args.eval_timeout, report=not args.quiet)
 
 
 def _observers(args: argparse.Namespace, config: Any) -> list[Any]:

@@ -11,6 +11,11 @@ Pools (the :class:`~evolve.search.EvaluationPool` protocol): :class:`LocalPool` 
 in this process (tests, ``--no-ray`` debugging); :class:`~evolve.ray_pool.RayPool` runs one
 worker per Ray actor with crash/timeout isolation (the default for real runs).
 
+With the vLLM backend (``settings.backend == "vllm"``) the evaluator is a
+:class:`~evolve.vllm_evaluation.VLLMEvaluator` whose weights live inside its engine: candidates
+are merged into a resident state dict (allocated once) that is then pushed into the engine in
+place; the finiteness check reads that dict.
+
 Plans of one genome may list their models in different orders (slerp picks the top two models
 per layer group); the in-memory merger keys inputs by model directory, so that needs nothing
 here, and a model first used by a later candidate is loaded then and kept.
@@ -104,7 +109,6 @@ class CandidateWorker:
 
     def __init__(self, spec: WorkerSpec, name: str = "local-0") -> None:
         start = time.perf_counter()
-        from evolve.evaluation import HFEvaluator
         from merge_core.in_memory import InMemoryMerger
         from merge_core.planner import Planner, torch_dtype
 
@@ -114,21 +118,46 @@ class CandidateWorker:
             torch.set_num_threads(spec.threads)
         self.planner = Planner(relative_to=spec.relative_to, allow_crimes=spec.allow_crimes)
         load_plan = self._plan(spec.template_recipe)
-        self.merger = InMemoryMerger(load_plan, device=spec.merge_device, dtype=torch_dtype(spec.merge_dtype))
         if spec.model_dir is not None:
             model_dir = Path(spec.model_dir)
         else:
             donor = load_plan.base_model if load_plan.base_model is not None else 0
             model_dir = Path(load_plan.models[donor].path)
-        self.evaluator = HFEvaluator(model_dir, spec._settings())
-        # Aliases of the model's parameters: in-place writes land in the model itself.
-        self.params = self.evaluator.model.state_dict()
-        # Merging on one device into a model on another (CPU merge, GPU evaluation) goes through
-        # staging tensors on the merge device, copied over after each merge: the methods write
-        # their output with same-device ops.
+        settings = spec._settings()
+        self.backend = getattr(settings, "backend", "hf")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"unknown evaluation backend {self.backend!r} (expected 'hf' or 'vllm')")
         self.staging: dict[str, torch.Tensor] | None = None
-        if not _same_device(self.merger.device, next(iter(self.params.values())).device):
-            self._make_staging(load_plan)
+        if self.backend == "vllm":
+            from evolve.vllm_evaluation import VLLMEvaluator
+
+            # The engine first: on a GPU it claims gpu_memory_utilization of the device (vLLM
+            # checks that against what is free), and the merger then sizes its inputs to what
+            # is left (resident on the GPU, or streamed from CPU memory).
+            self.evaluator: Any = VLLMEvaluator(model_dir, settings, threads=spec.threads)
+        else:
+            from evolve.evaluation import HFEvaluator
+
+            # The model first too, so the merger's GPU budget is what the model leaves free.
+        # 1 GiB of the free GPU memory stays free (activations; vLLM's resident merged dict).
+            self.evaluator = HFEvaluator(model_dir, settings)
+        self.merger = InMemoryMerger(load_plan, device=spec.merge_device, dtype=torch_dtype(spec.merge_dtype),
+                                     reserve_bytes=1 << 30)
+        if self.backend == "vllm":
+            # The resident state dict every candidate is merged into and pushed from: allocated
+            # once, on the merge device, in the recipe's dtype when rounding to it (the HF
+            # path's _round: the engine then holds exactly merge-yaml's weights), else in the
+            # evaluation dtype.
+            dtype = None if spec.round_to_recipe_dtype else _torch_dtype(settings)
+            self.params = self.merger.merged_state_dict(load_plan, dtype=dtype)
+        else:
+            # Aliases of the model's parameters: in-place writes land in the model itself.
+            self.params = self.evaluator.model.state_dict()
+            # Merging on one device into a model on another (CPU merge, GPU evaluation) goes
+            # through staging tensors on the merge device, copied over after each merge: the
+            # methods write their output with same-device ops.
+            if not _same_device(self.merger.device, next(iter(self.params.values())).device):
+                self._make_staging(load_plan)
         for task_set in (TRAIN, HELD_OUT):
             if spec.tasks(task_set):
                 self.evaluator.task_set(spec.tasks(task_set))
@@ -149,7 +178,8 @@ class CandidateWorker:
 
         Returns an :class:`evolve.search.Result`: ``ok`` with the flat ``{task: score}``, or
         ``failed`` with a one-line reason; ``timings`` has ``merge`` (plan + merge + finiteness
-        check), ``eval`` and ``run`` (the whole call) in seconds.
+        check), ``push`` (vllm backend: weights into the engine), ``eval`` and ``run`` (the
+        whole call) in seconds.
         """
         from evolve.search import Result
 
@@ -171,14 +201,16 @@ class CandidateWorker:
                 self.merger.merge_into(plan, self.staging)
                 for task in plan.tasks:
                     self.params[task.output].copy_(self.staging[task.output], non_blocking=True)
-            if self.spec.round_to_recipe_dtype and plan.out_dtype is not None:
-                self._round(plan)
+            if self.spec.round_to_recipe_dtype and plan.out_dtype is not None and self.backend == "hf":
+                self._round(plan)  # (the vllm path's resident dict already has the recipe dtype)
             if _inject(self.spec.fault_injection, "nan", eval_id):
                 self.params[plan.tasks[0].output].view(-1)[0] = float("nan")
             bad = self._first_non_finite(plan)
             timings["merge"] = time.perf_counter() - start
             if bad is not None:
                 return self._result(eval_id, start, timings, reason=f"non-finite weights in {bad}")
+            if self.backend == "vllm":
+                timings["push"] = self.evaluator.push_weights({t.output: self.params[t.output] for t in plan.tasks})
             _inject(self.spec.fault_injection, "exit", eval_id)
             _inject(self.spec.fault_injection, "hang", eval_id)
             eval_start = time.perf_counter()
@@ -223,6 +255,12 @@ class CandidateWorker:
         self.merger = None  # type: ignore[assignment]
         self.params = {}
         self.staging = None
+
+
+def _torch_dtype(settings: Any) -> torch.dtype | None:
+    """The evaluation dtype of ``settings`` as a torch dtype (None for "auto")."""
+    dtype = settings.resolved_dtype()
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -277,7 +315,8 @@ class ActorWorker:
         """Setup seconds, pid and torch threads; or ``{"error": ...}`` when setup failed."""
         if self.worker is None:
             return {"error": self.error, "pid": os.getpid()}
-        return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads()}
+        return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads(),
+                "memory": self.worker.merger.memory_report()}
 
     def run(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> dict[str, Any]:
         if self.worker is None:
