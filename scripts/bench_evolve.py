@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Throughput of merge-evolve on the toy zoo, measured in one run, printed as ratios.
+
+    python scripts/bench_evolve.py [--max-fevals 40] [--workers 2] [--repeats 3]
+                                   [--mergekit-python .venv-mergekit/bin/python] [--vllm]
+
+1. plain lm-eval: ``simple_evaluate`` on one already-merged model (the equal-weights merge of the
+   zoo's experts, written once with merge-yaml), HF backend, model loaded once, same tasks, batch
+   size and torch threads as one merge-evolve worker; median of ``--repeats`` runs.
+2. merge-evolve with 1 worker: steady-state wall seconds per evaluation (merge in memory +
+   evaluate + driver round trip, between consecutive results) -> overhead vs (1). Target <= 1.10.
+3. merge-evolve with ``--workers`` workers (Ray): evaluations/hour (steady state, and including
+   start-up), worker busy fraction (target >= 0.95).
+4. mergekit-evolve on the same config and budget, when ``--mergekit-python`` names a Python with
+   mergekit[evolve] that can run it here; otherwise the reason it could not run is printed.
+   Target: ours >= 3x its evaluations/hour.
+5. with ``--vllm`` (needs ``.venv-vllm``, see scripts/setup_vllm.sh): the vLLM evaluator's
+   evaluations/minute vs the HF evaluator's on the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "configs" / "toy.yml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+       "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ensure_zoo(zoo: Path) -> None:
+    """Build the default zoo at ``zoo`` unless an up-to-date one is there (cached by its stamp)."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_zoo.py"), "--out", str(zoo)],
+                   check=True, env=ENV, stdout=subprocess.DEVNULL)
+
+
+def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.executable) -> dict:
+    """One merge-evolve run of the toy config in ``workdir``; wall time, ledger, stdout."""
+    storage = workdir / "runs" / name
+    shutil.rmtree(storage, ignore_errors=True)
+    cmd = [python, "-m", "evolve.cli", str(TOY), "--storage-path", str(storage), "-q", "--random-seed", "0",
+           "--no-save-final-model", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"merge-evolve {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    ledger = [json.loads(x) for x in (storage / "evaluations.jsonl").read_text().splitlines()]
+    train = [r for r in ledger if r["kind"] == "train" and r.get("cached_from") is None]
+    ends = sorted(r["timings"]["done_unix"] for r in train)
+    busy = re.search(r"worker busy fraction ([0-9.]+)", proc.stdout)
+    best = max(r["fitness"] for r in train)
+    return {"wall": wall, "n": len(train), "steady_per_eval": (ends[-1] - ends[0]) / (len(ends) - 1),
+            "busy": float(busy.group(1)) if busy else float("nan"), "best": best,
+            "run_s": statistics.median(r["timings"]["run"] for r in train)}
+
+
+def plain_lm_eval(model_dir: Path, threads: int, batch_size: int, repeats: int) -> float:
+    """Median wall seconds of lm_eval.simple_evaluate on an already-loaded merged model."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    import yaml
+    tasks = [t["name"] for t in yaml.safe_load(TOY.read_text())["tasks"]]
+    torch.set_num_threads(threads)
+    lm = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=batch_size)
+    manager = TaskManager(include_path=str(REPO / "eval_tasks"), include_defaults=False, verbosity="ERROR")
+    times = []
+    for _ in range(repeats + 1):  # the first run warms caches (tokenizer, dataset loading)
+        start = time.perf_counter()
+        simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0, verbosity="ERROR")
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def merge_equal_weights(zoo: Path, out: Path) -> Path:
+    """The equal-weights task-arithmetic merge of the zoo's experts, written like merge-yaml does."""
+    recipe = out.parent / "equal.yml"
+    recipe.write_text(
+        "merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n".format(b=zoo / "base")
+        + "".join(f"  - model: {zoo / e}\n    parameters: {{weight: 0.3333333}}\n" for e in ("spatial", "arith", "format"))
+        + "dtype: float32\n")
+    subprocess.run([sys.executable, "-m", "merge_core.cli", str(recipe), str(out), "-q"], check=True, env=ENV)
+    return out
+
+
+def mergekit_evolve(python: str | None, workdir: Path, fevals: int, workers: int, batch: int) -> tuple[float | None, str]:
+    """(evaluations/hour, note) of mergekit-evolve 0.1.5 on the toy config, or (None, why not).
+
+    Runs through scripts/mergekit_evolve_cpu.py (its runtime patches for CPU-only machines; deps:
+    scripts/setup_mergekit_evolve.sh), on-disk mode (its default), ``workers`` Ray workers, the
+    same lm-eval batch size as ours (its own default is 1).  It evaluates whole generations, so
+    it may run a few more evaluations than ``fevals``: they are counted from its log.
+    """
+    if not python:
+        return None, "not attempted (pass --mergekit-python .venv-mergekit/bin/python)"
+    probe = subprocess.run([python, "-c", "import mergekit.evo, lm_eval, ray, cma"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, (f"cannot run: {(probe.stderr.strip().splitlines() or ['?'])[-1]} "
+                      "(bash scripts/setup_mergekit_evolve.sh installs its evolve deps)")
+    cmd = [python, str(REPO / "scripts" / "mergekit_evolve_cpu.py"), str(TOY), "--storage-path",
+           str(workdir / "runs" / "mk"), "--task-search-path", str(REPO / "eval_tasks"), "--max-fevals", str(fevals),
+           "--no-wandb", "--random-seed", "0", "--batch-size", str(batch), "--num-gpus", str(workers)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, env={**ENV, "RAY_DEDUP_LOGS": "0", "HF_HOME": str(workdir / "hf")},
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return None, f"cannot run: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    # lm-eval prints "fatal: not a git repository" once per simple_evaluate outside a checkout:
+    # one line per evaluation (RAY_DEDUP_LOGS=0 keeps the workers' repeats apart).
+    n = max(fevals, (proc.stdout + proc.stderr).count("not a git repository"))
+    return 3600 * n / wall, f"{n} evaluations in {wall:.0f} s (whole command)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
+    ap.add_argument("--max-fevals", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size (default: ours)")
+    ap.add_argument("--mergekit-python", default=None)
+    ap.add_argument("--vllm", action="store_true")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    ensure_zoo(args.zoo)
+    from evolve.evaluation import EvalSettings
+    batch = args.batch_size or EvalSettings().batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "zoo").symlink_to(args.zoo.resolve(), target_is_directory=True)
+        merged = merge_equal_weights(args.zoo.resolve(), work / "merged")
+        plain = plain_lm_eval(merged, cores, batch, args.repeats)
+        common = ["--max-fevals", str(args.max_fevals), "--batch-size", str(batch)]
+        one = run_evolve(work, "one", [*common, "--num-workers", "1"])
+        many = run_evolve(work, "many", [*common, "--num-workers", str(args.workers)])
+        mk_rate, mk_note = mergekit_evolve(args.mergekit_python, work, args.max_fevals, args.workers, batch)
+        vllm = run_evolve(work, "vllm", [*common, "--vllm", "--no-ray"], python=str(REPO / ".venv-vllm/bin/python")) \
+            if args.vllm else None
+    steady_rate = 3600 / many["steady_per_eval"]
+    print(f"toy config {TOY.name}, budget {args.max_fevals}, lm-eval batch {batch}, {cores} cores")
+    print(f"plain lm-eval, one merged model, {cores} threads:   {plain:.3f} s/evaluation (median of {args.repeats})")
+    print(f"merge-evolve, 1 worker x {cores} threads:          {one['steady_per_eval']:.3f} s/evaluation steady "
+          f"(worker run median {one['run_s']:.3f} s) -> overhead ratio {one['steady_per_eval'] / plain:.3f} "
+          f"(target <= 1.10)")
+    print(f"merge-evolve, {args.workers} workers: {steady_rate:.0f} evaluations/hour steady, "
+          f"{3600 * many['n'] / many['wall']:.0f} including start-up ({many['wall']:.0f} s for {many['n']}); "
+          f"busy fraction {many['busy']:.2f} (target >= 0.95); best {many['best']:.4f}")
+    if mk_rate is None:
+        print(f"mergekit-evolve: {mk_note}")
+    else:
+        print(f"mergekit-evolve: {mk_rate:.0f} evaluations/hour ({mk_note}); ours/theirs "
+              f"{3600 * many['n'] / many['wall'] / mk_rate:.2f}x including start-up (target >= 3x)")
+    if vllm is not None:
+        hf_rate = 60 / one["steady_per_eval"]
+        print(f"vLLM evaluator (1 worker): {60 / vllm['steady_per_eval']:.1f} evaluations/minute vs HF "
+              f"{hf_rate:.1f} -> {hf_rate and (60 / vllm['steady_per_eval']) / hf_rate:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
