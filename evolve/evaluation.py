@@ -36,6 +36,7 @@ from lm_eval.models.huggingface import HFLM
 
 from evolve.lm_tasks import (
     EvalError,
+    ResidentLM,
     TaskCatalog,
     TaskLike,
     TaskSet,
@@ -219,7 +220,7 @@ def _is_metric(key: str, value: Any) -> bool:
     return "," in key and isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
-class _ResidentHFLM(HFLM):
+class _ResidentHFLM(ResidentLM, HFLM):
     """HFLM for a model that is scored many times on the same requests.
 
     - Progress bars off unless ``show_progress``: lm-eval's evaluate() never passes
@@ -229,34 +230,10 @@ class _ResidentHFLM(HFLM):
     - ``max_length`` is resolved once (the model's config does not change).
     """
 
-    show_progress = False
-    _MEMO_LIMIT = 500_000
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pair_memo: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         # HFLM re-derives max_length from the config on every request; the config is fixed here.
         self._max_length = self.max_length
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        key = (context, continuation)
-        hit = self._pair_memo.get(key)
-        if hit is None:
-            if len(self._pair_memo) >= self._MEMO_LIMIT:
-                self._pair_memo.clear()
-            hit = super()._encode_pair(context, continuation)
-            self._pair_memo[key] = hit
-        # Copies: callers own the lists they get (HFLM only slices them today).
-        return list(hit[0]), list(hit[1])
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
 
 class _DropProgressBars(io.TextIOBase):

@@ -243,3 +243,36 @@ def _configure(task: Any, *, split: Optional[str], num_fewshot: Optional[int], s
         eval_split = task.config.test_split or task.config.validation_split
         # flatten_indices: a shuffled view reads rows through an index map on every pass.
         task.dataset[eval_split] = task.dataset[eval_split].shuffle(seed=seed).flatten_indices()
+
+
+class ResidentLM:
+    """Mixin for lm-eval LM classes scored many times on the same requests (put it first in the
+    bases): progress bars only when ``show_progress`` (lm-eval's evaluate() never passes
+    ``disable_tqdm``), and each (context, continuation) pair tokenized once per process -- only
+    the weights change between calls, so lm-eval's per-request ``_encode_pair`` would repeat
+    identical work.  The memo returns copies: callers own the lists they get.
+    """
+
+    show_progress = False
+    _MEMO_LIMIT = 500_000
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        memo: dict[tuple[str, str], tuple[list[int], list[int]]] = self.__dict__.setdefault("_pair_memo", {})
+        key = (context, continuation)
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= self._MEMO_LIMIT:
+                memo.clear()
+            hit = super()._encode_pair(context, continuation)  # type: ignore[misc]
+            memo[key] = hit
+        return list(hit[0]), list(hit[1])
+

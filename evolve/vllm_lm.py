@@ -11,35 +11,18 @@ from typing import Any
 from lm_eval.models.vllm_causallms import VLLM
 from vllm import SamplingParams, TokensPrompt
 
+from evolve.lm_tasks import ResidentLM
+
 __all__ = ["ResidentVLLM"]
 
 
-class ResidentVLLM(VLLM):
+class ResidentVLLM(ResidentLM, VLLM):
     """lm-eval's ``VLLM`` (it builds the ``LLM`` as ``self.model``) with progress bars optional.
 
     lm-eval's evaluate() never passes ``disable_tqdm``, and VLLM asks the engine for its own
     progress bar whenever the batch size is "auto"; both follow ``show_progress`` here.  Scoring
     is lm-eval's own: loglikelihood via ``prompt_logprobs``, generate_until via ``generate``.
     """
-
-    show_progress = False
-    _MEMO_LIMIT = 500_000
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pair_memo: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        # Same text on every call (only the weights change): tokenize each pair once, as
-        # evolve.evaluation._ResidentHFLM does.  Copies, so callers may mutate what they get.
-        key = (context, continuation)
-        hit = self._pair_memo.get(key)
-        if hit is None:
-            if len(self._pair_memo) >= self._MEMO_LIMIT:
-                self._pair_memo.clear()
-            hit = super()._encode_pair(context, continuation)
-            self._pair_memo[key] = hit
-        return list(hit[0]), list(hit[1])
 
     def _model_generate(
         self,
@@ -61,11 +44,3 @@ class ResidentVLLM(VLLM):
             lora_request=self.lora_request,
         )
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
