@@ -106,6 +106,7 @@ def mergekit_evolve(python: str | None, workdir: Path, fevals: int, workers: int
     """
     if not python:
         return None, "not attempted (pass --mergekit-python .venv-mergekit/bin/python)"
+    python = str(Path(python).absolute())  # the run's cwd is a temp dir
     probe = subprocess.run([python, "-c", "import mergekit.evo, lm_eval, ray, cma"], capture_output=True, text=True)
     if probe.returncode != 0:
         return None, (f"cannot run: {(probe.stderr.strip().splitlines() or ['?'])[-1]} "
@@ -139,35 +140,34 @@ def main() -> int:
     ensure_zoo(args.zoo)
     from evolve.evaluation import EvalSettings
     batch = args.batch_size or EvalSettings().batch_size
+    say = lambda line: print(line, flush=True)  # noqa: E731  (each result as soon as it is measured)
+    say(f"toy config {TOY.name}, budget {args.max_fevals}, lm-eval batch {batch}, {cores} cores")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "zoo").symlink_to(args.zoo.resolve(), target_is_directory=True)
         merged = merge_equal_weights(args.zoo.resolve(), work / "merged")
         plain = plain_lm_eval(merged, cores, batch, args.repeats)
+        say(f"plain lm-eval, one merged model, {cores} threads: {plain:.3f} s/evaluation (median of {args.repeats})")
         common = ["--max-fevals", str(args.max_fevals), "--batch-size", str(batch)]
         one = run_evolve(work, "one", [*common, "--num-workers", "1"])
+        say(f"merge-evolve, 1 worker x {cores} threads: {one['steady_per_eval']:.3f} s/evaluation steady "
+            f"(worker run median {one['run_s']:.3f} s) -> overhead ratio {one['steady_per_eval'] / plain:.3f} "
+            f"(target <= 1.10)")
         many = run_evolve(work, "many", [*common, "--num-workers", str(args.workers)])
+        ours_rate = 3600 * many["n"] / many["wall"]
+        say(f"merge-evolve, {args.workers} workers: {3600 / many['steady_per_eval']:.0f} evaluations/hour steady, "
+            f"{ours_rate:.0f} including start-up ({many['wall']:.0f} s for {many['n']}); "
+            f"busy fraction {many['busy']:.2f} (target >= 0.95); best {many['best']:.4f}")
         mk_rate, mk_note = mergekit_evolve(args.mergekit_python, work, args.max_fevals, args.workers, batch)
-        vllm = run_evolve(work, "vllm", [*common, "--vllm", "--no-ray"], python=str(REPO / ".venv-vllm/bin/python")) \
-            if args.vllm else None
-    steady_rate = 3600 / many["steady_per_eval"]
-    print(f"toy config {TOY.name}, budget {args.max_fevals}, lm-eval batch {batch}, {cores} cores")
-    print(f"plain lm-eval, one merged model, {cores} threads:   {plain:.3f} s/evaluation (median of {args.repeats})")
-    print(f"merge-evolve, 1 worker x {cores} threads:          {one['steady_per_eval']:.3f} s/evaluation steady "
-          f"(worker run median {one['run_s']:.3f} s) -> overhead ratio {one['steady_per_eval'] / plain:.3f} "
-          f"(target <= 1.10)")
-    print(f"merge-evolve, {args.workers} workers: {steady_rate:.0f} evaluations/hour steady, "
-          f"{3600 * many['n'] / many['wall']:.0f} including start-up ({many['wall']:.0f} s for {many['n']}); "
-          f"busy fraction {many['busy']:.2f} (target >= 0.95); best {many['best']:.4f}")
-    if mk_rate is None:
-        print(f"mergekit-evolve: {mk_note}")
-    else:
-        print(f"mergekit-evolve: {mk_rate:.0f} evaluations/hour ({mk_note}); ours/theirs "
-              f"{3600 * many['n'] / many['wall'] / mk_rate:.2f}x including start-up (target >= 3x)")
-    if vllm is not None:
-        hf_rate = 60 / one["steady_per_eval"]
-        print(f"vLLM evaluator (1 worker): {60 / vllm['steady_per_eval']:.1f} evaluations/minute vs HF "
-              f"{hf_rate:.1f} -> {hf_rate and (60 / vllm['steady_per_eval']) / hf_rate:.2f}x")
+        if mk_rate is None:
+            say(f"mergekit-evolve: {mk_note}")
+        else:
+            say(f"mergekit-evolve, {args.workers} workers: {mk_rate:.0f} evaluations/hour ({mk_note}); ours/theirs "
+                f"{ours_rate / mk_rate:.2f}x, whole commands (target >= 3x)")
+        if args.vllm:
+            vllm = run_evolve(work, "vllm", [*common, "--vllm", "--no-ray"], python=str(REPO / ".venv-vllm/bin/python"))
+            hf_rate, v_rate = 60 / one["steady_per_eval"], 60 / vllm["steady_per_eval"]
+            say(f"vLLM evaluator (1 worker): {v_rate:.1f} evaluations/minute vs HF {hf_rate:.1f} -> {v_rate / hf_rate:.2f}x")
     return 0
 
 
