@@ -65,6 +65,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--device", default=None, help="evaluation device: cpu or cuda (default: auto)")
     ours.add_argument("--eval-dtype", default=None,
                       help="evaluation dtype (default float32 on CPU, bfloat16 on GPUs)")
+    ours.add_argument("--no-shared-context", dest="shared_context", action="store_false",
+                      help="HF backend: score each choice as its own sequence, as lm-eval does "
+                           "(default: the choices of a document share one forward pass of its context)")
     ours.add_argument("--eval-timeout", type=float, default=None,
                       help="seconds one candidate may take before its worker is restarted")
     ours.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

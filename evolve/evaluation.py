@@ -46,6 +46,7 @@ from evolve.lm_tasks import (
     quiet_lm_eval,
     unique_entries,
 )
+from evolve.shared_context import SharedContextLM
 from merge_core.errors import ModelError
 
 __all__ = [
@@ -86,6 +87,8 @@ class EvalSettings:
     process (None: leave it).  ``quiet``: no progress bars or INFO/WARNING lines from lm-eval.
     ``memoize_templates``: compile lm-eval's jinja prompt templates once per process (see
     :func:`evolve.lm_tasks.memoize_lm_eval_templates`; same prompts, ~20% faster on toy models).
+    ``share_context``: score requests with the same context (the choices of a multiple-choice
+    document) in one packed forward pass (:mod:`evolve.shared_context`; HF backend only).
     ``backend``: "hf" (:class:`HFEvaluator`) or "vllm" (:class:`evolve.vllm_evaluation.VLLMEvaluator`).
     ``vllm``: the vLLM engine settings (the config's ``vllm:`` section as a dict of
     :class:`evolve.config.VllmConfig` fields; None: its defaults); used by the vllm backend only.
@@ -106,6 +109,7 @@ class EvalSettings:
     quiet: bool = True
     memoize_templates: bool = True
     backend: str = "hf"
+    share_context: bool = True
     vllm: Optional[Mapping[str, Any]] = None
 
     @classmethod
@@ -220,7 +224,7 @@ def _is_metric(key: str, value: Any) -> bool:
     return "," in key and isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
-class _ResidentHFLM(ResidentLM, HFLM):
+class _ResidentHFLM(ResidentLM, SharedContextLM, HFLM):
     """HFLM for a model that is scored many times on the same requests.
 
     - Progress bars off unless ``show_progress``: lm-eval's evaluate() never passes
@@ -228,6 +232,8 @@ class _ResidentHFLM(ResidentLM, HFLM):
     - (context, continuation) tokenizations are memoised: the requests are the same text on every
       call (only the weights change), and re-tokenizing them costs ~10% of a toy evaluation.
     - ``max_length`` is resolved once (the model's config does not change).
+    - Requests sharing a context are scored in one packed row (:mod:`evolve.shared_context`)
+      unless ``share_context`` is off.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -379,6 +385,7 @@ class HFEvaluator:
             # With a model object HFLM takes the device from the model, not from an argument.
             self.lm = _ResidentHFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=settings.batch_size)
             self.lm.show_progress = not settings.quiet
+            self.lm.share_context = settings.share_context
         self.tokenizer = tokenizer
         self.catalog = TaskCatalog(settings.task_search_paths, builtin_tasks=settings.builtin_tasks)
         self._task_sets: dict[tuple, TaskSet] = {}

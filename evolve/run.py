@@ -131,7 +131,8 @@ def _make_pool(args: argparse.Namespace, config: Any, genome: Any, relative_to: 
     from evolve.workers import LocalPool, RayPool, WorkerSpec
 
     overrides: dict[str, Any] = {"task_search_paths": tuple(p.resolve() for p in args.task_search_path),
-                                 "device": device, "dtype": args.eval_dtype, "seed": args.random_seed}
+                                 "device": device, "dtype": args.eval_dtype, "seed": args.random_seed,
+                                 "share_context": getattr(args, "shared_context", True)}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.vllm:

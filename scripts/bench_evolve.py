@@ -9,6 +9,9 @@
    size and torch threads as one merge-evolve worker; median of ``--repeats`` runs.
 2. merge-evolve with 1 worker: steady-state wall seconds per evaluation (merge in memory +
    evaluate + driver round trip, between consecutive results) -> overhead vs (1). Target <= 1.10.
+   Measured twice: with ``--no-shared-context`` (lm-eval's own per-request scoring: the harness
+   overhead alone) and with the default shared-context scoring (choices of a document share
+   one forward pass; same scores); the same seed must reach the same best in both.
 3. merge-evolve with ``--workers`` workers (Ray): evaluations/hour (steady state, and including
    start-up), worker busy fraction (target >= 0.95).
 4. mergekit-evolve on the same config and budget, when ``--mergekit-python`` names a Python with
@@ -21,6 +24,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -80,7 +85,8 @@ def plain_lm_eval(model_dir: Path, threads: int, batch_size: int, repeats: int) 
     times = []
     for _ in range(repeats + 1):  # the first run warms caches (tokenizer, dataset loading)
         start = time.perf_counter()
-        simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0, verbosity="ERROR")
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars have no switch
+            simple_evaluate(model=lm, tasks=tasks, task_manager=manager, bootstrap_iters=0, verbosity="ERROR")
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -149,10 +155,16 @@ def main() -> int:
         plain = plain_lm_eval(merged, cores, batch, args.repeats)
         say(f"plain lm-eval, one merged model, {cores} threads: {plain:.3f} s/evaluation (median of {args.repeats})")
         common = ["--max-fevals", str(args.max_fevals), "--batch-size", str(batch)]
+        # lm-eval's own per-request scoring first: the harness overhead alone, like for like
+        own = run_evolve(work, "one-unshared", [*common, "--num-workers", "1", "--no-shared-context"])
+        say(f"merge-evolve --no-shared-context, 1 worker x {cores} threads: {own['steady_per_eval']:.3f} "
+            f"s/evaluation steady (worker run median {own['run_s']:.3f} s) -> overhead ratio "
+            f"{own['steady_per_eval'] / plain:.3f} (target <= 1.10)")
         one = run_evolve(work, "one", [*common, "--num-workers", "1"])
-        say(f"merge-evolve, 1 worker x {cores} threads: {one['steady_per_eval']:.3f} s/evaluation steady "
-            f"(worker run median {one['run_s']:.3f} s) -> overhead ratio {one['steady_per_eval'] / plain:.3f} "
-            f"(target <= 1.10)")
+        say(f"merge-evolve (shared-context scoring, the default), 1 worker x {cores} threads: "
+            f"{one['steady_per_eval']:.3f} s/evaluation steady (worker run median {one['run_s']:.3f} s) "
+            f"-> ratio to plain lm-eval {one['steady_per_eval'] / plain:.3f}; same best "
+            f"{'yes' if abs(one['best'] - own['best']) < 1e-4 else 'NO'} ({one['best']:.4f} vs {own['best']:.4f})")
         many = run_evolve(work, "many", [*common, "--num-workers", str(args.workers)])
         ours_rate = 3600 * many["n"] / many["wall"]
         say(f"merge-evolve, {args.workers} workers: {3600 / many['steady_per_eval']:.0f} evaluations/hour steady, "
