@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput of merge-evolve on the toy zoo, measured in one run, printed as ratios.
 
-    python scripts/bench_evolve.py [--max-fevals 40] [--workers 2] [--repeats 3]
+    python scripts/bench_evolve.py [--max-fevals 100] [--workers 2] [--repeats 3]
                                    [--mergekit-python .venv-mergekit/bin/python] [--vllm]
 
 1. plain lm-eval: ``simple_evaluate`` on one already-merged model (the equal-weights merge of the
@@ -135,7 +135,7 @@ def mergekit_evolve(python: str | None, workdir: Path, fevals: int, workers: int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
-    ap.add_argument("--max-fevals", type=int, default=40)
+    ap.add_argument("--max-fevals", type=int, default=100)  # the toy config's budget
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size (default: ours)")
