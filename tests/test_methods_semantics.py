@@ -41,6 +41,18 @@ def test_task_arithmetic_normalize_and_lambda():
     close(merge("task_arithmetic", [base, a, b], 0, per=per, glob={"lambda": 2.0}), [2.0, 7.0])
 
 
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                  "breadcrumbs_ties", "della", "della_linear"])
+def test_lambda_scales_the_merged_delta_once(name):
+    """``base + lambda * mixed`` (a regression: sparsified methods without consensus applied it twice)."""
+    gen = torch.Generator().manual_seed(0)
+    base, a, b = (torch.randn(4000, generator=gen) for _ in range(3))
+    per = [{}, {"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.6}]
+    one = merge(name, [base, a, b], 0, per=per, seed=1, glob={"lambda": 1.0}) - base
+    half = merge(name, [base, a, b], 0, per=per, seed=1, glob={"lambda": 0.5}) - base
+    close(half, one * 0.5, tol=1e-5)
+
+
 def test_base_in_models_needs_no_weight_and_zero_weight_is_ignored():
     base, a, b = [0.0, 0.0], [2.0, -2.0], [5.0, 5.0]
     got = merge("ties", [base, a, b], 0, per=[{}, {"weight": 1.0}, {"weight": 0.0}])

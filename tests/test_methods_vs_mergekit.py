@@ -82,6 +82,8 @@ CASES = [
                                    "gamma": [0.05, 0.01, 0.2]}),
     _case("breadcrumbs", n=3, glob={"rescale": True, "normalize": True},
           per={"weight": [0.5, 0.8], "density": [0.6, 0.9], "gamma": [0.1, 0.0]}),
+    _case("breadcrumbs", n=3, glob={"lambda": 0.6}, per={"weight": [0.5, 0.8], "density": [0.6, 0.9],
+                                                     "gamma": [0.1, 0.0]}),
     _case("breadcrumbs_ties", n=4, base=3, per={"weight": [0.5, 0.3, 0.4], "density": [0.5, 0.7, 0.9],
                                                 "gamma": [0.02, 0.05, 0.5]}),
     # Ties at the magnitude thresholds: mergekit's unstable sort keeps an arbitrary subset of the

@@ -99,7 +99,7 @@ class GeneralizedTaskArithmetic(MethodBase):
             if all(plans[i].kind == "full" for i in active):
                 # No sparsification: base + sum k_i (x_i - base) is a plain linear combination.
                 return lincomb(inputs, [(base, 1.0 - sum(coef.values()))] + list(coef.items()), out)
-            return self._run(inputs, plans, active, coef, None, lam, False, seed, out)
+            return self._run(inputs, plans, active, coef, None, 1.0, False, seed, out)  # lam is in coef
         coef = {i: weights[i] * plans[i].scale for i in active}
         return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), seed, out)
 
