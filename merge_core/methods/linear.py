@@ -93,7 +93,12 @@ def lincomb(
     """``sum(c * inputs.tensors[i] for i, c in terms)``, in chunks, computed in ``compute_dtype``.
 
     Terms whose coefficient is exactly 0 are skipped (their tensors are not even read).
+    The in-memory merger's repeated merges of large CPU tensors run fused (:mod:`.fused`).
     """
+    from merge_core.methods import fused
+
+    if fused.usable(inputs, out, needs_out=True) and fused.lincomb(inputs, terms, out):
+        return out
     target = Target(inputs, out)
     terms = [(i, float(c)) for i, c in terms if c != 0.0]
     sources = [(flat(inputs.tensors[i]), c) for i, c in terms]

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from merge_core.methods import fused
 from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
 from merge_core.methods.linear import Target, chunk_len, chunks, flat, lincomb
 from merge_core.methods.sparsify import Masker, Plan, delta_chunk, draw_seed, make_plan
@@ -115,6 +116,13 @@ class GeneralizedTaskArithmetic(MethodBase):
     def _measure_rescale(inputs: TensorInputs, plans: dict[int, Plan], seed: int) -> None:
         """First pass of the random sparsifiers with rescale: L1 of what each mask keeps."""
         todo = [i for i, p in plans.items() if p.l1_before is not None]
+        kept = fused.kept_l1(inputs, plans, todo, seed) if fused.usable(inputs) else None
+        if kept is not None:
+            for i in todo:
+                before, after = plans[i].l1_before, kept[i]
+                if before >= 1e-7 and after >= 1e-7:
+                    plans[i].scale = before / after
+            return
         ref = inputs.tensors[0]
         cd, step = inputs.compute_dtype, min(chunk_len(ref.device), ref.numel())
         masker = Masker(inputs, step, seed)
@@ -149,7 +157,11 @@ class GeneralizedTaskArithmetic(MethodBase):
         out: torch.Tensor | None,
     ) -> torch.Tensor:
         """The chunked merge: ``base + lam * mix(c_i * sparse(d_i))``; ``lam`` is 1 without consensus
-        (it is folded into ``coef`` there)."""
+        (it is folded into ``coef`` there).  Large CPU tensors of the in-memory merger run fused."""
+        if fused.usable(inputs, out, needs_out=True) and fused.task_arithmetic(
+            inputs, plans, active, coef, weights if normalize else None, lam, self.consensus, seed, out
+        ):
+            return out
         ref = inputs.tensors[0]
         cd, dev = inputs.compute_dtype, ref.device
         size = min(chunk_len(dev), ref.numel())
