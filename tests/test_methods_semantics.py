@@ -254,3 +254,20 @@ def test_equal_magnitudes_at_threshold_are_kept_in_index_order(reuse, monkeypatc
     got = get_method("breadcrumbs").merge(
         inputs, TensorParams({}, [{}, {"weight": 1.0, "density": 0.3, "gamma": 0.2}]))
     close(got, [0.0, 0.0, 0.0, 0.0, -2.0, 2.0, 0.0, 2.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("name,extra", [("ties", {}), ("breadcrumbs", {"gamma": 0.07}),
+                                        ("breadcrumbs_ties", {"gamma": 0.2})])
+def test_cached_sorted_keys_give_one_shot_results(name, extra):
+    """The in-memory merger's sorted (magnitude, index) keys pick the same elements, threshold ties
+    split at the same index, as the one-shot partition + scan (bf16 inputs: many equal |d|)."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 70, generator=gen).bfloat16()
+    models = [base] + [(base.float() + 0.02 * torch.randn(300, 70, generator=gen)).bfloat16() for _ in range(2)]
+    reused = TensorInputs("w", models, 0, reuse=True)
+    for density in (0.13, 0.5, 0.77):
+        per = [{}, {"weight": 0.6, "density": density, **extra}, {"weight": 0.5, "density": 0.4, **extra}]
+        one_shot = get_method(name).merge(TensorInputs("w", models, 0), TensorParams({}, per))
+        cached = get_method(name).merge(reused, TensorParams({}, per))
+        assert torch.equal(one_shot, cached), density
+    assert any(k.startswith("sorted_keys:") for k in reused.cache)

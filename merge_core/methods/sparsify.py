@@ -14,8 +14,9 @@ its L1 norm equals the original's):
 Magnitude methods: a plan is one or two *cuts* (a threshold magnitude and which side is kept),
 applied per chunk with ``hardshrink``.  The thresholds come from order statistics of ``|d|``:
 one-shot merges (``TensorInputs.reuse`` False) partition a copy (numpy's SIMD introselect, no
-sort); the in-memory merger caches the sorted ``|d|`` per model (4 bytes per element, values
-only), so any density's threshold is a binary search.  Elements whose magnitude equals a
+sort); the in-memory merger caches ``|d|`` per model sorted with its flat index as tie-breaker
+(8 bytes per element, :class:`_SortedKeys`), so any density's threshold and the index where its
+ties split are binary searches.  Elements whose magnitude equals a
 threshold (frequent with bf16 checkpoints) are kept in index order, as a *stable* sort in
 mergekit's direction would keep them; mergekit's own unstable ``argsort`` picks an
 implementation-defined subset of those equal elements instead.  The number kept, the kept L1
@@ -122,7 +123,52 @@ class _Stats:
     l1_kept: float  # sum of the ascending-sorted magnitudes at positions lo..hi
 
 
+class _SortedKeys:
+    """``|d|`` of one model sorted ascending, ties in index order, as int64 keys
+    ``(float32 bits of |d|) << 32 | flat index`` (non-negative float32 bits order like the floats).
+
+    Cached by the in-memory merger: a candidate's order statistics are lookups, and so is the
+    index where the ties at a threshold split (:func:`_tie_split`), which otherwise scans the tensor.
+    8 bytes per element; built once with numpy's SIMD sort (~5 s per 100M elements).
+    """
+
+    def __init__(self, mags: np.ndarray) -> None:
+        keys = mags.view(np.int32).astype(np.int64)
+        keys <<= 32
+        step = 1 << 24
+        for start in range(0, keys.size, step):  # a chunked arange: no second n-sized temporary
+            keys[start : start + step] |= np.arange(start, min(keys.size, start + step), dtype=np.int64)
+        keys.sort()
+        self.keys = keys
+        self.total = float(self.values(0, keys.size).sum(dtype=np.float64))
+
+    def values(self, lo: int, hi: int) -> np.ndarray:
+        """The sorted magnitudes at positions ``lo .. hi - 1`` (decoded)."""
+        return (self.keys[lo:hi] >> 32).astype(np.int32).view(np.float32)
+
+    def count_below(self, value: float, inclusive: bool) -> int:
+        bits = int(np.float32(value).view(np.int32))
+        return int(np.searchsorted(self.keys, ((bits + 1) << 32) if inclusive else (bits << 32), "left"))
+
+    def index_at(self, pos: int) -> int:
+        return int(self.keys[pos] & 0xFFFFFFFF)
+
+
+def _sorted_keys(inputs: TensorInputs, i: int) -> _SortedKeys | None:
+    """The cached sorted keys of model ``i``, when the merger reuses inputs and |d| is float32."""
+    if not inputs.reuse or inputs.compute_dtype != torch.float32 or inputs.tensors[i].numel() >= 1 << 32:
+        return None
+    return _cached(inputs, f"sorted_keys:{inputs.base_index}:{i}", lambda: _SortedKeys(_abs_numpy(inputs, i)))
+
+
 def _order_stats(inputs: TensorInputs, i: int, lo: int, hi: int, want_l1: bool) -> _Stats:
+    keyed = _sorted_keys(inputs, i)
+    if keyed is not None:
+        vals = (float(keyed.values(lo, lo + 1)[0]), float(keyed.values(hi, hi + 1)[0]))
+        below = tuple(keyed.count_below(v, False) for v in vals)
+        upto = tuple(keyed.count_below(v, True) for v in vals)
+        kept = float(keyed.values(lo, hi + 1).sum(dtype=np.float64)) if want_l1 else 0.0
+        return _Stats(vals, below, upto, keyed.total, kept)
     if inputs.reuse:
         key = f"sorted_abs:{inputs.base_index}:{i}"
         if key not in inputs.cache:
@@ -170,6 +216,9 @@ def _tie_split(inputs: TensorInputs, i: int, value: float, quota: int, ties: int
     Scanned in blocks from the nearer end, stopping at the answer (numpy on CPU: its compares
     are much faster than torch's boolean kernels here).
     """
+    keyed = _sorted_keys(inputs, i)
+    if keyed is not None:  # ties at ``value`` sit together in the sorted keys, in index order
+        return keyed.index_at(keyed.count_below(value, False) + quota - 1) + 1
     x, b, cd = flat(inputs.tensors[i]), flat(inputs.base), inputs.compute_dtype
     n, block, seen = x.numel(), 1 << 20, 0
     use_numpy = x.device.type == "cpu" and cd in _NUMPY_DTYPES
