@@ -36,6 +36,7 @@ from lm_eval.models.huggingface import HFLM
 
 from evolve.lm_tasks import (
     EvalError,
+    ResidentEvaluator,
     ResidentLM,
     TaskCatalog,
     TaskLike,
@@ -349,7 +350,7 @@ def evaluate_lm(
     )
 
 
-class HFEvaluator:
+class HFEvaluator(ResidentEvaluator):
     """lm-eval's HF backend around one resident transformers model (see the module docstring).
 
     ``model`` is the ``nn.Module`` to write candidates into; ``lm`` the HFLM wrapping it.
@@ -390,16 +391,6 @@ class HFEvaluator:
         self.catalog = TaskCatalog(settings.task_search_paths, builtin_tasks=settings.builtin_tasks)
         self._task_sets: dict[tuple, TaskSet] = {}
 
-    def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
-        """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
-        return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
-
-    def evaluate(self, tasks: Sequence[TaskLike]) -> EvalResult:
-        """Score the model's current weights on ``tasks``; EvalError on a missing task/metric."""
-        if not tasks:
-            raise EvalError("no tasks to evaluate")
-        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
-
     def close(self) -> None:
         """Release the model, the lm-eval wrapper and the cached tasks."""
         self._task_sets.clear()
@@ -408,8 +399,3 @@ class HFEvaluator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "HFEvaluator":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -276,3 +276,41 @@ class ResidentLM:
             memo[key] = hit
         return list(hit[0]), list(hit[1])
 
+
+
+class ResidentEvaluator:
+    """Mixin for evaluators that score one resident lm-eval model many times (HF and vLLM).
+
+    The subclass sets ``lm`` (the lm-eval model), ``settings`` (an ``EvalSettings``), ``device``,
+    ``catalog`` (a :class:`TaskCatalog`) and ``_task_sets`` (a dict) and defines ``close()``.
+    """
+
+    lm: Any
+    settings: Any
+    device: Any
+    catalog: TaskCatalog
+    _task_sets: dict
+
+    def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
+        """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
+        from evolve.evaluation import cached_task_set
+
+        return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
+
+    def evaluate(self, tasks: Sequence[TaskLike]) -> Any:
+        """Score the model's current weights on ``tasks`` (an ``EvalResult``); EvalError on a
+        missing task or metric."""
+        if not tasks:
+            raise EvalError("no tasks to evaluate")
+        from evolve.evaluation import evaluate_lm
+
+        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
+
+    def close(self) -> None:  # pragma: no cover - every evaluator defines its own
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 # Only light imports at module level: evolve.run imports this module to check for vLLM before
 # anything else (torch and lm-eval come with evolve.evaluation, inside the evaluator).
-from evolve.lm_tasks import EvalError, TaskLike, TaskSet
+from evolve.lm_tasks import EvalError, ResidentEvaluator
 from merge_core.errors import ModelError
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def prepare_environment(cpu: bool, threads: Optional[int], quiet: bool) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
-class VLLMEvaluator:
+class VLLMEvaluator(ResidentEvaluator):
     """One vLLM engine started from ``model_dir``, scored with lm-eval after in-place pushes.
 
     Same interface as :class:`evolve.evaluation.HFEvaluator` (``evaluate``, ``task_set``,
@@ -225,7 +225,7 @@ class VLLMEvaluator:
         self.tokenizer = self.lm.tokenizer
         self._layer_of, self._layers = _checkpoint_layers(self.model_dir, self.llm.collective_rpc("packed_modules")[0])
         self.catalog = TaskCatalog(settings.task_search_paths, builtin_tasks=settings.builtin_tasks)
-        self._task_sets: dict[tuple, TaskSet] = {}
+        self._task_sets = {}
         self.setup_seconds = time.perf_counter() - start
         self.pushes = 0
 
@@ -265,20 +265,6 @@ class VLLMEvaluator:
         """Per-parameter sums of the engine's weights as they are now (for tests and debugging)."""
         return self.llm.collective_rpc("weights_fingerprint")[0]
 
-    def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
-        """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
-        from evolve.evaluation import cached_task_set
-
-        return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
-
-    def evaluate(self, tasks: Sequence[TaskLike]) -> EvalResult:
-        """Score the engine's current weights on ``tasks``; EvalError on a missing task/metric."""
-        if not tasks:
-            raise EvalError("no tasks to evaluate")
-        from evolve.evaluation import evaluate_lm
-
-        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
-
     def close(self) -> None:
         """Shut the engine down and release the lm-eval wrapper and the cached tasks."""
         self._task_sets = {}
@@ -294,8 +280,3 @@ class VLLMEvaluator:
 
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "VLLMEvaluator":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

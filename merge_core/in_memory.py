@@ -147,6 +147,12 @@ class InMemoryMerger:
         self._close_readers()  # lazily opened for tensors this plan added
         return MergeStats(len(plan.tasks), time.perf_counter() - start)
 
+    def clear_caches(self) -> None:
+        """Drop what methods derived from the inputs (sorted magnitudes, random fields, ranks);
+        the inputs stay loaded.  For switching to another merge method in one process."""
+        for inputs in self._inputs.values():
+            inputs.cache.clear()
+
     def merged_state_dict(self, plan: MergePlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """A new state dict holding ``plan``'s merge (allocates; for tests and one-off exports)."""
         dtype = dtype or plan.out_dtype or self._dtype or torch.float32

@@ -184,8 +184,7 @@ def bench_in_memory(models: list[Path]) -> None:
     for method, plan in plans.items():
         # A search uses one method: drop what the previous method cached (sorted magnitudes,
         # random fields, ranks), else six methods' caches outgrow memory at 500M.
-        for prepared in merger._inputs.values():
-            prepared.cache.clear()
+        merger.clear_caches()
         inputs = sum(1 for _ in {s.model for task in plan.tasks for s in task.sources})
         traffic = inputs * out_bytes + out_bytes  # every input read once + output written once
         first = _timeit(lambda: merger.merge_into(plan, target))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from merge_core.methods.base import TensorInputs
+from merge_core.methods.linear import shares_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def usable(inputs: TensorInputs, out: Optional[torch.Tensor] = None, *, needs_ou
         return not needs_out
     if out.shape != ref.shape or not out.is_contiguous() or not out.dtype.is_floating_point:
         return False
-    ptr = out.untyped_storage().data_ptr()
-    return all(t.untyped_storage().data_ptr() != ptr for t in inputs.tensors)
+    return not shares_memory(out, inputs.tensors)
 
 
 def _kernel(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
