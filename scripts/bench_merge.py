@@ -113,8 +113,20 @@ def _best_run(cmd: list[str], out_dir: Path, repeat: int) -> tuple[float, float,
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out_dir, ignore_errors=True)  # both tools write a new directory
+        os.sync()  # the previous command's output is not still being written back during this one
         runs.append(timed_command(cmd))
     return min(runs)
+
+
+def _settle_page_cache(models: list[Path]) -> None:
+    """Flush pending writes (freshly built checkpoints are still being written back) and read
+    the inputs once, so every command, ours and mergekit's, starts with them in the page cache."""
+    os.sync()
+    for model in models:
+        for path in sorted(model.glob("*.safetensors")):
+            with open(path, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
 
 
 def bench_commands(
@@ -130,6 +142,7 @@ def bench_commands(
 
     ours_bin = Path(sys.executable).parent / "merge-yaml"
     tag = models[0].parent.name
+    _settle_page_cache(models)
     print(f"\n== whole command: merge-yaml vs mergekit-yaml ({models[0].parent}, best of {repeat}) ==")
     print(f"{'recipe':<16}{'load':>6}{'ours s':>8}{'cpu s':>7}{'MB':>7}"
           f"{'mk s':>8}{'cpu s':>7}{'MB':>7}{'speedup':>9}{'RSS ratio':>10}")

@@ -82,3 +82,28 @@ def test_small_tensors_and_one_shot_merges_stay_eager(monkeypatch):
     get_method("ties").merge(TensorInputs("w", tensors, 0, reuse=True), TensorParams({}, CASES[2][3]),
                              out=torch.empty(96, 64))
     assert len(calls) == 1  # large enough and repeated: fused (here refused, so eager ran)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("dare_ties", "della")], ids=lambda c: c[0])
+def test_packed_draws_replace_cached_fields_without_changing_eager_results(case, monkeypatch):
+    """The fused path packs DARE draws two models per int32 and DELLA's draws with its ranks, and
+    drops the separate cached fields; an eager merge on the same (reused) inputs afterwards must
+    rebuild them and give the fresh eager result."""
+    name, base, glob, per = case
+    monkeypatch.setattr(fused, "FUSE_MIN_ELEMENTS", 1024)
+    tensors = _tensors(torch.float32)
+    inputs = TensorInputs("w", tensors, base, reuse=True)
+
+    def run(fused_on: bool, on: TensorInputs) -> torch.Tensor:
+        monkeypatch.setenv("MERGE_CORE_FUSED", "1" if fused_on else "0")
+        out = torch.empty(tensors[0].shape)
+        get_method(name).merge(on, TensorParams(glob, per), out=out, generator=torch.Generator().manual_seed(7))
+        return out
+
+    fused_result = run(True, inputs)
+    packed = [k for k in inputs.cache if k.startswith(("rand_pair:", "della_pack:"))]
+    assert packed and not any(k.startswith(("rand16:", "rand32:", "della_rank:")) for k in inputs.cache)
+    again = run(False, inputs)
+    fresh = run(False, TensorInputs("w", tensors, base, reuse=True))
+    assert torch.equal(again, fresh)
+    assert (fused_result - fresh).abs().gt(1e-5).float().mean() < 2e-3

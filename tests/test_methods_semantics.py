@@ -271,3 +271,39 @@ def test_cached_sorted_keys_give_one_shot_results(name, extra):
         cached = get_method(name).merge(reused, TensorParams({}, per))
         assert torch.equal(one_shot, cached), density
     assert any(k.startswith("sorted_keys:") for k in reused.cache)
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_rescale_lookup_gives_one_shot_results(name):
+    """The in-memory merger finds DELLA's kept L1 by lookup (draws sorted per rank, running sums of
+    |d|) instead of a pass over the tensors: same scale, so the same merge as the one-shot pass,
+    for several densities/epsilons and a row length with ties in |d| (bf16 inputs)."""
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(257, 96, generator=gen).bfloat16()
+    models = [base] + [(base.float() + 0.02 * torch.randn(257, 96, generator=gen)).bfloat16() for _ in range(2)]
+    reused = TensorInputs("w", models, 0, reuse=True)
+    for density, eps in ((0.2, 0.1), (0.5, 0.3), (0.9, 0.05)):
+        per = [{}, {"weight": 0.6, "density": density, "epsilon": eps},
+               {"weight": 0.5, "density": 0.4, "epsilon": 0.2}]
+        one_shot = get_method(name).merge(TensorInputs("w", models, 0), TensorParams({}, per),
+                                          generator=torch.Generator().manual_seed(3))
+        cached = get_method(name).merge(reused, TensorParams({}, per), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(cached, one_shot, rtol=1e-6, atol=1e-7)
+    assert any(k.startswith("della_l1:") for k in reused.cache)
+
+
+def test_della_lookup_kept_l1_equals_masked_sum():
+    from merge_core.methods.sparsify import Masker, della_lookup, make_plan
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(64, 50, generator=gen)
+    model = base + 0.1 * torch.randn(64, 50, generator=gen)
+    inputs = TensorInputs("w", [base, model], 0, reuse=True)
+    lookup = della_lookup(inputs, 1, seed=11)
+    for density, eps in ((0.3, 0.2), (0.6, 0.1), (0.95, 0.04)):
+        plan = make_plan("della_magprune", inputs, 1, density, rescale=False, epsilon=eps, seed=11)
+        d = (model - base).flatten()
+        Masker(inputs, d.numel(), seed=11).apply(plan, 1, d, 0)
+        kept = float(d.abs().sum(dtype=torch.float64))
+        assert 0 < kept < lookup.total
+        assert lookup.kept(plan.a, plan.b) == pytest.approx(kept, rel=1e-6)

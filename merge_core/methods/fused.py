@@ -10,8 +10,10 @@ output once (~1.0x copy bandwidth for task arithmetic, ~0.7x for TIES at 100M pa
 Only the in-memory merger's repeated merges use it (``TensorInputs.reuse``; compiling costs a few
 seconds per kernel shape, repaid after a few candidates), on CPU tensors of at least
 ``FUSE_MIN_ELEMENTS``.  Structure (methods, plan kinds, number of models, dtypes) is static and
-specialised per kernel; every number (weights, thresholds, splits) enters as a 0-d tensor, so
-new candidates reuse the compiled kernels.  When compiling fails (no C++ compiler, an
+specialised per kernel; every number (weights, thresholds, splits) enters as an element of one
+small tensor, so new candidates reuse the compiled kernels, and every tensor is one kernel call.
+Per-element side data is packed to cut memory traffic: DARE's 16-bit draws two models per int32,
+DELLA's draw and rank index in one int32 per model.  When compiling fails (no C++ compiler, an
 unsupported platform) the eager path is used from then on; ``MERGE_CORE_FUSED=0`` disables it.
 Results equal the eager path's up to float rounding (a fused multiply-add may round once less).
 """
@@ -30,7 +32,7 @@ from merge_core.methods.linear import shares_memory
 
 log = logging.getLogger(__name__)
 
-FUSE_MIN_ELEMENTS = 1 << 20
+FUSE_MIN_ELEMENTS = 1 << 18
 _compiled: dict[str, Callable[..., Any]] = {}
 _broken: list[str] = []  # why compiling failed, once
 
@@ -78,11 +80,6 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return _FAILED
 
 
-def _scalar(value: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    # Eager ops take Python scalars in the tensor's compute dtype: pass them in that dtype too.
-    return torch.tensor(value, dtype=dtype)
-
-
 def _field32(inputs: TensorInputs, i: int, seed: int, random_field: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Model ``i``'s random draws as int32, cached beside the int16 field: inductor does not
     vectorise int16 loads (a scalar loop runs ~8x slower), so the fused path pays 4 more bytes
@@ -97,10 +94,10 @@ def _field32(inputs: TensorInputs, i: int, seed: int, random_field: Callable[...
 # --- linear combinations (linear, task_arithmetic without sparsification) -----------------------
 
 
-def _lincomb_fn(out: torch.Tensor, xs: list[torch.Tensor], coefs: list[torch.Tensor], cd: torch.dtype) -> None:
+def _lincomb_fn(out: torch.Tensor, xs: list[torch.Tensor], coefs: torch.Tensor, cd: torch.dtype) -> None:
     acc = xs[0].to(cd) * coefs[0].to(cd)
-    for x, c in zip(xs[1:], coefs[1:]):
-        acc = acc + x.to(cd) * c.to(cd)
+    for j, x in enumerate(xs[1:], start=1):
+        acc = acc + x.to(cd) * coefs[j].to(cd)
     out.copy_(acc.to(out.dtype))
 
 
@@ -110,36 +107,71 @@ def lincomb(inputs: TensorInputs, terms: Sequence[tuple[int, float]], out: torch
     if not terms:
         return False
     xs = [inputs.tensors[i].view(-1) for i, _ in terms]
-    coefs = [_scalar(c, inputs.compute_dtype) for _, c in terms]
+    coefs = torch.tensor([c for _, c in terms], dtype=inputs.compute_dtype)
     return _call("lincomb", _lincomb_fn, out.view(-1), xs, coefs, inputs.compute_dtype) is not _FAILED
 
 
 # --- the task-arithmetic family: sparsify, weigh, (elect), add to the base -----------------------
+#
+# Every number of a call travels in ONE float tensor ``f`` (and the band cuts' split indices in one
+# int64 tensor): building a 0-d tensor per number and guarding each argument cost ~0.5 ms per
+# tensor, a third of a TIES merge at 500M parameters.  Positions in ``f`` follow from the static
+# structure (``specs``): lambda, one coefficient and one weight per model, then per model its
+# plan's numbers (band: two bounds per cut; random: threshold; della: a, slope; packed della:
+# a, slope, row length - 1).
 
 
-def _sparse_delta(x: torch.Tensor, b: torch.Tensor, spec: tuple, data: list, cd: torch.dtype) -> torch.Tensor:
-    """One model's sparsified task vector, as :class:`~merge_core.methods.sparsify.Masker` makes it."""
-    d = x.to(cd) - b
+def _plan_numbers(spec: tuple) -> int:
     kind = spec[0]
-    if kind == "band":  # one bound per cut within a segment (the caller splits at cut.split)
-        for side, bound in zip(spec[1], data):
-            big = d.abs() > bound.to(cd)  # hardshrink keeps |d| > bound
+    counts = {"random": 1, "random_lo": 1, "random_hi": 1, "della": 2, "della_packed": 3}
+    return 2 * len(spec[1]) if kind == "band" else counts.get(kind, 0)
+
+
+def _sparse_delta(d: torch.Tensor, spec: tuple, tensors: list, f: torch.Tensor, at: int,
+                  splits: torch.Tensor, cut_at: int, cd: torch.dtype) -> torch.Tensor:
+    """One model's sparsified task vector ``d``, as :class:`~merge_core.methods.sparsify.Masker`
+    makes it; its numbers start at ``f[at]``, its cuts' split indices at ``splits[cut_at]``."""
+    kind = spec[0]
+    if kind == "band":
+        # A cut's bound changes at its split index (threshold ties kept in index order): picked
+        # per element from the flat index, so a tensor is one kernel call, not one per segment.
+        # Cuts whose split is 0 or n (no ties at the threshold) skip that compare.
+        idx = torch.arange(d.numel(), dtype=torch.int32, device=d.device)
+        for k, (side, split) in enumerate(spec[1]):
+            lo, hi = f[at + 2 * k], f[at + 2 * k + 1]
+            bound = (torch.where(idx < splits[cut_at + k], lo, hi) if split else lo).to(cd)
+            big = d.abs() > bound  # hardshrink keeps |d| > bound
             d = torch.where(big, d, 0.0) if side == "lo" else torch.where(big, 0.0, d)
     elif kind == "random":
-        field, thr = data
-        d = d * (thr.to(cd) - field.to(cd)).clamp(0, 1)
+        d = d * (f[at].to(cd) - tensors[0].to(cd)).clamp(0, 1)
+    elif kind == "random_lo":  # two models' draws in one int32, see _draw_pair: low half + 32768
+        d = d * (f[at].to(cd) + 32768.0 - (tensors[0] & 0xFFFF).to(cd)).clamp(0, 1)
+    elif kind == "random_hi":  # the high half, sign-extended by the arithmetic shift
+        d = d * (f[at].to(cd) - (tensors[0] >> 16).to(cd)).clamp(0, 1)
     elif kind == "della":
-        field, rank, a, slope = data
-        p = torch.ceil(rank.to(cd) * slope.to(cd) + a.to(cd))
+        field, rank = tensors
+        p = torch.ceil(rank.to(cd) * f[at + 1].to(cd) + f[at].to(cd))
         d = d * (p - field.to(cd)).clamp(0, 1)
+    elif kind == "della_packed":  # see _della_pack: rank index << 16 | (draw + 32768)
+        packed = tensors[0]
+        rank = ((packed >> 16) & 0xFFFF).to(cd) / f[at + 2].to(cd)  # = rank_norm's k / (L - 1)
+        p = torch.ceil(rank * f[at + 1].to(cd) + f[at].to(cd))
+        d = d * (p - ((packed & 0xFFFF).to(cd) - 32768.0)).clamp(0, 1)
     return d
 
 
-def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs: tuple, data: list,
-            coefs: list[torch.Tensor], weights: Optional[list[torch.Tensor]], lam: torch.Tensor,
-            consensus: bool, cd: torch.dtype) -> None:
+def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs: tuple, tensors: list,
+            f: torch.Tensor, splits: torch.Tensor, consensus: bool, normalize: bool, cd: torch.dtype) -> None:
+    m = len(xs)
     b = base.to(cd)
-    terms = [_sparse_delta(x, b, s, dt, cd) * c.to(cd) for x, s, dt, c in zip(xs, specs, data, coefs)]
+    lam = f[0].to(cd)
+    terms = []
+    at, cut_at = 1 + 2 * m, 0
+    for j, (x, spec, data) in enumerate(zip(xs, specs, tensors)):
+        d = _sparse_delta(x.to(cd) - b, spec, data, f, at, splits, cut_at, cd)
+        terms.append(d * f[1 + j].to(cd))
+        at += _plan_numbers(spec)
+        cut_at += len(spec[1]) if spec[0] == "band" else 0
     if not consensus:
         mixed = terms[0]
         for t in terms[1:]:
@@ -149,86 +181,140 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
     total = terms[0]
     for t in terms[1:]:
         total = total + t
-    sign = torch.where(total >= 0, 1.0, -1.0).to(cd)  # copysign(1, total): + on ties
-    agree = [(t * sign).clamp(min=0) for t in terms]
-    acc = agree[0]
-    for a in agree[1:]:
-        acc = acc + a
-    mixed = acc * sign
-    if weights is not None:
-        # sum of sign(agree_i) * w_i with agree_i >= 0; divide by 1 where it is 0 (as eager does)
-        den = torch.where(agree[0] > 0, weights[0].to(cd), 0.0)
-        for a, w in zip(agree[1:], weights[1:]):
-            den = den + torch.where(a > 0, w.to(cd), 0.0)
+    # TIES election: the sign of the sum wins (+ on ties); a term agrees when it is non-zero
+    # with that sign.  Selecting terms (not multiplying by the sign and clamping, as the eager
+    # path does) gives the same bits with fewer instructions, which matters once the index
+    # compares above make the kernel compute-bound.
+    positive = total >= 0
+    agree = [torch.where(positive, t > 0, t < 0) for t in terms]
+    mixed = torch.where(agree[0], terms[0], 0.0)
+    for a, t in zip(agree[1:], terms[1:]):
+        mixed = mixed + torch.where(a, t, 0.0)
+    if normalize:
+        # the agreeing terms' weights summed; divide by 1 where it is 0 (as eager does)
+        den = torch.where(agree[0], f[1 + m].to(cd), 0.0)
+        for j, a in enumerate(agree[1:], start=1):
+            den = den + torch.where(a, f[1 + m + j].to(cd), 0.0)
         mixed = mixed / torch.where(den == 0, 1.0, den)
-    out.copy_((b + lam.to(cd) * mixed).to(out.dtype))
+    out.copy_((b + lam * mixed).to(out.dtype))
+
+
+def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
+    """Model ``i``'s DELLA draws and rank indices in one int32 per element (``k << 16 | draw +
+    32768``), cached per seed; None unless the tensor is a matrix with rows of at most 65536.
+
+    The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
+    ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
+    then): at 500M parameters that is the difference between fitting in 24 GB or not.
+    """
+    from merge_core.methods.sparsify import random_field, rank_norm
+
+    ref = inputs.tensors[i]
+    if ref.dim() != 2 or not 2 <= ref.shape[1] <= 65536:
+        return None
+    key = f"della_pack:{i}"
+    hit = inputs.cache.get(key)
+    if hit is None or hit[0] != seed:
+        k = torch.round(rank_norm(inputs, i) * (ref.shape[1] - 1)).to(torch.int32)
+        packed = (k << 16).bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768)
+        hit = inputs.cache[key] = (seed, packed)
+        for stale in (f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}"):
+            inputs.cache.pop(stale, None)
+    return hit[1]
+
+
+def _draw_pair(inputs: TensorInputs, i: int, j: int, seed: int) -> torch.Tensor:
+    """Models ``i`` and ``j``'s DARE draws in one int32 per element (``j``'s draw << 16 | ``i``'s
+    draw + 32768), cached per seed: the kernel reads 4 bytes per element for both models instead
+    of 4 each.  The separate draws are dropped from the cache (the rescale's cumulative L1 per
+    draw value is built by then)."""
+    from merge_core.methods.sparsify import random_field
+
+    key = f"rand_pair:{i}:{j}"
+    hit = inputs.cache.get(key)
+    if hit is None or hit[0] != seed:
+        high = random_field(inputs, j, seed).to(torch.int32) << 16
+        hit = inputs.cache[key] = (seed, high.bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768))
+        for stale in (f"rand16:{i}", f"rand16:{j}", f"rand32:{i}", f"rand32:{j}"):
+            inputs.cache.pop(stale, None)
+    return hit[1]
+
+
+def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tuple, list, list[float], list[int]]:
+    """What the kernel needs of model ``i``'s plan: its static structure (``spec``), the
+    per-element tensors it reads, its numbers in ``f`` order and its cuts' split indices."""
+    from merge_core.methods.sparsify import random_field, rank_norm
+
+    n = inputs.tensors[i].numel()
+    if plan.kind == "band":
+        values: list[float] = []
+        for c in plan.cuts:  # a split at 0 or n: one bound everywhere, first in the pair
+            values += c.bounds if 0 < c.split < n else [c.bounds[0 if c.split >= n else 1]] * 2
+        spec = ("band", tuple((c.side, 0 < c.split < n) for c in plan.cuts))
+        return spec, [], values, [min(max(c.split, 0), n) for c in plan.cuts]
+    if plan.kind == "random":
+        return ("random",), [_field32(inputs, i, seed, random_field)], [plan.thr], []
+    if plan.kind == "della":
+        packed = _della_pack(inputs, i, seed)
+        if packed is not None:
+            return ("della_packed",), [packed], [plan.a, plan.b, inputs.tensors[i].shape[1] - 1], []
+        tensors = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i)]
+        return ("della",), tensors, [plan.a, plan.b], []
+    return (plan.kind,), [], [], []
 
 
 def task_arithmetic(
     inputs: TensorInputs, plans: dict[int, Any], active: list[int], coef: dict[int, float],
     weights: Optional[dict[int, float]], lam: float, consensus: bool, seed: int, out: torch.Tensor,
 ) -> bool:
-    """The fused form of ``GeneralizedTaskArithmetic._run``; False when the caller must run eager.
-
-    Magnitude cuts change their bound at ``cut.split`` (threshold ties kept in index order), so
-    the tensor is processed in segments between those splits, each with constant bounds.
-    """
-    from merge_core.methods.sparsify import random_field, rank_norm
-
+    """The fused form of ``GeneralizedTaskArithmetic._run``; False when the caller must run eager."""
     if any(plans[i].kind not in ("full", "band", "random", "della") for i in active):
         return False
-    n = inputs.tensors[0].numel()
-    splits = {min(max(c.split, 0), n) for i in active if plans[i].kind == "band" for c in plans[i].cuts}
-    edges = sorted({0, n, *splits})
-    fields = {i: _field32(inputs, i, seed, random_field) for i in active if plans[i].kind in ("random", "della")}
-    ranks = {i: rank_norm(inputs, i) for i in active if plans[i].kind == "della"}
-    specs = tuple(("band", tuple(c.side for c in plans[i].cuts)) if plans[i].kind == "band" else (plans[i].kind,)
-                  for i in active)
+    numbers = [lam, *(coef[i] for i in active), *((weights or {}).get(i, 0.0) for i in active)]
+    specs, tensors, splits = [], [], []
+    randoms = [i for i in active if plans[i].kind == "random"]
+    paired = {}  # DARE models two by two: one int32 of draws per element for both
+    for i, j in zip(randoms[::2], randoms[1::2]):
+        pair = _draw_pair(inputs, i, j, seed)
+        paired[i], paired[j] = ("random_lo", pair), ("random_hi", pair)
+    for i in active:
+        if i in paired:
+            kind, pair = paired[i]
+            specs.append((kind,))
+            tensors.append([pair])
+            numbers.append(plans[i].thr)
+            continue
+        spec, data, values, cuts = _plan_parts(inputs, plans[i], i, seed)
+        specs.append(spec)
+        tensors.append(data)
+        numbers += values
+        splits += cuts
     cd = inputs.compute_dtype
-    coefs = [_scalar(coef[i], cd) for i in active]
-    ws = [_scalar(weights[i], cd) for i in active] if weights is not None else None
-    flat_out, flat_base = out.view(-1), inputs.base.view(-1)
-    flat_x = [inputs.tensors[i].view(-1) for i in active]
-    for lo, hi in zip(edges, edges[1:]):
-        data: list[list] = []
-        for i in active:
-            plan = plans[i]
-            if plan.kind == "band":
-                data.append([_scalar(c.bounds[0] if hi <= c.split else c.bounds[1], cd) for c in plan.cuts])
-            elif plan.kind == "random":
-                data.append([fields[i][lo:hi], _scalar(plan.thr, cd)])
-            elif plan.kind == "della":
-                data.append([fields[i][lo:hi], ranks[i][lo:hi], _scalar(plan.a, cd), _scalar(plan.b, cd)])
-            else:
-                data.append([])
-        if _call("gta", _gta_fn, flat_out[lo:hi], flat_base[lo:hi], [x[lo:hi] for x in flat_x], specs,
-                 data, coefs, ws, _scalar(lam, cd), consensus, cd) is _FAILED:
-            return False
-    return True
+    f = torch.tensor(numbers, dtype=cd)
+    split_t = torch.tensor(splits or [0], dtype=torch.int32)
+    xs = [inputs.tensors[i].view(-1) for i in active]
+    return _call("gta", _gta_fn, out.view(-1), inputs.base.view(-1), xs, tuple(specs), tensors, f, split_t,
+                 consensus, weights is not None, cd) is not _FAILED
 
 
-def _kept_l1_fn(base: torch.Tensor, x: torch.Tensor, spec: tuple, data: list, cd: torch.dtype) -> torch.Tensor:
-    return _sparse_delta(x, base.to(cd), spec, data, cd).abs().sum(dtype=torch.float64)
+def _kept_l1_fn(base: torch.Tensor, x: torch.Tensor, spec: tuple, data: list, f: torch.Tensor,
+                cd: torch.dtype) -> torch.Tensor:
+    b = base.to(cd)
+    no_cuts = torch.zeros(1, dtype=torch.int32)
+    return _sparse_delta(x.to(cd) - b, spec, data, f, 0, no_cuts, 0, cd).abs().sum(dtype=torch.float64)
 
 
 def kept_l1(inputs: TensorInputs, plans: dict[int, Any], todo: list[int], seed: int) -> Optional[dict[int, float]]:
     """L1 norm of what each random plan in ``todo`` keeps (the rescale's first pass), fused;
     None when the caller must measure it eagerly."""
-    from merge_core.methods.sparsify import random_field, rank_norm
-
+    if any(plans[i].kind not in ("random", "della") for i in todo):
+        return None
     cd = inputs.compute_dtype
     out: dict[int, float] = {}
     for i in todo:
-        plan = plans[i]
-        if plan.kind == "random":
-            spec, data = ("random",), [_field32(inputs, i, seed, random_field), _scalar(plan.thr, cd)]
-        elif plan.kind == "della":
-            spec = ("della",)
-            data = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i), _scalar(plan.a, cd),
-                    _scalar(plan.b, cd)]
-        else:
-            return None
-        total = _call("kept_l1", _kept_l1_fn, inputs.base.view(-1), inputs.tensors[i].view(-1), spec, data, cd)
+        spec, data, values, _ = _plan_parts(inputs, plans[i], i, seed)
+        total = _call("kept_l1", _kept_l1_fn, inputs.base.view(-1), inputs.tensors[i].view(-1), spec, data,
+                      torch.tensor(values, dtype=cd), cd)
         if total is _FAILED:
             return None
         out[i] = float(total)

@@ -28,7 +28,8 @@ an element is kept when its draw is below the keep probability (a multiple of 1/
 in-memory merger caches the field (2 bytes per element; the planner's seeds do not change
 between candidates) and, for DARE's rescale, the L1 of ``|d|`` per draw value, so a
 candidate's mask is one compare and its rescale a lookup.  DELLA caches each element's
-normalised rank within its row.
+normalised rank within its row and, for its rescale, the draws sorted per rank with running sums
+of ``|d|`` (:class:`_DellaLookup`), so its kept L1 is a lookup too instead of a second pass.
 """
 
 from __future__ import annotations
@@ -346,6 +347,60 @@ def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     return flat(ranks.reshape(moved.shape).movedim(-1, 1).contiguous())
 
 
+class _DellaLookup:
+    """The L1 norm any DELLA mask of one 2-D tensor keeps, by lookup (DARE's is :func:`_random_l1`).
+
+    In each row the element of rank ``k`` is kept when its draw is below ``ceil(a + b * k / (L-1))``:
+    one threshold per rank.  Grouping the elements by rank (one per row), with their draws sorted
+    and the running sum of ``|d|`` in that order, a candidate's kept L1 is ``L`` binary searches
+    (``torch.searchsorted``) instead of a pass over the tensors (which read the base, the model,
+    its draws and ranks once more per candidate).  6 bytes per element (int16 draws, float32
+    running sums within a rank group).  Built once per (model, seed) by the in-memory merger.
+    """
+
+    def __init__(self, ranks: torch.Tensor, mags: torch.Tensor, draws: torch.Tensor) -> None:
+        rows, length = ranks.shape
+        self.length = length
+        rank_index = torch.round(ranks * (length - 1)).to(torch.int64)
+        order = torch.empty_like(rank_index)  # order[r, k]: the column of row r's rank-k element
+        order.scatter_(1, rank_index, torch.arange(length).expand(rows, length))
+        del rank_index
+        by_rank = torch.gather(draws, 1, order).T.contiguous()  # [L, R]: one rank per row
+        sorted_draws, perm = torch.sort(by_rank, dim=1, stable=True)
+        del by_rank
+        mags_by_rank = torch.gather(mags, 1, order).T.contiguous()
+        del order
+        self.cum = torch.gather(mags_by_rank, 1, perm).to(torch.float64).cumsum_(1).float()
+        self.draws = sorted_draws
+        self.total = float(mags_by_rank.sum(dtype=torch.float64))
+
+    def kept(self, a: float, b: float) -> float:
+        """Sum of ``|d|`` where ``draw < ceil(a + b * rank)``, the thresholds computed exactly as
+        :class:`Masker` computes them."""
+        positions = torch.arange(self.length, dtype=torch.float32) / (self.length - 1)
+        thresholds = torch.mul(positions, b).add_(a).ceil_()
+        counts = torch.searchsorted(self.draws, thresholds.clamp(-32768, 32767).to(torch.int16).view(-1, 1))
+        counts = torch.where(thresholds.view(-1, 1) > 32767, self.draws.shape[1], counts)
+        sums = torch.gather(self.cum, 1, (counts - 1).clamp_(min=0))
+        return float(torch.where(counts > 0, sums, 0.0).sum(dtype=torch.float64))
+
+
+def della_lookup(inputs: TensorInputs, i: int, seed: int) -> _DellaLookup | None:
+    """Model ``i``'s cached :class:`_DellaLookup` for ``seed``; None where it does not apply
+    (one-shot merges, non-CPU or non-float32 math, tensors that are not 2-D matrices)."""
+    ref = inputs.tensors[i]
+    if (not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32
+            or ref.dim() != 2 or not 2 <= ref.shape[1] <= 65536):
+        return None
+    key = f"della_l1:{inputs.base_index}:{i}"
+    hit = inputs.cache.get(key)
+    if hit is None or hit[0] != seed:
+        mags = _deltas(inputs, i).abs_()
+        draws = random_field(inputs, i, seed).view(ref.shape)
+        hit = inputs.cache[key] = (seed, _DellaLookup(rank_norm(inputs, i).view(ref.shape), mags, draws))
+    return hit[1]
+
+
 def make_plan(
     method: str,
     inputs: TensorInputs,
@@ -385,7 +440,10 @@ def make_plan(
                 f"model {i}: density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
             )
         plan = Plan("della", a=(density - epsilon) * 65536 - 32768, b=2 * epsilon * 65536)
-        if rescale:
+        lookup = della_lookup(inputs, i, seed) if rescale else None
+        if lookup is not None:
+            plan.scale = _l1_scale(lookup.total, lookup.kept(plan.a, plan.b))
+        elif rescale:
             plan.l1_before = _cached(inputs, f"l1:{inputs.base_index}:{i}",
                                      lambda: float(_abs_numpy(inputs, i).sum(dtype=np.float64)))
         return plan
