@@ -22,6 +22,11 @@ CASES = [
                                          {"weight": 0.4, "density": 0.8, "gamma": 0.0}]),
     ("breadcrumbs_ties", 0, {}, [{}, {"weight": 0.6, "density": 0.5, "gamma": 0.05},
                                  {"weight": 0.4, "density": 0.8, "gamma": 0.1}]),
+    # three and four models: TIES normalisation by a table of reciprocals (up to 3) or a division
+    ("ties", 0, {}, [{}, {"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": 0.7},
+                     {"weight": -0.4, "density": 0.5}]),
+    ("dare_ties", 0, {}, [{}, {"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": 0.7},
+                          {"weight": 0.3, "density": 0.5}, {"weight": 0.2, "density": 0.6}]),
     ("della", 0, {}, [{}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
                       {"weight": 0.4, "density": 0.7, "epsilon": 0.2}]),
     ("della_linear", 0, {}, [{}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
@@ -29,12 +34,12 @@ CASES = [
 ]
 
 
-def _tensors(dtype: torch.dtype) -> list[torch.Tensor]:
+def _tensors(dtype: torch.dtype, count: int = 3) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(96, 64, generator=gen)
     # bf16 checkpoints repeat magnitudes: exercises the threshold ties the cuts split by index
     return [(base + 0.05 * torch.randn(96, 64, generator=gen)).to(dtype) if k else base.to(dtype)
-            for k in range(3)]
+            for k in range(count)]
 
 
 def _merge(name, base, glob, per, tensors, out_dtype, *, fused_on: bool, monkeypatch) -> torch.Tensor:
@@ -50,7 +55,7 @@ def _merge(name, base, glob, per, tensors, out_dtype, *, fused_on: bool, monkeyp
 @pytest.mark.parametrize("name,base,glob,per", CASES, ids=[c[0] + str(i) for i, c in enumerate(CASES)])
 def test_fused_equals_eager(name, base, glob, per, dtype, monkeypatch):
     monkeypatch.setattr(fused, "FUSE_MIN_ELEMENTS", 1024)
-    tensors = _tensors(dtype)
+    tensors = _tensors(dtype, len(per))
     ran: list[bool] = []
     real_call = fused._call
 
@@ -91,7 +96,7 @@ def test_packed_draws_replace_cached_fields_without_changing_eager_results(case,
     rebuild them and give the fresh eager result."""
     name, base, glob, per = case
     monkeypatch.setattr(fused, "FUSE_MIN_ELEMENTS", 1024)
-    tensors = _tensors(torch.float32)
+    tensors = _tensors(torch.float32, len(per))
     inputs = TensorInputs("w", tensors, base, reuse=True)
 
     def run(fused_on: bool, on: TensorInputs) -> torch.Tensor:

@@ -118,7 +118,7 @@ def lincomb(inputs: TensorInputs, terms: Sequence[tuple[int, float]], out: torch
 # tensor, a third of a TIES merge at 500M parameters.  Positions in ``f`` follow from the static
 # structure (``specs``): lambda, one coefficient and one weight per model, then per model its
 # plan's numbers (band: two bounds per cut; random: threshold; della: a, slope; packed della:
-# a, slope, row length - 1).
+# a, slope, 1 / (row length - 1)).
 
 
 def _plan_numbers(spec: tuple) -> int:
@@ -154,14 +154,25 @@ def _sparse_delta(d: torch.Tensor, spec: tuple, tensors: list, f: torch.Tensor, 
         d = d * (p - field.to(cd)).clamp(0, 1)
     elif kind == "della_packed":  # see _della_pack: rank index << 16 | (draw + 32768)
         packed = tensors[0]
-        rank = ((packed >> 16) & 0xFFFF).to(cd) / f[at + 2].to(cd)  # = rank_norm's k / (L - 1)
+        # rank_norm's k / (L - 1), as a product: a division per element made DELLA compute-bound
+        # (the product may differ by an ulp, moving rare elements across a ceil boundary)
+        rank = ((packed >> 16) & 0xFFFF).to(cd) * f[at + 2].to(cd)
         p = torch.ceil(rank * f[at + 1].to(cd) + f[at].to(cd))
         d = d * (p - ((packed & 0xFFFF).to(cd) - 32768.0)).clamp(0, 1)
     return d
 
 
+def _pick(agree: list[torch.Tensor], f: torch.Tensor, at: int, subset: int, cd: torch.dtype) -> torch.Tensor:
+    """``f[at + S]`` where ``S`` is the bitmask of the models whose ``agree`` holds."""
+    if not agree:
+        return f[at + subset].to(cd)
+    bit = 1 << (len(agree) - 1)  # the last model is the highest bit
+    return torch.where(agree[-1], _pick(agree[:-1], f, at, subset | bit, cd), _pick(agree[:-1], f, at, subset, cd))
+
+
 def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs: tuple, tensors: list,
-            f: torch.Tensor, splits: torch.Tensor, consensus: bool, normalize: bool, cd: torch.dtype) -> None:
+            f: torch.Tensor, splits: torch.Tensor, consensus: bool, normalize: Optional[str],
+            cd: torch.dtype) -> None:
     m = len(xs)
     b = base.to(cd)
     lam = f[0].to(cd)
@@ -190,7 +201,11 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
     mixed = torch.where(agree[0], terms[0], 0.0)
     for a, t in zip(agree[1:], terms[1:]):
         mixed = mixed + torch.where(a, t, 0.0)
-    if normalize:
+    if normalize == "table":
+        # 1 / (sum of the agreeing weights), picked from the 2^m subsets' reciprocals (1 for a
+        # zero sum) by a tree of selections: a division per element made TIES compute-bound.
+        mixed = mixed * _pick(agree, f, at, 0, cd)
+    elif normalize == "divide":
         # the agreeing terms' weights summed; divide by 1 where it is 0 (as eager does)
         den = torch.where(agree[0], f[1 + m].to(cd), 0.0)
         for j, a in enumerate(agree[1:], start=1):
@@ -257,7 +272,7 @@ def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tup
     if plan.kind == "della":
         packed = _della_pack(inputs, i, seed)
         if packed is not None:
-            return ("della_packed",), [packed], [plan.a, plan.b, inputs.tensors[i].shape[1] - 1], []
+            return ("della_packed",), [packed], [plan.a, plan.b, 1.0 / (inputs.tensors[i].shape[1] - 1)], []
         tensors = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i)]
         return ("della",), tensors, [plan.a, plan.b], []
     return (plan.kind,), [], [], []
@@ -289,12 +304,20 @@ def task_arithmetic(
         tensors.append(data)
         numbers += values
         splits += cuts
+    normalize = None
+    if weights is not None:
+        normalize = "divide"
+        if consensus and len(active) <= 3:  # a table of 2^m reciprocals instead of a division
+            normalize = "table"
+            for subset in range(1 << len(active)):
+                total = sum(weights[i] for k, i in enumerate(active) if subset >> k & 1)
+                numbers.append(1.0 / total if total != 0 else 1.0)
     cd = inputs.compute_dtype
     f = torch.tensor(numbers, dtype=cd)
     split_t = torch.tensor(splits or [0], dtype=torch.int32)
     xs = [inputs.tensors[i].view(-1) for i in active]
     return _call("gta", _gta_fn, out.view(-1), inputs.base.view(-1), xs, tuple(specs), tensors, f, split_t,
-                 consensus, weights is not None, cd) is not _FAILED
+                 consensus, normalize, cd) is not _FAILED
 
 
 def _kept_l1_fn(base: torch.Tensor, x: torch.Tensor, spec: tuple, data: list, f: torch.Tensor,

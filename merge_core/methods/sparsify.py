@@ -370,19 +370,21 @@ class _DellaLookup:
         del by_rank
         mags_by_rank = torch.gather(mags, 1, order).T.contiguous()
         del order
-        self.cum = torch.gather(mags_by_rank, 1, perm).to(torch.float64).cumsum_(1).float()
+        # cum[k, c]: the |d| of rank k's c elements with the smallest draws (cum[k, 0] = 0)
+        self.cum = torch.zeros((length, rows + 1), dtype=torch.float32)
+        self.cum[:, 1:] = torch.gather(mags_by_rank, 1, perm).to(torch.float64).cumsum_(1)
         self.draws = sorted_draws
         self.total = float(mags_by_rank.sum(dtype=torch.float64))
+        self.positions = torch.arange(length, dtype=torch.float32) / (length - 1)  # = rank_norm's
 
     def kept(self, a: float, b: float) -> float:
         """Sum of ``|d|`` where ``draw < ceil(a + b * rank)``, the thresholds computed exactly as
         :class:`Masker` computes them."""
-        positions = torch.arange(self.length, dtype=torch.float32) / (self.length - 1)
-        thresholds = torch.mul(positions, b).add_(a).ceil_()
-        counts = torch.searchsorted(self.draws, thresholds.clamp(-32768, 32767).to(torch.int16).view(-1, 1))
-        counts = torch.where(thresholds.view(-1, 1) > 32767, self.draws.shape[1], counts)
-        sums = torch.gather(self.cum, 1, (counts - 1).clamp_(min=0))
-        return float(torch.where(counts > 0, sums, 0.0).sum(dtype=torch.float64))
+        # draw < t  <=>  draw <= t - 1 (integers); t - 1 >= -32768 since density - epsilon > 0,
+        # and t - 1 >= 32767 keeps every draw.
+        last = torch.mul(self.positions, b).add_(a).ceil_().sub_(1).clamp_(max=32767).to(torch.int16)
+        counts = torch.searchsorted(self.draws, last.view(-1, 1), right=True)
+        return float(torch.gather(self.cum, 1, counts).sum(dtype=torch.float64))
 
 
 def della_lookup(inputs: TensorInputs, i: int, seed: int) -> _DellaLookup | None:
