@@ -118,12 +118,12 @@ def lincomb(inputs: TensorInputs, terms: Sequence[tuple[int, float]], out: torch
 # tensor, a third of a TIES merge at 500M parameters.  Positions in ``f`` follow from the static
 # structure (``specs``): lambda, one coefficient and one weight per model, then per model its
 # plan's numbers (band: two bounds per cut; random: threshold; della: a, slope; packed della:
-# a, slope, 1 / (row length - 1)).
+# a, slope / (row length - 1)).
 
 
 def _plan_numbers(spec: tuple) -> int:
     kind = spec[0]
-    counts = {"random": 1, "random_lo": 1, "random_hi": 1, "della": 2, "della_packed": 3}
+    counts = {"random": 1, "random_lo": 1, "random_hi": 1, "della": 2, "della_packed": 2}
     return 2 * len(spec[1]) if kind == "band" else counts.get(kind, 0)
 
 
@@ -152,13 +152,13 @@ def _sparse_delta(d: torch.Tensor, spec: tuple, tensors: list, f: torch.Tensor, 
         field, rank = tensors
         p = torch.ceil(rank.to(cd) * f[at + 1].to(cd) + f[at].to(cd))
         d = d * (p - field.to(cd)).clamp(0, 1)
-    elif kind == "della_packed":  # see _della_pack: rank index << 16 | (draw + 32768)
+    elif kind == "della_packed":  # see _della_pack: draw << 16 | rank index
         packed = tensors[0]
-        # rank_norm's k / (L - 1), as a product: a division per element made DELLA compute-bound
-        # (the product may differ by an ulp, moving rare elements across a ceil boundary)
-        rank = ((packed >> 16) & 0xFFFF).to(cd) * f[at + 2].to(cd)
-        p = torch.ceil(rank * f[at + 1].to(cd) + f[at].to(cd))
-        d = d * (p - ((packed & 0xFFFF).to(cd) - 32768.0)).clamp(0, 1)
+        # Kept when draw < ceil(a + b * k / (L-1)), i.e. (integer draws) draw < a + k * (b / (L-1)):
+        # fewer instructions than the eager formula; its roundings may move a threshold across an
+        # integer, which changes the mask only for an element whose draw is exactly there.
+        bound = (packed & 0xFFFF).to(cd) * f[at + 1].to(cd) + f[at].to(cd)
+        d = torch.where((packed >> 16).to(cd) < bound, d, 0.0)
     return d
 
 
@@ -215,8 +215,9 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
 
 
 def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
-    """Model ``i``'s DELLA draws and rank indices in one int32 per element (``k << 16 | draw +
-    32768``), cached per seed; None unless the tensor is a matrix with rows of at most 65536.
+    """Model ``i``'s DELLA draws and rank indices in one int32 per element (``draw << 16 | k``,
+    the draw signed so an arithmetic shift recovers it), cached per seed; None unless the tensor
+    is a matrix with rows of at most 65536.
 
     The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
@@ -231,7 +232,7 @@ def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tenso
     hit = inputs.cache.get(key)
     if hit is None or hit[0] != seed:
         k = torch.round(rank_norm(inputs, i) * (ref.shape[1] - 1)).to(torch.int32)
-        packed = (k << 16).bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768)
+        packed = (random_field(inputs, i, seed).to(torch.int32) << 16).bitwise_or_(k)
         hit = inputs.cache[key] = (seed, packed)
         for stale in (f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}"):
             inputs.cache.pop(stale, None)
@@ -272,7 +273,7 @@ def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tup
     if plan.kind == "della":
         packed = _della_pack(inputs, i, seed)
         if packed is not None:
-            return ("della_packed",), [packed], [plan.a, plan.b, 1.0 / (inputs.tensors[i].shape[1] - 1)], []
+            return ("della_packed",), [packed], [plan.a, plan.b / (inputs.tensors[i].shape[1] - 1)], []
         tensors = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i)]
         return ("della",), tensors, [plan.a, plan.b], []
     return (plan.kind,), [], [], []
