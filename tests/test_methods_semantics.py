@@ -278,9 +278,19 @@ def test_della_rescale_lookup_gives_one_shot_results(name):
     """The in-memory merger finds DELLA's kept L1 by lookup (draws sorted per rank, running sums of
     |d|) instead of a pass over the tensors: same scale, so the same merge as the one-shot pass,
     for several densities/epsilons and a row length with ties in |d| (bf16 inputs)."""
+    check_della_lookup_matches_one_shot(name, (257, 96))
+
+
+@pytest.mark.parametrize("shape", [(1000,), (3, 40, 7)], ids=["vector", "3-d"])
+def test_della_rescale_of_vectors_and_3d_tensors(shape):
+    """A vector is one row (lookup); a 3-D tensor keeps the second pass: both as the one-shot merge."""
+    check_della_lookup_matches_one_shot("della", shape, lookup=len(shape) == 1)
+
+
+def check_della_lookup_matches_one_shot(name, shape, lookup=True):
     gen = torch.Generator().manual_seed(9)
-    base = torch.randn(257, 96, generator=gen).bfloat16()
-    models = [base] + [(base.float() + 0.02 * torch.randn(257, 96, generator=gen)).bfloat16() for _ in range(2)]
+    base = torch.randn(*shape, generator=gen).bfloat16()
+    models = [base] + [(base.float() + 0.02 * torch.randn(*shape, generator=gen)).bfloat16() for _ in range(2)]
     reused = TensorInputs("w", models, 0, reuse=True)
     for density, eps in ((0.2, 0.1), (0.5, 0.3), (0.9, 0.05)):
         per = [{}, {"weight": 0.6, "density": density, "epsilon": eps},
@@ -289,7 +299,7 @@ def test_della_rescale_lookup_gives_one_shot_results(name):
                                           generator=torch.Generator().manual_seed(3))
         cached = get_method(name).merge(reused, TensorParams({}, per), generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(cached, one_shot, rtol=1e-6, atol=1e-7)
-    assert any(k.startswith("della_l1:") for k in reused.cache)
+    assert any(k.startswith("della_l1:") for k in reused.cache) == lookup
 
 
 def test_della_lookup_kept_l1_equals_masked_sum():

@@ -389,17 +389,19 @@ class _DellaLookup:
 
 def della_lookup(inputs: TensorInputs, i: int, seed: int) -> _DellaLookup | None:
     """Model ``i``'s cached :class:`_DellaLookup` for ``seed``; None where it does not apply
-    (one-shot merges, non-CPU or non-float32 math, tensors that are not 2-D matrices)."""
+    (one-shot merges, non-CPU or non-float32 math, tensors of more than 2 dimensions)."""
     ref = inputs.tensors[i]
-    if (not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32
-            or ref.dim() != 2 or not 2 <= ref.shape[1] <= 65536):
+    if not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32 or ref.dim() > 2:
+        return None
+    shape = ref.shape if ref.dim() == 2 else (1, ref.numel())  # a vector is one row, as in rank_norm
+    if not 2 <= shape[1] <= 65536:
         return None
     key = f"della_l1:{inputs.base_index}:{i}"
     hit = inputs.cache.get(key)
     if hit is None or hit[0] != seed:
-        mags = _deltas(inputs, i).abs_()
-        draws = random_field(inputs, i, seed).view(ref.shape)
-        hit = inputs.cache[key] = (seed, _DellaLookup(rank_norm(inputs, i).view(ref.shape), mags, draws))
+        mags = _deltas(inputs, i).abs_().view(shape)
+        draws = random_field(inputs, i, seed).view(shape)
+        hit = inputs.cache[key] = (seed, _DellaLookup(rank_norm(inputs, i).view(shape), mags, draws))
     return hit[1]
 
 
