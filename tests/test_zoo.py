@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from toy_zoo import build as build_mod  # noqa: E402
 from toy_zoo import corpus, tasks  # noqa: E402
 from toy_zoo.evaluate import Scorer  # noqa: E402
 from toy_zoo.matrix import EQUAL, heldout_tasks, search_tasks  # noqa: E402
+import zoo_isa  # noqa: E402
 
 EVAL_TASKS = REPO / "eval_tasks"
 # A zoo small enough to build twice in seconds: same code path, no evaluation.
@@ -249,3 +251,14 @@ def test_lm_eval_cli_runs_a_toy_task_offline_from_any_cwd(toy_zoo, tmp_path: Pat
     found = re.search(r"\|toy_spatial\s*\|.*?\|acc\s*\|[^|]*\|\s*([0-9.]+)\s*\|", proc.stdout)
     assert found, proc.stdout[-2000:]
     assert float(found.group(1)) == pytest.approx(toy_zoo.matrix["rows"]["spatial"]["toy_spatial"], abs=1e-3)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+def test_zoo_build_pins_torch_to_avx2_kernels():
+    """build_zoo.py pins torch's vector kernels before torch loads, so AVX-512 machines train the
+    same zoo as AVX2 ones (their kernels round differently; the toy search's result moved)."""
+    code = ("import sys; sys.path.insert(0, 'scripts'); import zoo_isa; zoo_isa.pin_vector_isa(); "
+            "assert 'torch' not in sys.modules; import torch; print(torch.backends.cpu.get_cpu_capability())")
+    env = {k: v for k, v in os.environ.items() if k not in zoo_isa.PINNED}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "AVX2"

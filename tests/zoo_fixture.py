@@ -8,6 +8,7 @@ persistent folder instead (the build's stamp makes a matching zoo return at once
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from toy_zoo import Zoo, ZooSettings, build_zoo  # noqa: E402
+from zoo_isa import pinned_env  # noqa: E402
 
 ZOO_SEED = 0
 
@@ -26,4 +28,12 @@ def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     """The default zoo (seed 0, default settings, with its accuracy matrix). Read-only."""
     env_dir = os.environ.get("TOY_ZOO_DIR")
     root = Path(env_dir) if env_dir else tmp_path_factory.mktemp("toy_zoo") / "zoo"
+    # Built by the script in its own process, whose torch uses the pinned vector kernels (this
+    # process's torch has long picked its own): the same zoo as `python scripts/build_zoo.py`
+    # on any x86-64 machine. Then loaded here (the stamp matches: returns at once).
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_zoo.py"), "--out", str(root), "--seed", str(ZOO_SEED)],
+        capture_output=True, text=True, env={**os.environ, **pinned_env()},
+    )
+    assert proc.returncode == 0, f"building the toy zoo failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return build_zoo(root, seed=ZOO_SEED, settings=ZooSettings(), log=lambda _msg: None)
