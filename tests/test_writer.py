@@ -19,9 +19,6 @@ from merge_core.model_card import render_model_card
 from merge_core.tensor_io import CheckpointReader
 from merge_core.writer import ShardedModelWriter, copy_tokenizer_files, parse_size
 
-MERGEKIT_PYTHON = Path(os.environ.get("MERGEKIT_PYTHON", "/work/mkvenv/bin/python"))
-
-
 def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     with CheckpointReader(model_dir) as reader:
         return {name: reader.get(name) for name in reader.names()}
@@ -313,8 +310,7 @@ def test_model_card_without_hub_models() -> None:
 
 @pytest.mark.slow
 @pytest.mark.mergekit
-@pytest.mark.skipif(not MERGEKIT_PYTHON.exists(), reason="mergekit venv not available")
-def test_shard_layout_matches_mergekit(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+def test_shard_layout_matches_mergekit(tmp_path: Path, tiny_models: dict[str, Path], mergekit_py: str) -> None:
     """Same tensors, same order, same --out-shard-size: the same shards as mergekit's writer."""
     src = tiny_models["a"]
     script = textwrap.dedent(
@@ -329,7 +325,7 @@ def test_shard_layout_matches_mergekit(tmp_path: Path, tiny_models: dict[str, Pa
         w.finalize()
         """
     )
-    subprocess.run([str(MERGEKIT_PYTHON), "-c", script], check=True, capture_output=True)
+    subprocess.run([mergekit_py, "-c", script], check=True, capture_output=True)
     sd = load_file(str(src / "model.safetensors"))  # same (header) order as the script
     with ShardedModelWriter(tmp_path / "ours", parse_size("30k")) as writer:
         for name, tensor in sd.items():
