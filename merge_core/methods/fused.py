@@ -84,11 +84,9 @@ def _field32(inputs: TensorInputs, i: int, seed: int, random_field: Callable[...
     """Model ``i``'s random draws as int32, cached beside the int16 field: inductor does not
     vectorise int16 loads (a scalar loop runs ~8x slower), so the fused path pays 4 more bytes
     per element and model for DARE/DELLA."""
-    key = f"rand32:{i}"
-    hit = inputs.cache.get(key)
-    if hit is None or hit[0] != seed:
-        hit = inputs.cache[key] = (seed, random_field(inputs, i, seed).to(torch.int32))
-    return hit[1]
+    from merge_core.methods.sparsify import cached_for_seed
+
+    return cached_for_seed(inputs, f"rand32:{i}", seed, lambda: random_field(inputs, i, seed).to(torch.int32))
 
 
 # --- linear combinations (linear, task_arithmetic without sparsification) -----------------------
@@ -223,20 +221,25 @@ def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tenso
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
     then): at 500M parameters that is the difference between fitting in 24 GB or not.
     """
-    from merge_core.methods.sparsify import random_field, rank_norm
+    from merge_core.methods.sparsify import cached_for_seed, random_field, rank_norm
 
     ref = inputs.tensors[i]
     if ref.dim() != 2 or not 2 <= ref.shape[1] <= 65536:
         return None
-    key = f"della_pack:{i}"
-    hit = inputs.cache.get(key)
-    if hit is None or hit[0] != seed:
+
+    def build() -> torch.Tensor:
         k = torch.round(rank_norm(inputs, i) * (ref.shape[1] - 1)).to(torch.int32)
         packed = (random_field(inputs, i, seed).to(torch.int32) << 16).bitwise_or_(k)
-        hit = inputs.cache[key] = (seed, packed)
-        for stale in (f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}"):
-            inputs.cache.pop(stale, None)
-    return hit[1]
+        _drop(inputs, f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}")
+        return packed
+
+    return cached_for_seed(inputs, f"della_pack:{i}", seed, build)
+
+
+def _drop(inputs: TensorInputs, *keys: str) -> None:
+    """Forget cached fields a packed form replaces (rebuilt on demand if the eager path needs them)."""
+    for key in keys:
+        inputs.cache.pop(key, None)
 
 
 def _draw_pair(inputs: TensorInputs, i: int, j: int, seed: int) -> torch.Tensor:
@@ -244,16 +247,15 @@ def _draw_pair(inputs: TensorInputs, i: int, j: int, seed: int) -> torch.Tensor:
     draw + 32768), cached per seed: the kernel reads 4 bytes per element for both models instead
     of 4 each.  The separate draws are dropped from the cache (the rescale's cumulative L1 per
     draw value is built by then)."""
-    from merge_core.methods.sparsify import random_field
+    from merge_core.methods.sparsify import cached_for_seed, random_field
 
-    key = f"rand_pair:{i}:{j}"
-    hit = inputs.cache.get(key)
-    if hit is None or hit[0] != seed:
+    def build() -> torch.Tensor:
         high = random_field(inputs, j, seed).to(torch.int32) << 16
-        hit = inputs.cache[key] = (seed, high.bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768))
-        for stale in (f"rand16:{i}", f"rand16:{j}", f"rand32:{i}", f"rand32:{j}"):
-            inputs.cache.pop(stale, None)
-    return hit[1]
+        pair = high.bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768)
+        _drop(inputs, f"rand16:{i}", f"rand16:{j}", f"rand32:{i}", f"rand32:{j}")
+        return pair
+
+    return cached_for_seed(inputs, f"rand_pair:{i}:{j}", seed, build)
 
 
 def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tuple, list, list[float], list[int]]:

@@ -113,6 +113,15 @@ def _cached(inputs: TensorInputs, key: str, build):
     return inputs.cache[key]
 
 
+def cached_for_seed(inputs: TensorInputs, key: str, seed: int, build):
+    """``build()``, kept in ``inputs.cache`` under ``key`` for as long as calls pass the same
+    ``seed`` (random draws and what is derived from them)."""
+    hit = inputs.cache.get(key)
+    if hit is None or hit[0] != seed:
+        hit = inputs.cache[key] = (seed, build())
+    return hit[1]
+
+
 @dataclass
 class _Stats:
     """Order statistics of ``|d|`` at two ascending-sort positions ``lo <= hi``."""
@@ -284,33 +293,27 @@ def _outliers_plan(inputs: TensorInputs, i: int, density: float, gamma: float, r
 
 def random_field(inputs: TensorInputs, i: int, seed: int) -> torch.Tensor:
     """Model ``i``'s uniform int16 draws for one call (flat, on the tensors' device); cached per seed."""
-    ref = inputs.tensors[i]
-    key = f"rand16:{i}"
-    hit = inputs.cache.get(key)
-    if hit is not None and hit[0] == seed:
-        return hit[1]
+    return cached_for_seed(inputs, f"rand16:{i}", seed, lambda: _draw_field(inputs.tensors[i], i, seed))
+
+
+def _draw_field(ref: torch.Tensor, i: int, seed: int) -> torch.Tensor:
     n = ref.numel()
     if ref.device.type == "cpu":
         bits = np.random.SFC64(np.random.SeedSequence([seed, i]))
-        draws = torch.from_numpy(bits.random_raw((n + 3) // 4)).view(torch.int16)[:n]
-    else:
-        gen = torch.Generator(device=ref.device)
-        gen.manual_seed((seed * 1_000_003 + i) % (1 << 63))
-        draws = torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=ref.device, generator=gen)
-    inputs.cache[key] = (seed, draws)
-    return draws
+        return torch.from_numpy(bits.random_raw((n + 3) // 4)).view(torch.int16)[:n]
+    gen = torch.Generator(device=ref.device)
+    gen.manual_seed((seed * 1_000_003 + i) % (1 << 63))
+    return torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=ref.device, generator=gen)
 
 
 def _random_l1(inputs: TensorInputs, i: int, seed: int) -> np.ndarray:
     """Cumulative ``sum |d|`` over draw values (float64, 65536 bins): the L1 any DARE mask keeps."""
-    key = f"rand_l1:{i}"
-    hit = inputs.cache.get(key)
-    if hit is not None and hit[0] == seed:
-        return hit[1]
-    draws = random_field(inputs, i, seed).cpu().numpy().view(np.uint16) ^ np.uint16(0x8000)
-    cum = np.cumsum(np.bincount(draws, weights=_abs_numpy(inputs, i), minlength=65536))
-    inputs.cache[key] = (seed, cum)
-    return cum
+
+    def build() -> np.ndarray:
+        draws = random_field(inputs, i, seed).cpu().numpy().view(np.uint16) ^ np.uint16(0x8000)
+        return np.cumsum(np.bincount(draws, weights=_abs_numpy(inputs, i), minlength=65536))
+
+    return cached_for_seed(inputs, f"rand_l1:{i}", seed, build)
 
 
 def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
@@ -396,13 +399,9 @@ def della_lookup(inputs: TensorInputs, i: int, seed: int) -> _DellaLookup | None
     shape = ref.shape if ref.dim() == 2 else (1, ref.numel())  # a vector is one row, as in rank_norm
     if not 2 <= shape[1] <= 65536:
         return None
-    key = f"della_l1:{inputs.base_index}:{i}"
-    hit = inputs.cache.get(key)
-    if hit is None or hit[0] != seed:
-        mags = _deltas(inputs, i).abs_().view(shape)
-        draws = random_field(inputs, i, seed).view(shape)
-        hit = inputs.cache[key] = (seed, _DellaLookup(rank_norm(inputs, i).view(shape), mags, draws))
-    return hit[1]
+    return cached_for_seed(inputs, f"della_l1:{inputs.base_index}:{i}", seed, lambda: _DellaLookup(
+        rank_norm(inputs, i).view(shape), _deltas(inputs, i).abs_().view(shape),
+        random_field(inputs, i, seed).view(shape)))
 
 
 def make_plan(
