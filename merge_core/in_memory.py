@@ -16,6 +16,7 @@ import torch
 
 from merge_core.errors import ModelError
 from merge_core.executor import merge_tensor
+from merge_core.methods import fused
 from merge_core.methods.base import TensorInputs
 from merge_core.plan_types import MergePlan, TensorTask
 from merge_core.tensor_io import CheckpointReader
@@ -53,6 +54,7 @@ class InMemoryMerger:
         self._tensors: dict[tuple[Path, str], torch.Tensor] = {}
         self._inputs: dict[tuple, TensorInputs] = {}
         self.input_bytes = 0
+        self._largest = 0  # elements of the largest input tensor (see TensorInputs.fuse_small)
         self.needed_bytes = self.plan_input_bytes(plan) if plan is not None else 0
         self.free_bytes: int | None = None
         if resident is None:
@@ -80,10 +82,13 @@ class InMemoryMerger:
                 tensor = tensor.pin_memory()  # lets the per-merge copies to the GPU run async
             self._tensors[key] = tensor
             self.input_bytes += tensor.numel() * tensor.element_size()
+            self._largest = max(self._largest, tensor.numel())
         return tensor
 
-    def _source_keys(self, plan: MergePlan, task: TensorTask) -> tuple[tuple[Path, str], ...]:
-        keys = tuple((Path(plan.models[s.model].path), s.tensor) for s in task.sources)
+    def _source_keys(self, plan: MergePlan, task: TensorTask,
+                     paths: list[Path] | None = None) -> tuple[tuple[Path, str], ...]:
+        paths = paths or [Path(m.path) for m in plan.models]
+        keys = tuple((paths[s.model], s.tensor) for s in task.sources)
         for key in keys:
             self._tensor(key)
         return keys
@@ -117,8 +122,8 @@ class InMemoryMerger:
         free = "" if self.free_bytes is None else f" ({self.free_bytes / gib:.2f} GiB free on {self.device})"
         return f"merge inputs: {self.needed_bytes / gib:.2f} GiB {where}{free}"
 
-    def _inputs_for(self, plan: MergePlan, task: TensorTask) -> TensorInputs:
-        keys = self._source_keys(plan, task)
+    def _inputs_for(self, plan: MergePlan, task: TensorTask, paths: list[Path]) -> TensorInputs:
+        keys = self._source_keys(plan, task, paths)
         if not self.resident:  # one-shot copies on the compute device, freed after the merge
             tensors = [self._tensors[k].to(self.device, non_blocking=True) for k in keys]
             return TensorInputs(task.output, tensors, task.base_index, reuse=False)
@@ -127,6 +132,7 @@ class InMemoryMerger:
         if inputs is None:
             inputs = TensorInputs(task.output, [self._tensors[k] for k in keys], task.base_index, reuse=True)
             self._inputs[cache_key] = inputs
+        inputs.fuse_small = self._largest >= fused.FUSE_MIN_ELEMENTS  # a later plan may add large ones
         return inputs
 
     @torch.no_grad()
@@ -138,11 +144,12 @@ class InMemoryMerger:
 
         start = time.perf_counter()
         params = target.state_dict() if isinstance(target, torch.nn.Module) else target
+        paths = [Path(m.path) for m in plan.models]  # once per plan: Path() per tensor showed in profiles
         for task in plan.tasks:
             out = params.get(task.output)
             if out is None:
                 raise ModelError(f"{task.output}: the target model has no such tensor")
-            inputs = self._inputs_for(plan, task)
+            inputs = self._inputs_for(plan, task, paths)
             merge_tensor(task, inputs.tensors, out=out, inputs=inputs)
         self._close_readers()  # lazily opened for tensors this plan added
         return MergeStats(len(plan.tasks), time.perf_counter() - start)

@@ -112,3 +112,49 @@ def test_packed_draws_replace_cached_fields_without_changing_eager_results(case,
     fresh = run(False, TensorInputs("w", tensors, base, reuse=True))
     assert torch.equal(again, fresh)
     assert (fused_result - fresh).abs().gt(1e-5).float().mean() < 2e-3
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (1500,)], ids=["matrix", "vector"])
+def test_small_tensors_of_a_large_model_are_fused(shape, monkeypatch):
+    """``fuse_small`` (set by the in-memory merger when the model has large tensors) fuses tensors
+    below FUSE_MIN_ELEMENTS too; DELLA packs a vector as one row: the eager result either way."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(*shape, generator=gen)
+    tensors = [base] + [base + 0.05 * torch.randn(*shape, generator=gen) for _ in range(2)]
+    name, _, glob, per = CASES[-2]  # della
+    ran: list[bool] = []
+    real_call = fused._call
+    monkeypatch.setattr(fused, "_call", lambda *a: ran.append(True) or real_call(*a))
+
+    def run(fused_on: bool, fuse_small: bool) -> torch.Tensor:
+        monkeypatch.setenv("MERGE_CORE_FUSED", "1" if fused_on else "0")
+        inputs = TensorInputs("w", tensors, 0, reuse=True, fuse_small=fuse_small)
+        out = torch.empty(shape)
+        get_method(name).merge(inputs, TensorParams(glob, per), out=out, generator=torch.Generator().manual_seed(7))
+        return out
+
+    eager = run(False, True)
+    assert not ran
+    run(True, False)
+    assert not ran  # small and not marked: eager
+    got = run(True, True)
+    assert ran
+    assert (got - eager).abs().gt(1e-5).float().mean() < 2e-3
+
+
+def test_in_memory_merger_marks_small_tensors_of_large_models(tiny_models, monkeypatch):
+    """The merger sets ``fuse_small`` on every tensor's inputs exactly when some input tensor of
+    the model reaches FUSE_MIN_ELEMENTS (the toy zoo's never do, so it never compiles)."""
+    from merge_core.in_memory import InMemoryMerger
+    from merge_core.planner import plan_merge
+    from merge_core.recipe import recipe_from_dict
+
+    recipe = {"merge_method": "ties", "base_model": str(tiny_models["base"]), "dtype": "float32", "models": [
+        {"model": str(tiny_models[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("a", "b")]}
+    plan = plan_merge(recipe_from_dict(recipe), seed=0)
+    for threshold, expected in ((1 << 30, False), (1024, True)):
+        monkeypatch.setattr(fused, "FUSE_MIN_ELEMENTS", threshold)
+        monkeypatch.setenv("MERGE_CORE_FUSED", "0")  # only the marking is under test here
+        merger = InMemoryMerger(plan, dtype=torch.float32)
+        merger.merged_state_dict(plan)
+        assert {inputs.fuse_small for inputs in merger._inputs.values()} == {expected}

@@ -79,6 +79,10 @@ class TensorInputs:
     # merger): derived data worth caching.  False for one-shot merges (merge-yaml), where
     # building a cache that is never reused (e.g. a full sort) only costs time and memory.
     reuse: bool = False
+    # Set by the in-memory merger when the model also has tensors big enough for fused kernels
+    # (``fused.FUSE_MIN_ELEMENTS``): its small tensors are then fused too, since the kernels get
+    # compiled anyway and one fused call costs far less than the eager path's many small ops.
+    fuse_small: bool = False
 
     @property
     def base(self) -> torch.Tensor:

@@ -42,7 +42,7 @@ def usable(inputs: TensorInputs, out: Optional[torch.Tensor] = None, *, needs_ou
     if _broken or os.environ.get("MERGE_CORE_FUSED", "1") == "0" or not inputs.reuse:
         return False
     ref = inputs.tensors[0]
-    if ref.device.type != "cpu" or ref.numel() < FUSE_MIN_ELEMENTS:
+    if ref.device.type != "cpu" or (ref.numel() < FUSE_MIN_ELEMENTS and not inputs.fuse_small):
         return False
     if not all(t.is_contiguous() for t in inputs.tensors):
         return False
@@ -212,10 +212,17 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
     out.copy_((b + lam * mixed).to(out.dtype))
 
 
+def _row_length(ref: torch.Tensor) -> Optional[int]:
+    """The length of the rows DELLA ranks within (dim 1; a vector is one row), when its rank
+    indices fit in 16 bits (and a row has 2 or more elements); else None."""
+    length = ref.shape[1] if ref.dim() == 2 else ref.numel() if ref.dim() == 1 else 0
+    return length if 2 <= length <= 65536 else None
+
+
 def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
     """Model ``i``'s DELLA draws and rank indices in one int32 per element (``draw << 16 | k``,
     the draw signed so an arithmetic shift recovers it), cached per seed; None unless the tensor
-    is a matrix with rows of at most 65536.
+    is a vector or matrix with rows of 2 to 65536 elements (:func:`_row_length`).
 
     The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
@@ -223,12 +230,12 @@ def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tenso
     """
     from merge_core.methods.sparsify import cached_for_seed, random_field, rank_norm
 
-    ref = inputs.tensors[i]
-    if ref.dim() != 2 or not 2 <= ref.shape[1] <= 65536:
+    length = _row_length(inputs.tensors[i])
+    if length is None:
         return None
 
     def build() -> torch.Tensor:
-        k = torch.round(rank_norm(inputs, i) * (ref.shape[1] - 1)).to(torch.int32)
+        k = torch.round(rank_norm(inputs, i) * (length - 1)).to(torch.int32)
         packed = (random_field(inputs, i, seed).to(torch.int32) << 16).bitwise_or_(k)
         _drop(inputs, f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}")
         return packed
@@ -275,7 +282,7 @@ def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tup
     if plan.kind == "della":
         packed = _della_pack(inputs, i, seed)
         if packed is not None:
-            return ("della_packed",), [packed], [plan.a, plan.b / (inputs.tensors[i].shape[1] - 1)], []
+            return ("della_packed",), [packed], [plan.a, plan.b / (_row_length(inputs.tensors[i]) - 1)], []
         tensors = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i)]
         return ("della",), tensors, [plan.a, plan.b], []
     return (plan.kind,), [], [], []

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from merge_core.methods import native
 from merge_core.methods.base import MethodError, TensorInputs
 from merge_core.methods.linear import flat
 
@@ -377,12 +378,16 @@ class _DellaLookup:
         self.cum = torch.zeros((length, rows + 1), dtype=torch.float32)
         self.cum[:, 1:] = torch.gather(mags_by_rank, 1, perm).to(torch.float64).cumsum_(1)
         self.draws = sorted_draws
+        self.fences = sorted_draws[:, :: native.FENCE].contiguous()  # for the C lookup's first level
         self.total = float(mags_by_rank.sum(dtype=torch.float64))
         self.positions = torch.arange(length, dtype=torch.float32) / (length - 1)  # = rank_norm's
 
     def kept(self, a: float, b: float) -> float:
         """Sum of ``|d|`` where ``draw < ceil(a + b * rank)``, the thresholds computed exactly as
         :class:`Masker` computes them."""
+        fast = native.della_kept(self.draws, self.fences, self.cum, self.positions, a, b)
+        if fast is not None:
+            return fast
         # draw < t  <=>  draw <= t - 1 (integers); t - 1 >= -32768 since density - epsilon > 0,
         # and t - 1 >= 32767 keeps every draw.
         last = torch.mul(self.positions, b).add_(a).ceil_().sub_(1).clamp_(max=32767).to(torch.int16)
