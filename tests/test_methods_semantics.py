@@ -9,6 +9,7 @@ import torch
 
 from merge_core.methods import get_method
 from merge_core.methods.base import TensorInputs, TensorParams
+from merge_core.methods.sparsify import Plan
 
 
 def merge(name, tensors, base=None, glob=None, per=None, seed=None, **kw):
@@ -302,18 +303,76 @@ def check_della_lookup_matches_one_shot(name, shape, lookup=True):
     assert any(k.startswith("della_l1:") for k in reused.cache) == lookup
 
 
+def _della_masks(inputs, i, density, eps, seed):
+    """The general and the keyed DELLA plan of model ``i`` (fresh caches), and their masks."""
+    from merge_core.methods import della
+    from merge_core.methods.sparsify import Masker
+
+    n = inputs.tensors[i].numel()
+    a = math.ceil((density - eps) * 65536 - 32768) - 1
+    general = Plan("della", a=float(a), b=2 * eps * 65536, version=seed)
+    keyed = della.plan(inputs, i, density, eps, rescale=False, seed=seed)
+    assert keyed.kind == "random" and keyed.field == "della_keys"
+    masks = []
+    for plan in (general, keyed):
+        ones = torch.ones(n)
+        Masker(inputs, n).apply(plan, i, ones, 0)
+        masks.append(ones)
+    return general, keyed, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_della_keys_give_the_general_mask(dtype):
+    """Keyed DELLA (rank and draw folded into one 16-bit key) keeps exactly the elements the
+    general form keeps, for densities and epsilons from narrow to wide, and the keep rate per
+    rank follows mergekit's density - epsilon + 2 epsilon rank."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(400, 300, generator=gen).to(dtype)
+    model = (base.float() + 0.1 * torch.randn(400, 300, generator=gen)).to(dtype)
+    for density, eps in ((0.3, 0.2), (0.6, 0.1), (0.95, 0.04), (0.5, 0.4999), (0.02, 0.015)):
+        inputs = TensorInputs("w", [base, model], 0, reuse=True)
+        _, _, (general, keyed) = _della_masks(inputs, 1, density, eps, seed=11)
+        assert torch.equal(general, keyed), (density, eps)
+        from merge_core.methods.della import rank_norm
+
+        ranks = rank_norm(TensorInputs("w", [base, model], 0), 1).view(400, 300)
+        kept = general.view(400, 300)
+        low, high = kept[ranks < 0.1].mean(), kept[ranks > 0.9].mean()
+        assert abs(float(low) - (density - 0.9 * eps)) < 0.02 and abs(float(high) - (density + 0.9 * eps)) < 0.02
+
+
 def test_della_lookup_kept_l1_equals_masked_sum():
-    from merge_core.methods.sparsify import Masker, della_lookup, make_plan
+    from merge_core.methods.della import della_lookup
 
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(64, 50, generator=gen)
     model = base + 0.1 * torch.randn(64, 50, generator=gen)
-    inputs = TensorInputs("w", [base, model], 0, reuse=True)
-    lookup = della_lookup(inputs, 1, seed=11)
     for density, eps in ((0.3, 0.2), (0.6, 0.1), (0.95, 0.04)):
-        plan = make_plan("della_magprune", inputs, 1, density, rescale=False, epsilon=eps, seed=11)
-        d = (model - base).flatten()
-        Masker(inputs, d.numel(), seed=11).apply(plan, 1, d, 0)
-        kept = float(d.abs().sum(dtype=torch.float64))
+        inputs = TensorInputs("w", [base, model], 0, reuse=True)
+        plan, _, (mask, _) = _della_masks(inputs, 1, density, eps, seed=11)
+        kept = float(((model - base).flatten() * mask).abs().sum(dtype=torch.float64))
+        lookup = della_lookup(inputs, 1, seed=11)
         assert 0 < kept < lookup.total
         assert lookup.kept(plan.a, plan.b) == pytest.approx(kept, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_switches_to_the_general_form_when_epsilon_changes(name):
+    """Repeated merges are keyed while epsilon stays; the first call with another epsilon moves
+    the tensor to the general form (keys freed) -- every call equals the one-shot merge."""
+    gen = torch.Generator().manual_seed(9)
+    shape = (120, 80)
+    base = torch.randn(*shape, generator=gen)
+    models = [base] + [base + 0.02 * torch.randn(*shape, generator=gen) for _ in range(2)]
+    reused = TensorInputs("w", models, 0, reuse=True)
+    forms = []
+    for density, eps in ((0.5, 0.1), (0.4, 0.1), (0.4, 0.2), (0.6, 0.1)):
+        per = [{}, {"weight": 0.6, "density": density, "epsilon": eps},
+               {"weight": 0.5, "density": 0.4, "epsilon": 0.2}]
+        one_shot = get_method(name).merge(TensorInputs("w", models, 0), TensorParams({}, per),
+                                          generator=torch.Generator().manual_seed(3))
+        cached = get_method(name).merge(reused, TensorParams({}, per), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(cached, one_shot, rtol=1e-6, atol=1e-7)
+        forms.append("della_keys:1" in reused.cache)
+    assert forms == [True, True, False, False]
+    assert "della_keys:2" in reused.cache  # model 2 kept its epsilon: still keyed

@@ -9,11 +9,13 @@ output once (~1.0x copy bandwidth for task arithmetic, ~0.7x for TIES at 100M pa
 
 Only the in-memory merger's repeated merges use it (``TensorInputs.reuse``; compiling costs a few
 seconds per kernel shape, repaid after a few candidates), on CPU tensors of at least
-``FUSE_MIN_ELEMENTS``.  Structure (methods, plan kinds, number of models, dtypes) is static and
+``FUSE_MIN_ELEMENTS`` (smaller ones too when the model has such tensors: ``TensorInputs.fuse_small``).
+Structure (methods, plan kinds, number of models, dtypes) is static and
 specialised per kernel; every number (weights, thresholds, splits) enters as an element of one
 small tensor, so new candidates reuse the compiled kernels, and every tensor is one kernel call.
-Per-element side data is packed to cut memory traffic: DARE's 16-bit draws two models per int32,
-DELLA's draw and rank index in one int32 per model.  When compiling fails (no C++ compiler, an
+Per-element side data is packed to cut memory traffic: 16-bit fields two models per int32 (DARE's
+draws, and DELLA's keys while its epsilon stays fixed), or DELLA's draw and rank index in one
+int32 per model (its general form, after epsilon changed).  When compiling fails (no C++ compiler, an
 unsupported platform) the eager path is used from then on; ``MERGE_CORE_FUSED=0`` disables it.
 Results equal the eager path's up to float rounding (a fused multiply-add may round once less).
 """
@@ -80,13 +82,14 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return _FAILED
 
 
-def _field32(inputs: TensorInputs, i: int, seed: int, random_field: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """Model ``i``'s random draws as int32, cached beside the int16 field: inductor does not
-    vectorise int16 loads (a scalar loop runs ~8x slower), so the fused path pays 4 more bytes
-    per element and model for DARE/DELLA."""
-    from merge_core.methods.sparsify import cached_for_seed
+def _field32(inputs: TensorInputs, i: int, plan: Any) -> torch.Tensor:
+    """The 16-bit field of model ``i``'s ``plan`` (random draws or DELLA keys) as int32, cached
+    beside it: inductor does not vectorise int16 loads (a scalar loop runs ~8x slower), so an
+    unpaired random plan costs the fused path 4 more bytes per element."""
+    from merge_core.methods.sparsify import cached_for_seed, field16
 
-    return cached_for_seed(inputs, f"rand32:{i}", seed, lambda: random_field(inputs, i, seed).to(torch.int32))
+    return cached_for_seed(inputs, f"f32:{plan.field}:{i}", plan.version,
+                           lambda: field16(inputs, i, plan).to(torch.int32))
 
 
 # --- linear combinations (linear, task_arithmetic without sparsification) -----------------------
@@ -146,17 +149,16 @@ def _sparse_delta(d: torch.Tensor, spec: tuple, tensors: list, f: torch.Tensor, 
         d = d * (f[at].to(cd) + 32768.0 - (tensors[0] & 0xFFFF).to(cd)).clamp(0, 1)
     elif kind == "random_hi":  # the high half, sign-extended by the arithmetic shift
         d = d * (f[at].to(cd) - (tensors[0] >> 16).to(cd)).clamp(0, 1)
-    elif kind == "della":
+    elif kind == "della":  # kept when draw - rank * b <= a (della.mask_chunk)
         field, rank = tensors
-        p = torch.ceil(rank.to(cd) * f[at + 1].to(cd) + f[at].to(cd))
-        d = d * (p - field.to(cd)).clamp(0, 1)
+        d = torch.where(field.to(cd) - rank.to(cd) * f[at + 1].to(cd) <= f[at].to(cd), d, 0.0)
     elif kind == "della_packed":  # see _della_pack: draw << 16 | rank index
         packed = tensors[0]
-        # Kept when draw < ceil(a + b * k / (L-1)), i.e. (integer draws) draw < a + k * (b / (L-1)):
-        # fewer instructions than the eager formula; its roundings may move a threshold across an
-        # integer, which changes the mask only for an element whose draw is exactly there.
-        bound = (packed & 0xFFFF).to(cd) * f[at + 1].to(cd) + f[at].to(cd)
-        d = torch.where((packed >> 16).to(cd) < bound, d, 0.0)
+        # rank * b as k * (b / (L-1)): one multiply fewer than the eager rounding of k / (L-1) * b,
+        # which may differ in the last bit: only an element whose draw - rank * b is exactly at
+        # the threshold can be decided otherwise.
+        slope = (packed & 0xFFFF).to(cd) * f[at + 1].to(cd)
+        d = torch.where((packed >> 16).to(cd) - slope <= f[at].to(cd), d, 0.0)
     return d
 
 
@@ -221,14 +223,16 @@ def _row_length(ref: torch.Tensor) -> Optional[int]:
 
 def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
     """Model ``i``'s DELLA draws and rank indices in one int32 per element (``draw << 16 | k``,
-    the draw signed so an arithmetic shift recovers it), cached per seed; None unless the tensor
-    is a vector or matrix with rows of 2 to 65536 elements (:func:`_row_length`).
+    the draw signed so an arithmetic shift recovers it), cached per seed, for DELLA's general
+    form (see :mod:`~merge_core.methods.della`); None unless the tensor is a vector or matrix
+    with rows of 2 to 65536 elements (:func:`_row_length`).
 
     The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
     then): at 500M parameters that is the difference between fitting in 24 GB or not.
     """
-    from merge_core.methods.sparsify import cached_for_seed, random_field, rank_norm
+    from merge_core.methods.della import rank_norm
+    from merge_core.methods.sparsify import cached_for_seed, drop, random_field
 
     length = _row_length(inputs.tensors[i])
     if length is None:
@@ -237,38 +241,36 @@ def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tenso
     def build() -> torch.Tensor:
         k = torch.round(rank_norm(inputs, i) * (length - 1)).to(torch.int32)
         packed = (random_field(inputs, i, seed).to(torch.int32) << 16).bitwise_or_(k)
-        _drop(inputs, f"rand16:{i}", f"rand32:{i}", f"della_rank:{inputs.base_index}:{i}")
+        gone = {f"rand16:{i}", f"f32:draws:{i}", f"della_rank:{inputs.base_index}:{i}"}
+        drop(inputs, gone.__contains__)
         return packed
 
     return cached_for_seed(inputs, f"della_pack:{i}", seed, build)
 
 
-def _drop(inputs: TensorInputs, *keys: str) -> None:
-    """Forget cached fields a packed form replaces (rebuilt on demand if the eager path needs them)."""
-    for key in keys:
-        inputs.cache.pop(key, None)
+def _pair(inputs: TensorInputs, i: int, j: int, plan_i: Any, plan_j: Any) -> torch.Tensor:
+    """The 16-bit fields of two ``random`` plans (DARE draws or DELLA keys; both of one kind) in
+    one int32 per element (``j``'s value << 16 | ``i``'s value + 32768), cached: the kernel reads
+    4 bytes per element for both models instead of 4 each.  The separate fields are dropped from
+    the cache (the rescale's cumulative L1 per value is built by then)."""
+    from merge_core.methods.sparsify import cached_for_seed, drop, field16
 
-
-def _draw_pair(inputs: TensorInputs, i: int, j: int, seed: int) -> torch.Tensor:
-    """Models ``i`` and ``j``'s DARE draws in one int32 per element (``j``'s draw << 16 | ``i``'s
-    draw + 32768), cached per seed: the kernel reads 4 bytes per element for both models instead
-    of 4 each.  The separate draws are dropped from the cache (the rescale's cumulative L1 per
-    draw value is built by then)."""
-    from merge_core.methods.sparsify import cached_for_seed, random_field
+    field = plan_i.field
 
     def build() -> torch.Tensor:
-        high = random_field(inputs, j, seed).to(torch.int32) << 16
-        pair = high.bitwise_or_(random_field(inputs, i, seed).to(torch.int32) + 32768)
-        _drop(inputs, f"rand16:{i}", f"rand16:{j}", f"rand32:{i}", f"rand32:{j}")
+        high = field16(inputs, j, plan_j).to(torch.int32) << 16
+        pair = high.bitwise_or_(field16(inputs, i, plan_i).to(torch.int32) + 32768)
+        own = {"draws": "rand16"}.get(field, field)  # where field16 caches the int16 field
+        drop(inputs, {f"{own}:{i}", f"{own}:{j}", f"f32:{field}:{i}", f"f32:{field}:{j}"}.__contains__)
         return pair
 
-    return cached_for_seed(inputs, f"rand_pair:{i}:{j}", seed, build)
+    return cached_for_seed(inputs, f"pair:{field}:{i}:{j}", (plan_i.version, plan_j.version), build)
 
 
-def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tuple, list, list[float], list[int]]:
+def _plan_parts(inputs: TensorInputs, plan: Any, i: int) -> tuple[tuple, list, list[float], list[int]]:
     """What the kernel needs of model ``i``'s plan: its static structure (``spec``), the
     per-element tensors it reads, its numbers in ``f`` order and its cuts' split indices."""
-    from merge_core.methods.sparsify import random_field, rank_norm
+    from merge_core.methods.della import rank_norm
 
     n = inputs.tensors[i].numel()
     if plan.kind == "band":
@@ -278,19 +280,18 @@ def _plan_parts(inputs: TensorInputs, plan: Any, i: int, seed: int) -> tuple[tup
         spec = ("band", tuple((c.side, 0 < c.split < n) for c in plan.cuts))
         return spec, [], values, [min(max(c.split, 0), n) for c in plan.cuts]
     if plan.kind == "random":
-        return ("random",), [_field32(inputs, i, seed, random_field)], [plan.thr], []
+        return ("random",), [_field32(inputs, i, plan)], [plan.thr], []
     if plan.kind == "della":
-        packed = _della_pack(inputs, i, seed)
+        packed = _della_pack(inputs, i, plan.version)
         if packed is not None:
             return ("della_packed",), [packed], [plan.a, plan.b / (_row_length(inputs.tensors[i]) - 1)], []
-        tensors = [_field32(inputs, i, seed, random_field), rank_norm(inputs, i)]
-        return ("della",), tensors, [plan.a, plan.b], []
+        return ("della",), [_field32(inputs, i, plan), rank_norm(inputs, i)], [plan.a, plan.b], []
     return (plan.kind,), [], [], []
 
 
 def task_arithmetic(
     inputs: TensorInputs, plans: dict[int, Any], active: list[int], coef: dict[int, float],
-    weights: Optional[dict[int, float]], lam: float, consensus: bool, seed: int, out: torch.Tensor,
+    weights: Optional[dict[int, float]], lam: float, consensus: bool, out: torch.Tensor,
 ) -> bool:
     """The fused form of ``GeneralizedTaskArithmetic._run``; False when the caller must run eager."""
     if any(plans[i].kind not in ("full", "band", "random", "della") for i in active):
@@ -298,9 +299,9 @@ def task_arithmetic(
     numbers = [lam, *(coef[i] for i in active), *((weights or {}).get(i, 0.0) for i in active)]
     specs, tensors, splits = [], [], []
     randoms = [i for i in active if plans[i].kind == "random"]
-    paired = {}  # DARE models two by two: one int32 of draws per element for both
+    paired = {}  # random plans two by two: one int32 of draws (or DELLA keys) per element for both
     for i, j in zip(randoms[::2], randoms[1::2]):
-        pair = _draw_pair(inputs, i, j, seed)
+        pair = _pair(inputs, i, j, plans[i], plans[j])
         paired[i], paired[j] = ("random_lo", pair), ("random_hi", pair)
     for i in active:
         if i in paired:
@@ -309,7 +310,7 @@ def task_arithmetic(
             tensors.append([pair])
             numbers.append(plans[i].thr)
             continue
-        spec, data, values, cuts = _plan_parts(inputs, plans[i], i, seed)
+        spec, data, values, cuts = _plan_parts(inputs, plans[i], i)
         specs.append(spec)
         tensors.append(data)
         numbers += values
@@ -337,7 +338,7 @@ def _kept_l1_fn(base: torch.Tensor, x: torch.Tensor, spec: tuple, data: list, f:
     return _sparse_delta(x.to(cd) - b, spec, data, f, 0, no_cuts, 0, cd).abs().sum(dtype=torch.float64)
 
 
-def kept_l1(inputs: TensorInputs, plans: dict[int, Any], todo: list[int], seed: int) -> Optional[dict[int, float]]:
+def kept_l1(inputs: TensorInputs, plans: dict[int, Any], todo: list[int]) -> Optional[dict[int, float]]:
     """L1 norm of what each random plan in ``todo`` keeps (the rescale's first pass), fused;
     None when the caller must measure it eagerly."""
     if any(plans[i].kind not in ("random", "della") for i in todo):
@@ -345,7 +346,7 @@ def kept_l1(inputs: TensorInputs, plans: dict[int, Any], todo: list[int], seed: 
     cd = inputs.compute_dtype
     out: dict[int, float] = {}
     for i in todo:
-        spec, data, values, _ = _plan_parts(inputs, plans[i], i, seed)
+        spec, data, values, _ = _plan_parts(inputs, plans[i], i)
         total = _call("kept_l1", _kept_l1_fn, inputs.base.view(-1), inputs.tensors[i].view(-1), spec, data,
                       torch.tensor(values, dtype=cd), cd)
         if total is _FAILED:

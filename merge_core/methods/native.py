@@ -35,8 +35,8 @@ _SOURCE = r"""
 
 enum { B = FENCE, AHEAD = 24, BATCH = 4096 };
 
-/* Sum over rank groups k of cum[k][c_k], c_k = #{draws[k][.] <= t_k},
-   t_k = min(ceil(pos[k] * b + a) - 1, 32767) in float32, as the PyTorch lookup computes it.
+/* Sum over rank groups k of cum[k][c_k], c_k = #{draws[k][.] <= t_k}, t_k the largest draw u
+   with u - pos[k] * b <= a in float32 (a an integer), as DellaLookup.thresholds computes it.
    draws: [L][R] int16, each row sorted; fences: [L][F] with fences[k][j] = draws[k][j * B];
    cum: [L][R + 1] float32 (zero-led running sums).
    Three passes over a batch of groups, so that the random reads of one pass are independent
@@ -50,9 +50,10 @@ double della_kept(const int16_t* draws, const int16_t* fences, const float* cum,
     for (int64_t k0 = 0; k0 < L; k0 += BATCH) {
         int64_t n = L - k0 < BATCH ? L - k0 : BATCH;
         for (int64_t i = 0; i < n; i++) {
-            float p = pos[k0 + i] * b;
-            p = p + a;
-            p = ceilf(p) - 1.0f;
+            float c = pos[k0 + i] * b;
+            float p = floorf(c) + a;
+            if ((p + 1.0f) - c <= a) p += 1.0f;  /* where float32 rounding of u - c says so */
+            if (p - c > a) p -= 1.0f;
             if (p > 32767.0f) p = 32767.0f;
             int32_t ti = (int32_t)p;
             t[i] = ti;
@@ -143,7 +144,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 def della_kept(draws: torch.Tensor, fences: torch.Tensor, cum: torch.Tensor, positions: torch.Tensor,
                a: float, b: float) -> Optional[float]:
-    """:meth:`~merge_core.methods.sparsify._DellaLookup.kept` in C; None when unavailable."""
+    """:meth:`~merge_core.methods.della.DellaLookup.kept` in C; None when unavailable."""
     lib = library()
     if lib is None:
         return None

@@ -27,19 +27,20 @@ seeded by ``(seed drawn from the caller's generator, model index)`` (numpy SFC64
 an element is kept when its draw is below the keep probability (a multiple of 1/65536).  The
 in-memory merger caches the field (2 bytes per element; the planner's seeds do not change
 between candidates) and, for DARE's rescale, the L1 of ``|d|`` per draw value, so a
-candidate's mask is one compare and its rescale a lookup.  DELLA caches each element's
-normalised rank within its row and, for its rescale, the draws sorted per rank with running sums
-of ``|d|`` (:class:`_DellaLookup`), so its kept L1 is a lookup too instead of a second pass.
+candidate's mask is one compare and its rescale a lookup.  DELLA (its rank-dependent
+probability) lives in :mod:`~merge_core.methods.della`; repeated merges with a fixed epsilon
+turn it into the same kind of compare on a field of per-element keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from merge_core.methods import native
 from merge_core.methods.base import MethodError, TensorInputs
 from merge_core.methods.linear import flat
 
@@ -68,9 +69,12 @@ class Plan:
     """How one model's task vector is sparsified for one call.
 
     ``kind``: ``full`` (untouched), ``zero`` (all dropped), ``band`` (keep between ``cuts``),
-    ``random`` (keep if the draw < ``thr``), ``della`` (keep if the draw < ``ceil(a + b * rank)``).
-    ``scale`` multiplies what is kept; ``l1_before`` is set when the kept L1 still has to be
-    measured (DELLA's rescale).
+    ``random`` (keep if the ``field`` value < ``thr``), ``della`` (keep if the draw minus
+    ``b * rank`` is <= ``a``; see :mod:`~merge_core.methods.della`).
+    ``field`` names the 16-bit field a ``random`` plan compares (``draws``: the random draws;
+    ``della_keys``: DELLA's keys) and ``version`` what it is built from (the call's stream seed;
+    for keys ``(seed, slope)``).  ``scale`` multiplies what is kept; ``l1_before`` is set when
+    the kept L1 still has to be measured (DELLA's rescale without a lookup).
     """
 
     kind: str
@@ -80,6 +84,8 @@ class Plan:
     b: float = 0.0
     scale: float = 1.0
     l1_before: float | None = None
+    field: str = "draws"
+    version: Any = 0
 
     @property
     def random(self) -> bool:
@@ -121,6 +127,13 @@ def cached_for_seed(inputs: TensorInputs, key: str, seed: int, build):
     if hit is None or hit[0] != seed:
         hit = inputs.cache[key] = (seed, build())
     return hit[1]
+
+
+def drop(inputs: TensorInputs, match: Callable[[str], bool]) -> None:
+    """Forget the cached entries whose key ``match``es (a packed or derived form replaces them;
+    they are rebuilt on demand)."""
+    for key in [k for k in inputs.cache if match(k)]:
+        del inputs.cache[key]
 
 
 @dataclass
@@ -307,106 +320,24 @@ def _draw_field(ref: torch.Tensor, i: int, seed: int) -> torch.Tensor:
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=ref.device, generator=gen)
 
 
-def _random_l1(inputs: TensorInputs, i: int, seed: int) -> np.ndarray:
-    """Cumulative ``sum |d|`` over draw values (float64, 65536 bins): the L1 any DARE mask keeps."""
+def field16(inputs: TensorInputs, i: int, plan: Plan) -> torch.Tensor:
+    """The int16 field a ``random`` plan of model ``i`` compares with its threshold (cached)."""
+    if plan.field == "draws":
+        return random_field(inputs, i, plan.version)
+    from merge_core.methods import della
+
+    return della.keys(inputs, i, plan.version)
+
+
+def field_l1(inputs: TensorInputs, i: int, plan: Plan) -> np.ndarray:
+    """Cumulative ``sum |d|`` over the values of ``plan``'s field (float64, 65536 bins, value
+    -32768 first): the L1 that keeping the values below any threshold keeps."""
 
     def build() -> np.ndarray:
-        draws = random_field(inputs, i, seed).cpu().numpy().view(np.uint16) ^ np.uint16(0x8000)
-        return np.cumsum(np.bincount(draws, weights=_abs_numpy(inputs, i), minlength=65536))
+        values = field16(inputs, i, plan).cpu().numpy().view(np.uint16) ^ np.uint16(0x8000)
+        return np.cumsum(np.bincount(values, weights=_abs_numpy(inputs, i), minlength=65536))
 
-    return cached_for_seed(inputs, f"rand_l1:{i}", seed, build)
-
-
-def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
-    """DELLA's per-element rank of ``|d|`` within its row, scaled to [0, 1]; flat, cached.
-
-    Rows are along dim 1 (a 1-D tensor is one row), as in mergekit; equal magnitudes get
-    distinct ranks in an arbitrary order, as there.  A row of one element gets 0.5 (mergekit
-    would fail on it).
-    """
-    return _cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
-
-
-def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
-    mags = _deltas(inputs, i).abs_()
-    if mags.dim() < 2:
-        mags = mags.unsqueeze(0)
-    moved = mags.movedim(1, -1)
-    length = moved.shape[-1]
-    rows = moved.reshape(-1, length)
-    ranks = torch.empty(rows.shape, dtype=inputs.compute_dtype, device=rows.device)
-    if length == 1:
-        ranks.fill_(0.5)
-    else:
-        positions = torch.arange(length, dtype=ranks.dtype, device=rows.device) / (length - 1)
-        block = max(1, (1 << 22) // length)
-        for start in range(0, rows.shape[0], block):
-            part = rows[start : start + block]
-            if part.device.type == "cpu":  # numpy's SIMD argsort is several times faster here
-                src = part if part.dtype in _NUMPY_DTYPES else part.float()
-                order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1))
-            else:
-                order = torch.argsort(part, dim=1)
-            ranks[start : start + block].scatter_(1, order, positions.expand_as(order))
-    return flat(ranks.reshape(moved.shape).movedim(-1, 1).contiguous())
-
-
-class _DellaLookup:
-    """The L1 norm any DELLA mask of one 2-D tensor keeps, by lookup (DARE's is :func:`_random_l1`).
-
-    In each row the element of rank ``k`` is kept when its draw is below ``ceil(a + b * k / (L-1))``:
-    one threshold per rank.  Grouping the elements by rank (one per row), with their draws sorted
-    and the running sum of ``|d|`` in that order, a candidate's kept L1 is ``L`` binary searches
-    (``torch.searchsorted``) instead of a pass over the tensors (which read the base, the model,
-    its draws and ranks once more per candidate).  6 bytes per element (int16 draws, float32
-    running sums within a rank group).  Built once per (model, seed) by the in-memory merger.
-    """
-
-    def __init__(self, ranks: torch.Tensor, mags: torch.Tensor, draws: torch.Tensor) -> None:
-        rows, length = ranks.shape
-        self.length = length
-        rank_index = torch.round(ranks * (length - 1)).to(torch.int64)
-        order = torch.empty_like(rank_index)  # order[r, k]: the column of row r's rank-k element
-        order.scatter_(1, rank_index, torch.arange(length).expand(rows, length))
-        del rank_index
-        by_rank = torch.gather(draws, 1, order).T.contiguous()  # [L, R]: one rank per row
-        sorted_draws, perm = torch.sort(by_rank, dim=1, stable=True)
-        del by_rank
-        mags_by_rank = torch.gather(mags, 1, order).T.contiguous()
-        del order
-        # cum[k, c]: the |d| of rank k's c elements with the smallest draws (cum[k, 0] = 0)
-        self.cum = torch.zeros((length, rows + 1), dtype=torch.float32)
-        self.cum[:, 1:] = torch.gather(mags_by_rank, 1, perm).to(torch.float64).cumsum_(1)
-        self.draws = sorted_draws
-        self.fences = sorted_draws[:, :: native.FENCE].contiguous()  # for the C lookup's first level
-        self.total = float(mags_by_rank.sum(dtype=torch.float64))
-        self.positions = torch.arange(length, dtype=torch.float32) / (length - 1)  # = rank_norm's
-
-    def kept(self, a: float, b: float) -> float:
-        """Sum of ``|d|`` where ``draw < ceil(a + b * rank)``, the thresholds computed exactly as
-        :class:`Masker` computes them."""
-        fast = native.della_kept(self.draws, self.fences, self.cum, self.positions, a, b)
-        if fast is not None:
-            return fast
-        # draw < t  <=>  draw <= t - 1 (integers); t - 1 >= -32768 since density - epsilon > 0,
-        # and t - 1 >= 32767 keeps every draw.
-        last = torch.mul(self.positions, b).add_(a).ceil_().sub_(1).clamp_(max=32767).to(torch.int16)
-        counts = torch.searchsorted(self.draws, last.view(-1, 1), right=True)
-        return float(torch.gather(self.cum, 1, counts).sum(dtype=torch.float64))
-
-
-def della_lookup(inputs: TensorInputs, i: int, seed: int) -> _DellaLookup | None:
-    """Model ``i``'s cached :class:`_DellaLookup` for ``seed``; None where it does not apply
-    (one-shot merges, non-CPU or non-float32 math, tensors of more than 2 dimensions)."""
-    ref = inputs.tensors[i]
-    if not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32 or ref.dim() > 2:
-        return None
-    shape = ref.shape if ref.dim() == 2 else (1, ref.numel())  # a vector is one row, as in rank_norm
-    if not 2 <= shape[1] <= 65536:
-        return None
-    return cached_for_seed(inputs, f"della_l1:{inputs.base_index}:{i}", seed, lambda: _DellaLookup(
-        rank_norm(inputs, i).view(shape), _deltas(inputs, i).abs_().view(shape),
-        random_field(inputs, i, seed).view(shape)))
+    return cached_for_seed(inputs, f"l1:{plan.field}:{i}", plan.version, build)
 
 
 def make_plan(
@@ -435,9 +366,9 @@ def make_plan(
             return Plan("full")
         if thr <= 0:
             return Plan("zero")
-        plan = Plan("random", thr=float(thr - 32768))
+        plan = Plan("random", thr=float(thr - 32768), version=seed)
         if rescale:
-            cum = _random_l1(inputs, i, seed)
+            cum = field_l1(inputs, i, plan)
             plan.scale = _l1_scale(float(cum[-1]), float(cum[thr - 1]))
         return plan
     if method == "della_magprune":
@@ -447,14 +378,9 @@ def make_plan(
             raise MethodError(
                 f"model {i}: density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
             )
-        plan = Plan("della", a=(density - epsilon) * 65536 - 32768, b=2 * epsilon * 65536)
-        lookup = della_lookup(inputs, i, seed) if rescale else None
-        if lookup is not None:
-            plan.scale = _l1_scale(lookup.total, lookup.kept(plan.a, plan.b))
-        elif rescale:
-            plan.l1_before = _cached(inputs, f"l1:{inputs.base_index}:{i}",
-                                     lambda: float(_abs_numpy(inputs, i).sum(dtype=np.float64)))
-        return plan
+        from merge_core.methods import della
+
+        return della.plan(inputs, i, density, epsilon, rescale, seed)
     raise ValueError(f"unknown sparsification {method!r}")
 
 
@@ -474,10 +400,9 @@ def _below(value: float, dtype: torch.dtype) -> float:
 class Masker:
     """Applies plans to chunks of task vectors in place, with scratch buffers reused across chunks."""
 
-    def __init__(self, inputs: TensorInputs, step: int, seed: int = 0) -> None:
+    def __init__(self, inputs: TensorInputs, step: int) -> None:
         dev, cd = inputs.tensors[0].device, inputs.compute_dtype
         self.inputs = inputs
-        self.seed = seed
         self._u = torch.empty(step, dtype=cd, device=dev)
         self._p = torch.empty(step, dtype=cd, device=dev)
         self._zero = torch.zeros((), dtype=cd, device=dev)
@@ -506,12 +431,13 @@ class Masker:
             self._band(plan, d, start)
             return
         u = self._u[:n]
-        u.copy_(random_field(self.inputs, i, self.seed)[start : start + n])  # int16 -> float: fast
         if plan.kind == "random":
-            torch.sub(self._zero.fill_(plan.thr), u, out=u)  # thr - draw >= 1 exactly when kept
+            u.copy_(field16(self.inputs, i, plan)[start : start + n])  # int16 -> float: fast
+            torch.sub(self._zero.fill_(plan.thr), u, out=u)  # thr - value >= 1 exactly when kept
+            u.clamp_(0, 1)
         else:
-            p = self._p[:n]
-            torch.mul(rank_norm(self.inputs, i)[start : start + n], plan.b, out=p)
-            p.add_(plan.a).ceil_()
-            torch.sub(p, u, out=u)
-        d.mul_(u.clamp_(0, 1))
+            from merge_core.methods import della
+
+            u.copy_(random_field(self.inputs, i, plan.version)[start : start + n])
+            della.mask_chunk(u, della.rank_norm(self.inputs, i)[start : start + n], plan, self._p[:n])
+        d.mul_(u)

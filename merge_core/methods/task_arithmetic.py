@@ -12,8 +12,9 @@ For task vectors ``d_i = model_i - base`` (base required), each sparsified (see
 and the result is ``base + lambda * mixed``.  ``int8_mask`` only changes mergekit's mask
 storage, never the result; it is accepted and ignored.
 
-Implementation: one pass over chunks of the tensors (two for DELLA with ``rescale``: the first
-measures the kept L1 norm; the other sparsifiers know it from their plan).  The consensus keeps
+Implementation: one pass over chunks of the tensors (two for a one-shot DELLA with ``rescale``:
+the first measures the kept L1 norm; the other sparsifiers, and repeated DELLA merges, know it
+from their plan).  The consensus keeps
 each model's chunk ``x_i``, takes the sign ``g`` of ``sum x_i`` and sums ``max(g x_i, 0)`` (and,
 for ``normalize``, ``w_i sign(max(g x_i, 0))``): all float arithmetic, since boolean masks are
 several times slower in PyTorch on CPU.
@@ -89,7 +90,7 @@ class GeneralizedTaskArithmetic(MethodBase):
         }
         lam = float(glob["lambda"])
         if any(p.l1_before is not None for p in plans.values()):
-            self._measure_rescale(inputs, plans, seed)
+            self._measure_rescale(inputs, plans)
         active = [i for i in others if plans[i].kind != "zero" and weights[i] != 0.0]
         if not active:
             return lincomb(inputs, [(base, 1.0)], out)
@@ -100,9 +101,9 @@ class GeneralizedTaskArithmetic(MethodBase):
             if all(plans[i].kind == "full" for i in active):
                 # No sparsification: base + sum k_i (x_i - base) is a plain linear combination.
                 return lincomb(inputs, [(base, 1.0 - sum(coef.values()))] + list(coef.items()), out)
-            return self._run(inputs, plans, active, coef, None, 1.0, False, seed, out)  # lam is in coef
+            return self._run(inputs, plans, active, coef, None, 1.0, False, out)  # lam is in coef
         coef = {i: weights[i] * plans[i].scale for i in active}
-        return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), seed, out)
+        return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), out)
 
     def _plan(self, inputs: TensorInputs, i: int, values: dict, rescale: bool, seed: int) -> Plan:
         if self.sparsification is None:
@@ -113,10 +114,10 @@ class GeneralizedTaskArithmetic(MethodBase):
         )
 
     @staticmethod
-    def _measure_rescale(inputs: TensorInputs, plans: dict[int, Plan], seed: int) -> None:
+    def _measure_rescale(inputs: TensorInputs, plans: dict[int, Plan]) -> None:
         """First pass of the random sparsifiers with rescale: L1 of what each mask keeps."""
         todo = [i for i, p in plans.items() if p.l1_before is not None]
-        kept = fused.kept_l1(inputs, plans, todo, seed) if fused.usable(inputs) else None
+        kept = fused.kept_l1(inputs, plans, todo) if fused.usable(inputs) else None
         if kept is not None:
             for i in todo:
                 before, after = plans[i].l1_before, kept[i]
@@ -125,7 +126,7 @@ class GeneralizedTaskArithmetic(MethodBase):
             return
         ref = inputs.tensors[0]
         cd, step = inputs.compute_dtype, min(chunk_len(ref.device), ref.numel())
-        masker = Masker(inputs, step, seed)
+        masker = Masker(inputs, step)
         bbuf = torch.empty(step, dtype=cd, device=ref.device)
         dbuf = torch.empty(step, dtype=cd, device=ref.device)
         parts: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
@@ -153,13 +154,12 @@ class GeneralizedTaskArithmetic(MethodBase):
         weights: dict[int, float] | None,
         lam: float,
         normalize: bool,
-        seed: int,
         out: torch.Tensor | None,
     ) -> torch.Tensor:
         """The chunked merge: ``base + lam * mix(c_i * sparse(d_i))``; ``lam`` is 1 without consensus
         (it is folded into ``coef`` there).  Large CPU tensors of the in-memory merger run fused."""
         if fused.usable(inputs, out, needs_out=True) and fused.task_arithmetic(
-            inputs, plans, active, coef, weights if normalize else None, lam, self.consensus, seed, out
+            inputs, plans, active, coef, weights if normalize else None, lam, self.consensus, out
         ):
             return out
         ref = inputs.tensors[0]
@@ -175,7 +175,7 @@ class GeneralizedTaskArithmetic(MethodBase):
         s = buf()  # the sum of the x_i (consensus) or the accumulator (when ``out`` is not direct)
         sgn, den = (buf(), buf()) if self.consensus else (None, None)
         one = torch.ones((), dtype=cd, device=dev)
-        masker = Masker(inputs, size, seed)
+        masker = Masker(inputs, size)
         base = flat(inputs.base)
         xs = {i: flat(inputs.tensors[i]) for i in active}
         ws = [weights[i] for i in active] if normalize else None
