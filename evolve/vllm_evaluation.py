@@ -39,7 +39,7 @@ from merge_core.errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-    from evolve.evaluation import EvalResult, EvalSettings
+    from evolve.evaluation import EvalSettings
 
 __all__ = ["VLLM_MISSING", "VLLMEvaluator", "engine_kwargs", "vllm_available"]
 

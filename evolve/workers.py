@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 # evolve.search (Result, the pool protocol) imports pycma and scipy (~1-2 s): this module is what

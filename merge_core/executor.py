@@ -40,6 +40,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     write_model_card: bool = True
     show_progress: bool = False
+    fsync: bool = True  # flush the output to disk before renaming it into place (ShardedModelWriter)
 
 
 # Bytes of input tensors the reader thread may hold ahead of the merge (at least one task).
@@ -221,7 +222,7 @@ def run_merge(plan: MergePlan, out_dir: Path, recipe_yaml: str, options: MergeOp
         readers = {
             i: stack.enter_context(CheckpointReader(model.path)) for i, model in enumerate(plan.models)
         }
-        writer = stack.enter_context(ShardedModelWriter(out_dir, options.out_shard_size))
+        writer = stack.enter_context(ShardedModelWriter(out_dir, options.out_shard_size, fsync=options.fsync))
         # Announcing every output tensor lets the writer stream each one to its final place
         # in its shard instead of holding a whole shard (up to 5 GB) in memory.
         writer.declare(

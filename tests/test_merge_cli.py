@@ -190,3 +190,31 @@ def test_random_seed_reproducible(tiny_models, tmp_path: Path) -> None:
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(runs["s1"][name], runs["s2"][name])
     assert not torch.equal(runs["s1"][name], runs["s3"][name])
+
+
+@pytest.mark.parametrize("flag", [None, "--fsync"])
+def test_fsync_is_opt_in(flag, tiny_models, tmp_path: Path, monkeypatch) -> None:
+    """By default the output is renamed into place without waiting for the disk (as mergekit
+    and transformers write); ``--fsync`` flushes every written file and the directories first,
+    and only then hints early writeback."""
+    import merge_core.writer as writer
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", spy)
+    hints = []
+    monkeypatch.setattr(writer, "_load_sync_file_range", lambda: lambda *a: hints.append(a) or 0)
+    out = tmp_path / "merged"
+    args = [str(_write(tmp_path, _ta_recipe(tiny_models))), str(out), "--quiet"] + ([flag] if flag else [])
+    assert merge_yaml(args) == 0
+    assert (out / "model.safetensors").exists()
+    if flag is None:
+        assert synced == [] and hints == []
+    else:
+        assert any(p.endswith("model.safetensors") for p in synced) and hints
+        assert str(tmp_path) in synced  # the parent directory, after the rename

@@ -289,18 +289,28 @@ def test_della_rescale_of_vectors_and_3d_tensors(shape):
 
 
 def check_della_lookup_matches_one_shot(name, shape, lookup=True):
+    reused, _ = check_della_matches_one_shot(name, shape, ((0.2, 0.1), (0.5, 0.3), (0.9, 0.05)), torch.bfloat16)
+    assert any(k.startswith("della_l1:") for k in reused.cache) == lookup
+
+
+def check_della_matches_one_shot(name, shape, settings, dtype) -> tuple[TensorInputs, list[set[str]]]:
+    """Repeated merges on one reused TensorInputs, model 1 with each ``(density, epsilon)`` of
+    ``settings`` in turn: each equals the one-shot merge.  Returns the inputs and the cache keys
+    after each call."""
     gen = torch.Generator().manual_seed(9)
-    base = torch.randn(*shape, generator=gen).bfloat16()
-    models = [base] + [(base.float() + 0.02 * torch.randn(*shape, generator=gen)).bfloat16() for _ in range(2)]
+    base = torch.randn(*shape, generator=gen).to(dtype)
+    models = [base] + [(base.float() + 0.02 * torch.randn(*shape, generator=gen)).to(dtype) for _ in range(2)]
     reused = TensorInputs("w", models, 0, reuse=True)
-    for density, eps in ((0.2, 0.1), (0.5, 0.3), (0.9, 0.05)):
+    caches = []
+    for density, eps in settings:
         per = [{}, {"weight": 0.6, "density": density, "epsilon": eps},
                {"weight": 0.5, "density": 0.4, "epsilon": 0.2}]
         one_shot = get_method(name).merge(TensorInputs("w", models, 0), TensorParams({}, per),
                                           generator=torch.Generator().manual_seed(3))
         cached = get_method(name).merge(reused, TensorParams({}, per), generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(cached, one_shot, rtol=1e-6, atol=1e-7)
-    assert any(k.startswith("della_l1:") for k in reused.cache) == lookup
+        caches.append(set(reused.cache))
+    return reused, caches
 
 
 def _della_masks(inputs, i, density, eps, seed):
@@ -360,19 +370,7 @@ def test_della_lookup_kept_l1_equals_masked_sum():
 def test_della_switches_to_the_general_form_when_epsilon_changes(name):
     """Repeated merges are keyed while epsilon stays; the first call with another epsilon moves
     the tensor to the general form (keys freed) -- every call equals the one-shot merge."""
-    gen = torch.Generator().manual_seed(9)
-    shape = (120, 80)
-    base = torch.randn(*shape, generator=gen)
-    models = [base] + [base + 0.02 * torch.randn(*shape, generator=gen) for _ in range(2)]
-    reused = TensorInputs("w", models, 0, reuse=True)
-    forms = []
-    for density, eps in ((0.5, 0.1), (0.4, 0.1), (0.4, 0.2), (0.6, 0.1)):
-        per = [{}, {"weight": 0.6, "density": density, "epsilon": eps},
-               {"weight": 0.5, "density": 0.4, "epsilon": 0.2}]
-        one_shot = get_method(name).merge(TensorInputs("w", models, 0), TensorParams({}, per),
-                                          generator=torch.Generator().manual_seed(3))
-        cached = get_method(name).merge(reused, TensorParams({}, per), generator=torch.Generator().manual_seed(3))
-        torch.testing.assert_close(cached, one_shot, rtol=1e-6, atol=1e-7)
-        forms.append("della_keys:1" in reused.cache)
-    assert forms == [True, True, False, False]
+    settings = ((0.5, 0.1), (0.4, 0.1), (0.4, 0.2), (0.6, 0.1))
+    reused, caches = check_della_matches_one_shot(name, (120, 80), settings, torch.float32)
+    assert ["della_keys:1" in keys for keys in caches] == [True, True, False, False]
     assert "della_keys:2" in reused.cache  # model 2 kept its epsilon: still keyed

@@ -23,7 +23,6 @@ pytest.importorskip("lm_eval")
 from evolve.config import parse_evolve_config  # noqa: E402
 from evolve.evaluation import EvalSettings  # noqa: E402
 from evolve.genome import Genome  # noqa: E402
-from evolve.lm_tasks import default_task_dir  # noqa: E402
 from evolve.search import HELD_OUT, TRAIN, SearchDriver  # noqa: E402
 from evolve.storage import RunStorage  # noqa: E402
 from evolve.workers import CandidateWorker, LocalPool, WorkerSpec  # noqa: E402
