@@ -22,6 +22,30 @@ from merge_core.plan_types import MergePlan, TensorTask
 from merge_core.tensor_io import CheckpointReader
 
 
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
+
+    Building a method's caches allocates and frees many tensors below glibc's (self-raising)
+    mmap threshold; the freed heap stays resident, which at 500M parameters made the first DELLA
+    merges peak past 24 GB.  Called only after a tensor's caches changed, never in the steady
+    per-candidate loop.
+    """
+    trim = _TRIM.get("fn", False)
+    if trim is False:
+        try:
+            import ctypes
+
+            trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            trim = None
+        _TRIM["fn"] = trim
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: dict[str, object] = {}
+
+
 @dataclass(frozen=True)
 class MergeStats:
     """What one ``merge_into`` call did (for benchmarks and logs)."""
@@ -150,7 +174,10 @@ class InMemoryMerger:
             if out is None:
                 raise ModelError(f"{task.output}: the target model has no such tensor")
             inputs = self._inputs_for(plan, task, paths)
+            cached = len(inputs.cache)
             merge_tensor(task, inputs.tensors, out=out, inputs=inputs)
+            if len(inputs.cache) != cached and self.device.type == "cpu":
+                _return_freed_memory()  # caches were built: their temporaries fragment the heap
         self._close_readers()  # lazily opened for tensors this plan added
         return MergeStats(len(plan.tasks), time.perf_counter() - start)
 
