@@ -5,7 +5,9 @@ mergekit keeps each element of a task vector ``d`` with probability
 [0, 1].  Here an element with the uniform 16-bit draw ``u`` (:func:`sparsify.random_field`) is kept
 when ``u - c <= A``, with ``c = r * b``, ``b = 2 * epsilon * 65536`` and
 ``A = ceil((density - epsilon) * 65536 - 32768) - 1``, in the compute dtype: ``P(keep) = p`` to
-within 1/65536.  Every path -- one-shot, in-memory, eager, fused -- decides by these numbers.
+within 1/65536.  Every path -- one-shot, in-memory, eager, fused -- decides by these numbers
+(the fused general form computes ``c`` as ``k * (b / (L-1))``, which may round differently in
+the last bit: only an element exactly on its threshold can be decided otherwise).
 
 Repeated merges (the in-memory merger) take one of two forms per model and tensor:
 
