@@ -100,7 +100,7 @@ def keys(inputs: TensorInputs, i: int, version: tuple[int, float]) -> torch.Tens
         field = random_field(inputs, i, seed)
         x = field.to(inputs.compute_dtype).sub_(rank_norm(inputs, i) * b)  # as Masker computes u - c
         q = x.ceil_().clamp_(-32768, 32767).to(torch.int16)  # below -32768: kept whatever A is
-        drop(inputs, lambda key: key in (f"rand16:{i}", f"della_rank:{inputs.base_index}:{i}"))
+        drop(inputs, lambda key: key in (f"draws:{i}", f"della_rank:{inputs.base_index}:{i}"))
         return q
 
     return cached_for_seed(inputs, f"{KEYS}:{i}", version, build)

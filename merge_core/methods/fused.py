@@ -241,7 +241,7 @@ def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tenso
     def build() -> torch.Tensor:
         k = torch.round(rank_norm(inputs, i) * (length - 1)).to(torch.int32)
         packed = (random_field(inputs, i, seed).to(torch.int32) << 16).bitwise_or_(k)
-        gone = {f"rand16:{i}", f"f32:draws:{i}", f"della_rank:{inputs.base_index}:{i}"}
+        gone = {f"draws:{i}", f"f32:draws:{i}", f"della_rank:{inputs.base_index}:{i}"}
         drop(inputs, gone.__contains__)
         return packed
 
@@ -260,8 +260,8 @@ def _pair(inputs: TensorInputs, i: int, j: int, plan_i: Any, plan_j: Any) -> tor
     def build() -> torch.Tensor:
         high = field16(inputs, j, plan_j).to(torch.int32) << 16
         pair = high.bitwise_or_(field16(inputs, i, plan_i).to(torch.int32) + 32768)
-        own = {"draws": "rand16"}.get(field, field)  # where field16 caches the int16 field
-        drop(inputs, {f"{own}:{i}", f"{own}:{j}", f"f32:{field}:{i}", f"f32:{field}:{j}"}.__contains__)
+        # field16 caches each int16 field under "<field>:<model>", its int32 copy under "f32:..."
+        drop(inputs, {f"{field}:{i}", f"{field}:{j}", f"f32:{field}:{i}", f"f32:{field}:{j}"}.__contains__)
         return pair
 
     return cached_for_seed(inputs, f"pair:{field}:{i}:{j}", (plan_i.version, plan_j.version), build)

@@ -87,10 +87,6 @@ class Plan:
     field: str = "draws"
     version: Any = 0
 
-    @property
-    def random(self) -> bool:
-        return self.kind in ("random", "della")
-
 
 def delta_chunk(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``x - base`` into ``out`` (``base`` already in ``out``'s dtype)."""
@@ -307,7 +303,7 @@ def _outliers_plan(inputs: TensorInputs, i: int, density: float, gamma: float, r
 
 def random_field(inputs: TensorInputs, i: int, seed: int) -> torch.Tensor:
     """Model ``i``'s uniform int16 draws for one call (flat, on the tensors' device); cached per seed."""
-    return cached_for_seed(inputs, f"rand16:{i}", seed, lambda: _draw_field(inputs.tensors[i], i, seed))
+    return cached_for_seed(inputs, f"draws:{i}", seed, lambda: _draw_field(inputs.tensors[i], i, seed))
 
 
 def _draw_field(ref: torch.Tensor, i: int, seed: int) -> torch.Tensor:
