@@ -197,6 +197,7 @@ def test_fsync_is_opt_in(flag, tiny_models, tmp_path: Path, monkeypatch) -> None
     """By default the output is renamed into place without waiting for the disk (as mergekit
     and transformers write); ``--fsync`` flushes every written file and the directories first,
     and only then hints early writeback."""
+    import merge_core.safetensors_writer as safetensors_writer
     import merge_core.writer as writer
 
     synced: list[str] = []
@@ -208,7 +209,7 @@ def test_fsync_is_opt_in(flag, tiny_models, tmp_path: Path, monkeypatch) -> None
 
     monkeypatch.setattr(writer.os, "fsync", spy)
     hints = []
-    monkeypatch.setattr(writer, "_load_sync_file_range", lambda: lambda *a: hints.append(a) or 0)
+    monkeypatch.setattr(safetensors_writer, "_load_sync_file_range", lambda: lambda *a: hints.append(a) or 0)
     out = tmp_path / "merged"
     args = [str(_write(tmp_path, _ta_recipe(tiny_models))), str(out), "--quiet"] + ([flag] if flag else [])
     assert merge_yaml(args) == 0
