@@ -8,7 +8,8 @@ run, so what a method caches there (task vectors, sorted magnitudes) is computed
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,20 +31,19 @@ def _return_freed_memory() -> None:
     merges peak past 24 GB.  Called only after a tensor's caches changed, never in the steady
     per-candidate loop.
     """
-    trim = _TRIM.get("fn", False)
-    if trim is False:
-        try:
-            import ctypes
-
-            trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            trim = None
-        _TRIM["fn"] = trim
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
-_TRIM: dict[str, object] = {}
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
 import torch
 
 from merge_core.methods import native
-import math
-
 from merge_core.methods.della import DellaLookup
 
 needs_compiler = pytest.mark.skipif(

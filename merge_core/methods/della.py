@@ -198,15 +198,23 @@ class DellaLookup:
         return t
 
 
+def row_length(ref: torch.Tensor) -> int | None:
+    """The length of the rows DELLA ranks within (dim 1; a vector is one row) when the rank
+    indices fit in 16 bits and a row has 2 or more elements (the lookup and the fused packing
+    need both); else None."""
+    length = ref.shape[1] if ref.dim() == 2 else ref.numel() if ref.dim() == 1 else 0
+    return length if 2 <= length <= 65536 else None
+
+
 def della_lookup(inputs: TensorInputs, i: int, seed: int) -> DellaLookup | None:
     """Model ``i``'s cached :class:`DellaLookup` for ``seed``; None where it does not apply
-    (one-shot merges, non-CPU or non-float32 math, tensors of more than 2 dimensions)."""
+    (one-shot merges, non-CPU or non-float32 math, tensors of more than 2 dimensions, rows
+    outside :func:`row_length`)."""
     ref = inputs.tensors[i]
-    if not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32 or ref.dim() > 2:
+    length = row_length(ref)
+    if not inputs.reuse or ref.device.type != "cpu" or inputs.compute_dtype != torch.float32 or length is None:
         return None
-    shape = ref.shape if ref.dim() == 2 else (1, ref.numel())  # a vector is one row, as in rank_norm
-    if not 2 <= shape[1] <= 65536:
-        return None
+    shape = (-1, length)  # a vector is one row, as in rank_norm
     return cached_for_seed(inputs, f"della_l1:{inputs.base_index}:{i}", seed, lambda: DellaLookup(
         rank_norm(inputs, i).view(shape), _deltas(inputs, i).abs_().view(shape),
         random_field(inputs, i, seed).view(shape)))

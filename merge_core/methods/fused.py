@@ -214,27 +214,20 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
     out.copy_((b + lam * mixed).to(out.dtype))
 
 
-def _row_length(ref: torch.Tensor) -> Optional[int]:
-    """The length of the rows DELLA ranks within (dim 1; a vector is one row), when its rank
-    indices fit in 16 bits (and a row has 2 or more elements); else None."""
-    length = ref.shape[1] if ref.dim() == 2 else ref.numel() if ref.dim() == 1 else 0
-    return length if 2 <= length <= 65536 else None
-
-
 def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
     """Model ``i``'s DELLA draws and rank indices in one int32 per element (``draw << 16 | k``,
     the draw signed so an arithmetic shift recovers it), cached per seed, for DELLA's general
     form (see :mod:`~merge_core.methods.della`); None unless the tensor is a vector or matrix
-    with rows of 2 to 65536 elements (:func:`_row_length`).
+    with rows of 2 to 65536 elements (:func:`della.row_length <merge_core.methods.della.row_length>`).
 
     The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
     then): at 500M parameters that is the difference between fitting in 24 GB or not.
     """
-    from merge_core.methods.della import rank_norm
+    from merge_core.methods.della import rank_norm, row_length
     from merge_core.methods.sparsify import cached_for_seed, drop, random_field
 
-    length = _row_length(inputs.tensors[i])
+    length = row_length(inputs.tensors[i])
     if length is None:
         return None
 
@@ -270,7 +263,7 @@ def _pair(inputs: TensorInputs, i: int, j: int, plan_i: Any, plan_j: Any) -> tor
 def _plan_parts(inputs: TensorInputs, plan: Any, i: int) -> tuple[tuple, list, list[float], list[int]]:
     """What the kernel needs of model ``i``'s plan: its static structure (``spec``), the
     per-element tensors it reads, its numbers in ``f`` order and its cuts' split indices."""
-    from merge_core.methods.della import rank_norm
+    from merge_core.methods.della import rank_norm, row_length
 
     n = inputs.tensors[i].numel()
     if plan.kind == "band":
@@ -284,7 +277,7 @@ def _plan_parts(inputs: TensorInputs, plan: Any, i: int) -> tuple[tuple, list, l
     if plan.kind == "della":
         packed = _della_pack(inputs, i, plan.version)
         if packed is not None:
-            return ("della_packed",), [packed], [plan.a, plan.b / (_row_length(inputs.tensors[i]) - 1)], []
+            return ("della_packed",), [packed], [plan.a, plan.b / (row_length(inputs.tensors[i]) - 1)], []
         return ("della",), [_field32(inputs, i, plan), rank_norm(inputs, i)], [plan.a, plan.b], []
     return (plan.kind,), [], [], []
 

@@ -6,7 +6,9 @@ so every read waits for the previous one.  Here the same searches run in C, in p
 reads are independent and prefetched ahead, with a fence level that leaves one cache line of
 each search to a random read.  The source is compiled with the system C compiler (the one ``torch.compile``'s
 CPU backend uses too) into a per-user cache directory, once per source version, and loaded with
-:mod:`ctypes`.  Without a compiler, or with ``MERGE_CORE_NATIVE=0``, callers use their PyTorch
+:mod:`ctypes` (a plain C function needs no torch headers: it builds in well under a second,
+where ``torch.utils.cpp_extension`` would compile against them for tens of seconds per worker).
+Without a compiler, or with ``MERGE_CORE_NATIVE=0``, callers use their PyTorch
 path; both give the same numbers (the C code rounds exactly as the PyTorch ops do:
 ``-ffp-contract=off``, float32 operands).
 """
