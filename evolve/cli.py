@@ -6,57 +6,94 @@
     merge-evolve report --storage-path DIR [--json]       summarise a run directory
 
 mergekit-evolve's options keep their meaning and defaults.  Heavy modules (ray, lm_eval, wandb,
-torch) are imported only once a command runs, so ``--help`` is instant.
+torch) are imported only once a command runs, so ``--help`` is instant.  The command line is
+turned into a typed :class:`~evolve.options.RunOptions` here, once; nothing below sees argparse.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from evolve.options import DEFAULT_MAX_FEVALS, DEFAULT_SIGMA0, RunOptions
 
 EXIT_BAD_INPUT = 2
 VERBS = ("run", "resume", "report")
+NO_EFFECT = "accepted for mergekit-evolve compatibility; no effect"
+
+
+def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` (int or float), finite, at least ``minimum`` (``what`` says so)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (kind is float and minimum == 0 and value == 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, "an integer >= 1")
+SEED = _number(int, 0, "an integer >= 0")
+POPSIZE = _number(int, 2, "an integer >= 2")
+POSITIVE = _number(float, 0, "a number > 0")
+
+
+def _folder(text: str) -> Path:
+    """An argparse type: an existing directory."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory '{text}'")
+    return path
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     mk = parser.add_argument_group("mergekit-evolve options (same meaning and defaults)")
-    mk.add_argument("--max-fevals", type=int, default=100, help="evaluation budget (default 100)")
+    mk.add_argument("--max-fevals", type=POSITIVE_INT, default=DEFAULT_MAX_FEVALS,
+                    help=f"evaluation budget (default {DEFAULT_MAX_FEVALS})")
     mk.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=False,
                     help="score candidates with vLLM instead of Hugging Face transformers")
     mk.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=True,
-                    help="accepted for compatibility: merges always happen in memory")
+                    help=f"{NO_EFFECT} (merges always happen in memory)")
     mk.add_argument("--strategy", choices=("pool", "buffered", "serial"), default="pool",
-                    help="accepted for compatibility: workers are always kept fed")
-    mk.add_argument("--num-gpus", type=int, default=None, help="GPUs to use (one worker per GPU)")
+                    help=f"{NO_EFFECT} (workers are always kept fed)")
+    mk.add_argument("--num-gpus", type=POSITIVE_INT, default=None, help="GPUs to use (one worker per GPU)")
     mk.add_argument("--merge-cuda", action=argparse.BooleanOptionalAction, default=True,
                     help="merge on the GPU when one is present (default on)")
-    mk.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size")
-    mk.add_argument("--sigma0", type=float, default=1 / 6, help="initial CMA-ES step (default 1/6)")
-    mk.add_argument("--random-seed", type=int, default=None,
+    mk.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="lm-eval batch size")
+    mk.add_argument("--sigma0", type=POSITIVE, default=DEFAULT_SIGMA0, help="initial CMA-ES step (default 1/6)")
+    mk.add_argument("--random-seed", type=SEED, default=None,
                     help="seed of the whole run (default 0, or the stored run's seed when resuming)")
     mk.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                     help="log to Weights & Biases (WANDB_MODE=offline works without a key)")
     mk.add_argument("--wandb-project", default=None)
     mk.add_argument("--wandb-entity", default=None)
-    mk.add_argument("--task-search-path", action="append", default=[], type=Path,
+    mk.add_argument("--task-search-path", action="append", default=[], type=_folder,
                     help="folder of lm-eval task YAMLs (repeatable; eval_tasks/ is always searched)")
     mk.add_argument("--save-final-model", action=argparse.BooleanOptionalAction, default=True,
                     help="merge the best recipe into STORAGE/final_model at the end (default on)")
-    mk.add_argument("--timeout", type=float, default=None,
+    mk.add_argument("--timeout", type=POSITIVE, default=None,
                     help="stop asking new generations after this many seconds of this session")
-    mk.add_argument("--force-population-size", type=int, default=None, help="CMA-ES population size")
+    mk.add_argument("--force-population-size", type=POPSIZE, default=None,
+                    help="CMA-ES population size (>= 2)")
     mk.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     mk.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False)
-    mk.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
-                    help=argparse.SUPPRESS)
+    mk.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True, help=NO_EFFECT)
     mk.add_argument("--i-understand-the-depths-of-the-evils-i-am-unleashing", action="store_true",
-                    help=argparse.SUPPRESS)
-    mk.add_argument("--load-in-8bit", action="store_true", help=argparse.SUPPRESS)
-    mk.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
+                    help=NO_EFFECT)
+    mk.add_argument("--load-in-8bit", action="store_true", help="not supported (an error)")
+    mk.add_argument("--load-in-4bit", action="store_true", help="not supported (an error)")
 
     ours = parser.add_argument_group("merge-evolve options")
-    ours.add_argument("--num-workers", type=int, default=None,
+    ours.add_argument("--num-workers", type=POSITIVE_INT, default=None,
                       help="evaluation workers (default: one per GPU, else 2 on CPU)")
     ours.add_argument("--ray-address", default=None,
                       help="join this Ray cluster (e.g. auto, ray://host:10001); default: a local one")
@@ -68,7 +105,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--no-shared-context", dest="shared_context", action="store_false",
                       help="HF backend: score each choice as its own sequence, as lm-eval does "
                            "(default: the choices of a document share one forward pass of its context)")
-    ours.add_argument("--eval-timeout", type=float, default=None,
+    ours.add_argument("--eval-timeout", type=POSITIVE, default=None,
                       help="seconds one candidate may take before its worker is restarted")
     ours.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -77,8 +114,9 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     """The parser of one verb (``run`` is also the default when no verb is given)."""
     parser = argparse.ArgumentParser(
         prog=f"merge-evolve {verb}" if verb != "run" else "merge-evolve",
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         epilog="verbs: run (default), resume, report; see `merge-evolve VERB --help`",
+        allow_abbrev=False,  # a typo such as --max-feval must be an error, not a guess
     )
     if verb == "run":
         parser.add_argument("config", type=Path, help="evolve config (mergekit-evolve YAML)")
@@ -88,6 +126,42 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     else:
         _add_run_options(parser)
     return parser
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The typed options of a parsed ``run``/``resume`` command line."""
+    from merge_core.errors import RecipeError
+
+    if args.load_in_8bit or args.load_in_4bit:
+        raise RecipeError("--load-in-8bit/--load-in-4bit", "quantized evaluation is not supported")
+    return RunOptions(
+        storage_path=args.storage_path,
+        config=getattr(args, "config", None),
+        max_fevals=args.max_fevals,
+        vllm=args.vllm,
+        num_gpus=args.num_gpus,
+        merge_cuda=args.merge_cuda,
+        batch_size=args.batch_size,
+        sigma0=args.sigma0,
+        random_seed=args.random_seed,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+        wandb_entity=args.wandb_entity,
+        task_search_paths=tuple(args.task_search_path),
+        save_final_model=args.save_final_model,
+        timeout=args.timeout,
+        force_population_size=args.force_population_size,
+        trust_remote_code=args.trust_remote_code,
+        allow_crimes=args.allow_crimes,
+        num_workers=args.num_workers,
+        ray_address=args.ray_address,
+        no_ray=args.no_ray,
+        device=args.device,
+        eval_dtype=args.eval_dtype,
+        shared_context=args.shared_context,
+        eval_timeout=args.eval_timeout,
+        quiet=args.quiet,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             from evolve.report import report
 
             return report(args.storage_path, as_json=args.json)
-        from evolve.run import run_search
+        from evolve.app import run_search
 
-        return run_search(args, resume=(verb == "resume"))
+        return run_search(run_options(args), resume=(verb == "resume"))
     except MergeError as err:
         print(f"merge-evolve: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

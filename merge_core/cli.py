@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.  Called with ``argv`` (tests, other Python code) it simply returns the exit code.
     """
     args = build_parser().parse_args(argv)
-    from merge_core.errors import MergeError
-    from merge_core.methods.base import MethodError
+    from merge_core.errors import MergeError, MethodError
 
     try:
         out = run(args)

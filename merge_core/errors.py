@@ -25,3 +25,27 @@ class ModelError(MergeError):
 
     The message names the model reference or the file.
     """
+
+
+class MethodError(ValueError):
+    """A merge method was configured wrongly (bad parameter value, wrong number of models...).
+
+    The message is one line and says what is wrong; callers prefix it with the YAML path.
+    A ValueError (not a MergeError): callers that predate this module catch it as one, and the
+    recipe and planner layers turn it into a RecipeError that names the YAML path.
+    """
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of ``text``, stripped ("" when there is none)."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def one_line(exc: BaseException) -> str:
+    """``"<ExceptionType>: <first non-empty line of its message>"``; the type alone when the
+    message is empty.  For reporting an unexpected exception inside a one-line message."""
+    line = first_line(str(exc))
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

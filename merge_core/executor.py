@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import ModelError
+from merge_core.kernels.inputs import TensorInputs
 from merge_core.methods import get_method
-from merge_core.methods.base import TensorInputs
 from merge_core.model_card import render_model_card
 from merge_core.plan_types import MergePlan, TensorTask
 from merge_core.tensor_io import CheckpointReader

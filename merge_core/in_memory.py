@@ -17,8 +17,8 @@ import torch
 
 from merge_core.errors import ModelError
 from merge_core.executor import merge_tensor
-from merge_core.methods import fused
-from merge_core.methods.base import TensorInputs
+from merge_core.kernels import fused
+from merge_core.kernels.inputs import TensorInputs
 from merge_core.plan_types import MergePlan, TensorTask
 from merge_core.tensor_io import CheckpointReader
 

@@ -12,13 +12,14 @@ refused: unpickling can run arbitrary code.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merge_core.checkpoint_files import INDEX_FILE, SINGLE_FILE, load_config, read_weight_map
+from merge_core.dtypes import safetensors_codes
 from merge_core.errors import ModelError
 
 _REPO_ID_RE = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
@@ -135,10 +136,11 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 
     Raises ModelError naming the file when the header is malformed.
     """
-    from merge_core.tensor_io import TORCH_TO_SAFETENSORS, parse_header
+    from merge_core.tensor_io import parse_header  # imports torch: only once headers are read
 
+    codes = safetensors_codes()
     return {
-        name: TensorInfo(TORCH_TO_SAFETENSORS[entry.dtype], entry.shape, file.name)
+        name: TensorInfo(codes[entry.dtype], entry.shape, file.name)
         for name, entry in parse_header(file).items()
     }
 
@@ -146,28 +148,19 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 def read_tensor_index(path: Path, reference: str) -> dict[str, TensorInfo]:
     """All tensors of the checkpoint in ``path`` (single file, sharded with an index, or shards
     without an index).  Raises ModelError for pickle-only or missing weights."""
-    index_file = path / "model.safetensors.index.json"
+    index_file = path / INDEX_FILE
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ModelError(f"'{reference}': malformed {index_file}") from None
         headers: dict[str, dict[str, TensorInfo]] = {}
         out: dict[str, TensorInfo] = {}
-        for name, fname in weight_map.items():
+        for name, fname in read_weight_map(index_file, reference).items():
             if fname not in headers:
-                shard = path / fname
-                if not shard.is_file():
-                    raise ModelError(f"'{reference}': {index_file.name} names missing shard {fname}")
-                headers[fname] = read_safetensors_header(shard)
+                headers[fname] = read_safetensors_header(path / fname)
             info = headers[fname].get(name)
             if info is None:
                 raise ModelError(f"'{reference}': {index_file.name} puts {name} in {fname}, which lacks it")
             out[name] = info
         return out
-    single = path / "model.safetensors"
+    single = path / SINGLE_FILE
     files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
     if files:
         out = {}
@@ -194,20 +187,6 @@ class ModelInfo:
     tensors: dict[str, TensorInfo]
 
 
-def read_config(path: Path, reference: str) -> dict[str, Any]:
-    """``config.json`` of the model in ``path``; ModelError naming the file when unusable."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise ModelError(f"'{reference}': no config.json in {path}")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"'{reference}': cannot parse {file}: {err}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"'{reference}': {file} is not a JSON object")
-    return config
-
-
 def load_model_info(reference: str, path: Path) -> ModelInfo:
     """Read config.json and the tensor headers of the model ``reference`` resolved to ``path``."""
-    return ModelInfo(reference, path, read_config(path, reference), read_tensor_index(path, reference))
+    return ModelInfo(reference, path, load_config(path, reference), read_tensor_index(path, reference))

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from merge_core.errors import RecipeError
-from merge_core.methods.base import MethodError, ParamSpec, ParamValue
+from merge_core.errors import MethodError, RecipeError
+from merge_core.methods.base import ParamSpec, ParamValue
 
 Scalar = bool | int | float | str
 _SCALARS = (bool, int, float, str)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from merge_core.methods.base import TensorParams
+from merge_core.kernels.inputs import TensorParams
 
 
 @dataclass(frozen=True)

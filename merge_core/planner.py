@@ -28,24 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from merge_core.architecture import Architecture, WeightSpec, architecture_for
-from merge_core.errors import ModelError, RecipeError
+from merge_core.dtypes import torch_dtype  # re-exported: callers import it from here
+from merge_core.errors import MethodError, ModelError, RecipeError
+from merge_core.kernels.inputs import TensorParams
 from merge_core.methods import get_method
-from merge_core.methods.base import MergeMethod, MethodError, TensorParams
+from merge_core.methods.base import MergeMethod
 from merge_core.model_ref import ModelInfo, load_model_info, resolve_model_ref
 from merge_core.params import Scope, resolve_param
 from merge_core.plan_types import InputModel, MergePlan, TensorSource, TensorTask
 from merge_core.recipe import Module, Recipe
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float32": torch.float32, "float64": torch.float64}
-
-
-def torch_dtype(name: str | None) -> torch.dtype | None:
-    """``"bfloat16"`` (or ``"torch.bfloat16"``) -> ``torch.bfloat16``; None stays None."""
-    return None if name is None else _DTYPES[name.removeprefix("torch.")]
 
 
 def tensor_seed(run_seed: int | None, output: str) -> int:

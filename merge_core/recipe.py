@@ -22,11 +22,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from merge_core.errors import RecipeError
-from merge_core.methods.base import MethodError
+from merge_core.dtypes import RECIPE_DTYPES
+from merge_core.errors import MethodError, RecipeError, first_line
 from merge_core.params import SettingError, check_setting, coerce_value, iter_values
-
-DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _fail(subpath: str, message: str) -> PydanticCustomError:
@@ -73,8 +71,8 @@ def _setting(value: Any) -> Any:
 
 def _dtype(value: Any) -> str:
     name = value.removeprefix("torch.") if isinstance(value, str) else None
-    if name not in DTYPES:
-        raise _fail("", f"unknown dtype {_short(value)}; known: {', '.join(DTYPES)}")
+    if name not in RECIPE_DTYPES:
+        raise _fail("", f"unknown dtype {_short(value)}; known: {', '.join(RECIPE_DTYPES)}")
     return value
 
 
@@ -316,7 +314,7 @@ def parse_recipe(data: str | dict[str, Any], *, source: str = "recipe") -> Recip
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            problem = getattr(err, "problem", None) or first_line(str(err))
             raise RecipeError("", f"{source}: invalid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise RecipeError("", f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")

@@ -23,16 +23,22 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from merge_core.checkpoint_files import INDEX_FILE, SINGLE_FILE, load_config, read_weight_map
+from merge_core.dtypes import safetensors_codes, safetensors_dtypes
 from merge_core.errors import ModelError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+__all__ = [
+    "INDEX_FILE", "SAFETENSORS_DTYPES", "SINGLE_FILE", "TORCH_TO_SAFETENSORS", "CheckpointReader",
+    "TensorEntry", "load_config", "parse_header", "read_header",
+]  # load_config lives in checkpoint_files; re-exported for the callers that import it from here
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # madvise advice (Linux 5.14+) that maps every page of a range without copy-on-write;
 # Python's mmap module gained the name only in 3.13.
@@ -40,22 +46,9 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # safetensors refuses headers above 100 MB; a larger length field means a corrupt file.
 _MAX_HEADER_BYTES = 100_000_000
 
-
-def _build_dtype_table() -> dict[str, torch.dtype]:
-    names = {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-        "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
-        "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-        "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-        "F8_E8M0": "float8_e8m0fnu",
-    }  # fmt: skip
-    # Older torch builds lack some of these (uint16, float8 variants): keep what exists.
-    return {code: getattr(torch, name) for code, name in names.items() if hasattr(torch, name)}
-
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = _build_dtype_table()
+SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = safetensors_dtypes()
 """safetensors header dtype code -> torch dtype (the codes this engine reads and writes)."""
-TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+TORCH_TO_SAFETENSORS: Mapping[torch.dtype, str] = safetensors_codes()
 
 
 @dataclass(frozen=True)
@@ -189,22 +182,11 @@ class CheckpointReader:
             raise ModelError(_no_weights_message(path))
 
     def _load_index(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ModelError(f"{index}: unreadable index ({type(err).__name__}: {err})") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelError(f"{index}: 'weight_map' is missing or empty")
         by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            if not isinstance(shard, str) or not _is_plain_relpath(shard):
-                raise ModelError(f"{index}: bad shard file name {shard!r} for '{name}'")
+        for name, shard in read_weight_map(index).items():
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
-            file = index.parent / shard
-            if not file.is_file():
-                raise ModelError(f"{index}: shard '{shard}' listed in weight_map is missing")
-            self._add_shard(file, names, key=shard)
+            self._add_shard(index.parent / shard, names, key=shard)
 
     def _add_shard(self, file: Path, names: list[str] | None, key: str | None = None) -> None:
         entries, data_start = _parse_header_and_start(file)
@@ -372,12 +354,6 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += got
 
 
-def _is_plain_relpath(name: str) -> bool:
-    """A path inside the model directory (index entries must not point outside it)."""
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
-
-
 def _no_weights_message(path: Path) -> str:
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES) or f.endswith(".bin.index.json")]
@@ -395,22 +371,4 @@ def _no_weights_message(path: Path) -> str:
             "(mergekit and transformers do not load that layout)"
         )
     return f"{path}: no model weights found (expected {SINGLE_FILE} or {INDEX_FILE})"
-
-
-def load_config(model_dir: Path | str) -> dict[str, Any]:
-    """The ``config.json`` of ``model_dir`` as a dict; ModelError if missing or invalid."""
-    file = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
-        raise ModelError(f"{model_dir}: model directory does not exist")
-    if not file.is_file():
-        raise ModelError(f"{file}: not found (every model directory needs a config.json)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"{file}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{file}: invalid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    return config
 

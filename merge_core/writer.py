@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import MergeError, ModelError
+from merge_core.fsutil import fsync_dir
 from merge_core.safetensors_writer import (
     ShardFile,
     ShardStream,
@@ -97,19 +98,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (before the rename that publishes it).
 
@@ -120,7 +108,7 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _looks_like_model_dir(path: Path) -> bool:
@@ -413,7 +401,7 @@ class ShardedModelWriter:
                 os.rename(aside, out)  # put the previous output back
             raise
         if self.fsync:
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 

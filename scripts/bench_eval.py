@@ -1,4 +1,4 @@
-"""Per-evaluation overhead of evolve.evaluation.HFEvaluator vs lm_eval.simple_evaluate.
+"""Per-evaluation overhead of evolve.evaluation.hf.HFEvaluator vs lm_eval.simple_evaluate.
 
 Builds a tiny random Llama with a byte-level BPE tokenizer trained on the toy tasks' text
 (or uses --model DIR), then times, interleaved and after a warm-up:
@@ -27,12 +27,15 @@ import lm_eval  # noqa: E402
 import torch  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from evolve.evaluation import EvalSettings, HFEvaluator, TaskSpec, _quiet  # noqa: E402
-from evolve.lm_tasks import default_task_dir  # noqa: E402
+from evolve.config import TaskConfig  # noqa: E402
+from evolve.evaluation import EvalSettings, default_task_dir  # noqa: E402
+from evolve.evaluation.hf import HFEvaluator  # noqa: E402
+from evolve.evaluation.quiet import quiet  # noqa: E402
 
 
 def build_model(root: Path, hidden: int, layers: int) -> Path:
     from test_evaluation import VOCAB, _train_bpe
+
     from tiny_models import make_tiny_llama
 
     heads = max(4, hidden // 32)
@@ -57,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model or build_model(Path(tmp.name), args.hidden, args.layers)
-    specs = [TaskSpec("toy_spatial"), TaskSpec("toy_arith"), TaskSpec("toy_prompt_format")]
+    specs = [TaskConfig(name="toy_spatial"), TaskConfig(name="toy_arith"), TaskConfig(name="toy_prompt_format")]
     names = [s.name for s in specs]
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, device="cpu",
                             builtin_tasks=False, threads=args.threads)
@@ -67,7 +70,7 @@ def main() -> None:
 
     from lm_eval.models.huggingface import HFLM
 
-    with _quiet(True):  # a plain HFLM on the same model object, for simple_evaluate
+    with quiet(True):  # a plain HFLM on the same model object, for simple_evaluate
         plain = HFLM(pretrained=ev.model, tokenizer=ev.tokenizer, batch_size=args.batch_size)
 
     model_seconds = [0.0]
@@ -83,7 +86,7 @@ def main() -> None:
     ev.lm._model_call = timed_model_call  # bench-only instrumentation: forward passes
 
     def run_simple() -> dict:
-        with _quiet(True):
+        with quiet(True):
             return lm_eval.simple_evaluate(model=plain, tasks=names, limit=args.limit, task_manager=tm,
                                            log_samples=False, batch_size=args.batch_size)["results"]
 

@@ -73,11 +73,10 @@ def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.exe
 def plain_lm_eval(model_dir: Path, threads: int, batch_size: int, repeats: int) -> float:
     """Median wall seconds of lm_eval.simple_evaluate on an already-loaded merged model."""
     import torch
+    import yaml
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    import yaml
     tasks = [t["name"] for t in yaml.safe_load(TOY.read_text())["tasks"]]
     torch.set_num_threads(threads)
     lm = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=batch_size)

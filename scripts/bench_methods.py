@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from merge_core.kernels.inputs import TensorInputs, TensorParams
 from merge_core.methods import get_method
-from merge_core.methods.base import TensorInputs, TensorParams
 
 SHAPES = [(4864, 1024), (1024, 4864), (1024, 1024), (512, 1024), (1024,)]
 

@@ -37,17 +37,19 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from evolve.evaluation import EvalSettings, HFEvaluator, TaskSpec
-    from evolve.vllm_evaluation import VLLMEvaluator, prepare_environment
+    from evolve.config import TaskConfig
+    from evolve.evaluation import EvalSettings
+    from evolve.evaluation.hf import HFEvaluator
+    from evolve.evaluation.vllm import VLLMEvaluator, prepare_environment
 
     settings = EvalSettings(limit=args.limit, device="cpu", builtin_tasks=False, threads=args.threads,
                             task_search_paths=(REPO / "tests" / "data" / "vllm_tasks",))
-    mc = [TaskSpec("toy_spatial"), TaskSpec("toy_arith"), TaskSpec("toy_prompt_format")]
-    gen = [TaskSpec("toy_arith_gen", metric="exact_match,none")]
+    mc = [TaskConfig(name="toy_spatial"), TaskConfig(name="toy_arith"), TaskConfig(name="toy_prompt_format")]
+    gen = [TaskConfig(name="toy_arith_gen", metric="exact_match,none")]
 
     prepare_environment(cpu=True, threads=args.threads, quiet=True)
     start = time.perf_counter()
-    import evolve.vllm_lm  # noqa: F401  (vllm and lm-eval's VLLM wrapper: once per process)
+    import evolve.evaluation.vllm_lm  # noqa: F401  (vllm and lm-eval's VLLM wrapper: once per process)
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -18,16 +18,11 @@ from tiny_models import make_tiny_llama
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from evolve.evaluation import (  # noqa: E402
-    EvalError,
-    EvalSettings,
-    HFEvaluator,
-    TaskSpec,
-    score_tasks,
-)
-from evolve.lm_tasks import default_task_dir  # noqa: E402
+from evolve.config import TaskConfig  # noqa: E402
+from evolve.evaluation import EvalError, EvalSettings, default_task_dir, score_tasks  # noqa: E402
+from evolve.evaluation.hf import HFEvaluator  # noqa: E402
 
-TOY = [TaskSpec("toy_spatial"), TaskSpec("toy_arith"), TaskSpec("toy_prompt_format")]
+TOY = [TaskConfig(name="toy_spatial"), TaskConfig(name="toy_arith"), TaskConfig(name="toy_prompt_format")]
 VOCAB = 320
 
 
@@ -138,16 +133,16 @@ def test_in_place_overwrite_rescores(bpe_models):
 
 def test_limit_respected(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings(limit=7))
-    result = ev.evaluate([TaskSpec("toy_arith")])
+    result = ev.evaluate([TaskConfig(name="toy_arith")])
     assert result.samples == {"toy_arith": 7}
     ev = HFEvaluator(bpe_models["x"], _settings(limit=0.05))  # a fraction, as in lm-eval
-    assert ev.evaluate([TaskSpec("toy_arith")]).samples == {"toy_arith": 10}
+    assert ev.evaluate([TaskConfig(name="toy_arith")]).samples == {"toy_arith": 10}
 
 
 def test_unknown_task_one_line_error(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings())
     with pytest.raises(EvalError) as info:
-        ev.evaluate([TaskSpec("toy_arith"), TaskSpec("no_such_task_xyz")])
+        ev.evaluate([TaskConfig(name="toy_arith"), TaskConfig(name="no_such_task_xyz")])
     message = str(info.value)
     assert "no_such_task_xyz" in message and str(default_task_dir()) in message
     assert "\n" not in message
@@ -157,13 +152,13 @@ def test_unknown_task_one_line_error(bpe_models):
 def test_unknown_task_after_builtin_fallback(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings(builtin_tasks=True))
     with pytest.raises(EvalError, match="no_such_task_xyz.*built-in"):
-        ev.evaluate([TaskSpec("no_such_task_xyz")])
+        ev.evaluate([TaskConfig(name="no_such_task_xyz")])
 
 
 def test_missing_metric_names_available(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings(limit=5))
     with pytest.raises(EvalError) as info:
-        ev.evaluate([TaskSpec("toy_arith", metric="acc_norm,none")])
+        ev.evaluate([TaskConfig(name="toy_arith", metric="acc_norm,none")])
     message = str(info.value)
     assert "'acc_norm,none'" in message and "acc,none" in message and "toy_arith" in message
     assert "_stderr" not in message
@@ -171,7 +166,7 @@ def test_missing_metric_names_available(bpe_models):
 
 def test_fitness_is_plain_weighted_sum(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings(limit=20))
-    tasks = [TaskSpec("toy_arith", weight=2.0), TaskSpec("toy_spatial", weight=0.5)]
+    tasks = [TaskConfig(name="toy_arith", weight=2.0), TaskConfig(name="toy_spatial", weight=0.5)]
     result = ev.evaluate(tasks)
     arith, spatial = result.scores["toy_arith"], result.scores["toy_spatial"]
     assert result.fitness == 2.0 * arith + 0.5 * spatial
@@ -180,7 +175,7 @@ def test_fitness_is_plain_weighted_sum(bpe_models):
 
 def test_group_task_scores_mean_of_members(bpe_models):
     ev = HFEvaluator(bpe_models["x"], _settings(limit=20))
-    result = ev.evaluate([TaskSpec("toy_all")])
+    result = ev.evaluate([TaskConfig(name="toy_all")])
     members = [result.metrics[t.name]["acc,none"] for t in TOY]
     assert result.scores["toy_all"] == pytest.approx(sum(members) / 3)
     assert result.samples == {t.name: 20 for t in TOY}
@@ -192,8 +187,8 @@ def test_score_tasks_weights_duplicates_and_nan():
         "b": {"acc,none": 0.25},
     }
     tasks = [
-        TaskSpec("a", weight=2.0),
-        TaskSpec("a", weight=1.0, metric="acc_norm,none"),
+        TaskConfig(name="a", weight=2.0),
+        TaskConfig(name="a", weight=1.0, metric="acc_norm,none"),
         SimpleNamespace(name="b", weight=4.0, metric="acc,none", split=None),  # any TaskLike
     ]
     scored = score_tasks(tasks, results)
@@ -205,7 +200,7 @@ def test_score_tasks_weights_duplicates_and_nan():
     assert not failed.ok and failed.fitness is None and "'b'" in failed.error
     assert math.isnan(failed.scores["b"])
     with pytest.raises(EvalError, match="'c' has no results"):
-        score_tasks([TaskSpec("c")], results)
+        score_tasks([TaskConfig(name="c")], results)
 
 
 def _write_split_task(root: Path) -> Path:
@@ -240,17 +235,17 @@ def _write_split_task(root: Path) -> Path:
 def test_split_override(bpe_models, tmp_path):
     tasks_dir = _write_split_task(tmp_path / "tasks")
     ev = HFEvaluator(bpe_models["x"], _settings(limit=None, task_search_paths=(tasks_dir,)))
-    plain = ev.evaluate([TaskSpec("split_task")])
-    override = ev.evaluate([TaskSpec("split_task", split="validation")])
-    declared = ev.evaluate([TaskSpec("split_task_val")])
+    plain = ev.evaluate([TaskConfig(name="split_task")])
+    override = ev.evaluate([TaskConfig(name="split_task", split="validation")])
+    declared = ev.evaluate([TaskConfig(name="split_task_val")])
     assert plain.samples == {"split_task": 12}
     assert override.samples == {"split_task": 5}
     assert override.scores["split_task"] == declared.scores["split_task_val"]
-    assert ev.evaluate([TaskSpec("split_task")]).scores == plain.scores  # the override did not leak
+    assert ev.evaluate([TaskConfig(name="split_task")]).scores == plain.scores  # the override did not leak
     with pytest.raises(EvalError, match="no split 'train'.*test, validation"):
-        ev.evaluate([TaskSpec("split_task", split="train")])
+        ev.evaluate([TaskConfig(name="split_task", split="train")])
     with pytest.raises(EvalError, match="two splits"):
-        ev.evaluate([TaskSpec("split_task"), TaskSpec("split_task", split="validation")])
+        ev.evaluate([TaskConfig(name="split_task"), TaskConfig(name="split_task", split="validation")])
 
 
 def test_quiet_prints_no_progress_bars(bpe_models, capsys):

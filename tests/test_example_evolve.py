@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 from test_model_ref import plant_in_hf_cache
-from tiny_models import make_tiny_llama, write_bpe_tokenizer
 
 from evolve.cli import main as merge_evolve
+from tiny_models import make_tiny_llama, write_bpe_tokenizer
 
 EXAMPLE = Path(__file__).parent / "data/shared_examples/evolve/evol_merge_config.yml"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

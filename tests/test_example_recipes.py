@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_model_ref import plant_in_hf_cache
-from tiny_models import make_tiny_llama
 
 from merge_core.errors import RecipeError
 from merge_core.planner import Planner, plan_merge, torch_dtype
 from merge_core.recipe import load_recipe
+from tiny_models import make_tiny_llama
 
 EXAMPLES = Path(__file__).parent / "data/shared_examples/recipes"
 FILES = sorted(EXAMPLES.glob("*.yml"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_core.methods import fused, get_method
+from merge_core.kernels import fused
+from merge_core.methods import get_method
 from merge_core.methods.base import TensorInputs, TensorParams
 
 pytestmark = pytest.mark.slow  # compiles a kernel per method structure (a few seconds each)

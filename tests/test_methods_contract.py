@@ -16,7 +16,7 @@ TASK_VECTOR = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrum
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 700 elements: every test crosses chunk boundaries (tensors have 1,536)."""
-    monkeypatch.setattr("merge_core.methods.linear.CPU_CHUNK", 700)
+    monkeypatch.setattr("merge_core.kernels.chunking.CPU_CHUNK", 700)
 
 
 def _tensors(n: int, dtype=torch.float32, shape=(48, 32), seed=0) -> list[torch.Tensor]:

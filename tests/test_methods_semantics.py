@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from merge_core.kernels.plans import Plan
 from merge_core.methods import get_method
 from merge_core.methods.base import TensorInputs, TensorParams
-from merge_core.methods.sparsify import Plan
 
 
 def merge(name, tensors, base=None, glob=None, per=None, seed=None, **kw):
@@ -239,7 +239,7 @@ def test_out_aliasing_an_input_is_safe():
 @pytest.mark.parametrize("reuse", [False, True])
 def test_equal_magnitudes_at_threshold_are_kept_in_index_order(reuse, monkeypatch):
     """Of the elements tied at a threshold, the first ones (a stable sort's choice) are kept."""
-    monkeypatch.setattr("merge_core.methods.linear.CPU_CHUNK", 3)  # the split falls inside a chunk
+    monkeypatch.setattr("merge_core.kernels.chunking.CPU_CHUNK", 3)  # the split falls inside a chunk
     d = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 3.0, 2.0, -1.0, 2.0])
     zero = torch.zeros_like(d)
     method = get_method("ties")
@@ -315,8 +315,8 @@ def check_della_matches_one_shot(name, shape, settings, dtype) -> tuple[TensorIn
 
 def _della_masks(inputs, i, density, eps, seed):
     """The general and the keyed DELLA plan of model ``i`` (fresh caches), and their masks."""
-    from merge_core.methods import della
-    from merge_core.methods.sparsify import Masker
+    from merge_core.kernels import della
+    from merge_core.kernels.sparsify import Masker
 
     n = inputs.tensors[i].numel()
     a = math.ceil((density - eps) * 65536 - 32768) - 1
@@ -343,7 +343,7 @@ def test_della_keys_give_the_general_mask(dtype):
         inputs = TensorInputs("w", [base, model], 0, reuse=True)
         _, _, (general, keyed) = _della_masks(inputs, 1, density, eps, seed=11)
         assert torch.equal(general, keyed), (density, eps)
-        from merge_core.methods.della import rank_norm
+        from merge_core.kernels.della import rank_norm
 
         ranks = rank_norm(TensorInputs("w", [base, model], 0), 1).view(400, 300)
         kept = general.view(400, 300)
@@ -352,7 +352,7 @@ def test_della_keys_give_the_general_mask(dtype):
 
 
 def test_della_lookup_kept_l1_equals_masked_sum():
-    from merge_core.methods.della import della_lookup
+    from merge_core.kernels.della import della_lookup
 
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(64, 50, generator=gen)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import mergekit_python
+
 from merge_core.methods import get_method
 from merge_core.methods.base import TensorInputs, TensorParams
 
@@ -148,7 +148,7 @@ def oracle_results(tmp_path_factory):
                          ids=[f"{c['method']}-{k}" for k, c in enumerate(CASES)])
 @pytest.mark.parametrize("chunk", [1 << 17, 517], ids=["chunk-default", "chunk-517"])
 def test_matches_mergekit(k, chunk, oracle_results, monkeypatch):
-    monkeypatch.setattr("merge_core.methods.linear.CPU_CHUNK", chunk)  # many chunk boundaries
+    monkeypatch.setattr("merge_core.kernels.chunking.CPU_CHUNK", chunk)  # many chunk boundaries
     case = CASES[k]
     tensors = _inputs(case)
     ours = _ours(case, tensors)

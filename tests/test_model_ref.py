@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_llama
 
 from merge_core.errors import ModelError
 from merge_core.model_ref import (
@@ -20,6 +19,7 @@ from merge_core.model_ref import (
     resolve_model_ref,
     split_revision,
 )
+from tiny_models import make_tiny_llama
 
 
 def plant_in_hf_cache(cache: Path, repo_id: str, model_dir: Path, *, revision: str = "main") -> Path:
@@ -164,8 +164,9 @@ def test_bad_config(tmp_path: Path, tiny: Path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny, copy)
     (copy / "config.json").write_text("{oops")
-    with pytest.raises(ModelError, match="cannot parse .*config.json"):
+    # one config.json reader (checkpoint_files.load_config): it names the reference and the file
+    with pytest.raises(ModelError, match=r"^'copy': .*config.json: invalid JSON \(line 1"):
         load_model_info("copy", copy)
     (copy / "config.json").unlink()
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"^'copy': .*config.json: not found"):
         load_model_info("copy", copy)

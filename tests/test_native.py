@@ -1,4 +1,4 @@
-"""The C helpers (merge_core.methods.native) give exactly the PyTorch path's numbers."""
+"""The C helpers (merge_core.kernels.native) give exactly the PyTorch path's numbers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from merge_core.methods import native
-from merge_core.methods.della import DellaLookup
+from merge_core.kernels import native
+from merge_core.kernels.della import DellaLookup
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler on this machine")

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_params import mergekit_python_or_skip
-from tiny_models import make_tiny_llama
 
 import merge_core.planner as planner_mod
 from merge_core.errors import MergeError, ModelError, RecipeError
 from merge_core.plan_types import MergePlan, TensorSource
 from merge_core.planner import Planner, plan_merge, tensor_seed, torch_dtype
 from merge_core.recipe import parse_recipe
+from tiny_models import make_tiny_llama
 
 LAYER = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "post_attention_layernorm", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"]

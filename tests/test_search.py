@@ -320,6 +320,22 @@ def test_kill_between_tell_and_state_save(tmp_path, reference, monkeypatch):
     assert normalized_ledger(tmp_path) == normalized_ledger(ref_path)
 
 
+STORED_RUNS = Path(__file__).parent / "data" / "runs"
+
+
+def test_run_directory_of_an_earlier_version_resumes(tmp_path, reference):
+    """``tests/data/runs/v0_1_killed``: this test's make_driver() settings, run with the flat
+    ``evolve/search.py`` of merge-evolve 0.1 (before the package split) and killed after 14
+    results. Resumed now, it completes exactly as an uninterrupted run of today's code."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(STORED_RUNS / "v0_1_killed", run)
+    make_driver(run).run(FakePool(3))
+    assert normalized_ledger(run) == normalized_ledger(reference[0])
+    assert best_of(run) == best_of(reference[0])
+
+
 def test_torn_ledger_line_then_resume(tmp_path, reference):
     ref_path, _ = reference
     with pytest.raises(Killed):

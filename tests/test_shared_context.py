@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evolve.evaluation import _ResidentHFLM
-from evolve.shared_context import plan_requests
+from evolve.evaluation.hf import ResidentHFLM
+from evolve.evaluation.shared_context import plan_requests
 from tiny_models import make_tiny_llama
 
 
@@ -20,11 +20,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("shared") / "m", seed=3)
 
 
-def _lm(model_dir: Path, attention: str = "sdpa", batch_size: int = 4) -> _ResidentHFLM:
+def _lm(model_dir: Path, attention: str = "sdpa", batch_size: int = 4) -> ResidentHFLM:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                  attn_implementation=attention).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return _ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _requests(seed: int = 0) -> list:
@@ -121,7 +121,7 @@ def test_model_that_ignores_the_mask_falls_back(tiny_dir, caplog):
 
 
 def test_masks_over_budget_are_rebuilt_per_pass(tiny_dir):
-    from evolve.shared_context import score_plan
+    from evolve.evaluation.shared_context import score_plan
 
     lm = _lm(tiny_dir)
     requests = _requests(3)

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evolve.vllm_evaluation import VLLM_MISSING, engine_kwargs, vllm_available
+from evolve.evaluation import VLLM_MISSING, vllm_available
+from evolve.evaluation.vllm import engine_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "tests" / "data" / "vllm_tasks"  # toy_arith_gen (generate_until)
@@ -62,7 +63,7 @@ def test_engine_kwargs_follow_the_config(tmp_path: Path) -> None:
     kw = engine_kwargs(tmp_path, _settings(seed=5))
     # Defaults: float32 on CPU, eager, 4096 capped at the model's 256, the push extension.
     assert kw["dtype"] == "float32" and kw["enforce_eager"] is True and kw["max_model_len"] == 256
-    assert kw["worker_extension_cls"] == "evolve.vllm_worker_ext.WeightPush"
+    assert kw["worker_extension_cls"] == "evolve.evaluation.vllm_worker_ext.WeightPush"
     assert kw["seed"] == 5 and kw["batch_size"] == "auto" and "max_num_seqs" not in kw
     kw = engine_kwargs(tmp_path, _settings(dtype="bf16", vllm={"max_model_len": 128, "max_num_seqs": 8,
                                                                "batch_size": 32, "dtype": None}))
@@ -71,7 +72,7 @@ def test_engine_kwargs_follow_the_config(tmp_path: Path) -> None:
 
 
 def test_engine_kwargs_refuse_what_cannot_work(tmp_path: Path) -> None:
-    from evolve.lm_tasks import EvalError
+    from evolve.evaluation import EvalError
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EvalError, match="tensor_parallel_size must be 1"):
@@ -81,10 +82,10 @@ def test_engine_kwargs_refuse_what_cannot_work(tmp_path: Path) -> None:
 
 
 def test_cli_without_vllm_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
-    import evolve.vllm_evaluation
+    import evolve.evaluation
     from evolve.cli import main as merge_evolve
 
-    monkeypatch.setattr(evolve.vllm_evaluation, "vllm_available", lambda: False)
+    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: False)
     assert merge_evolve([str(TOY_CONFIG), "--storage-path", str(tmp_path / "run"), "--vllm", "--no-ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"merge-evolve: error: --vllm: {VLLM_MISSING}"
@@ -93,34 +94,22 @@ def test_cli_without_vllm_is_one_line(monkeypatch, tmp_path: Path, capsys) -> No
 # -- with vLLM: the engine ------------------------------------------------------------------
 
 def _tasks():
-    from evolve.evaluation import TaskSpec
+    from evolve.config import TaskConfig
 
-    return [TaskSpec("toy_spatial"), TaskSpec("toy_arith"), TaskSpec("toy_prompt_format"),
-            TaskSpec("toy_arith_gen", metric="exact_match,none")]
+    return [TaskConfig(name="toy_spatial"), TaskConfig(name="toy_arith"), TaskConfig(name="toy_prompt_format"),
+            TaskConfig(name="toy_arith_gen", metric="exact_match,none")]
 
 
 @pytest.fixture(scope="session")
-def zoo_root(need_vllm, request: pytest.FixtureRequest) -> Path:
-    """A complete toy zoo, only where vLLM is installed.
-
-    The zoo's stamp hashes library versions, and the vLLM venv pins others than the main venv
-    (transformers <5.20), so a zoo that TOY_ZOO_DIR names is reused as it is when complete,
-    whichever venv built it: these tests compare two backends on the same checkpoints, they do
-    not test the zoo build (rebuilding a shared zoo from here would also clobber it).  Else the
-    ``toy_zoo`` fixture builds one (minutes).
-    """
-    from toy_zoo import read_stamp  # scripts/ is on sys.path (tests/zoo_fixture.py)
-
-    env_dir = os.environ.get("TOY_ZOO_DIR")
-    if env_dir and read_stamp(Path(env_dir)) is not None:
-        return Path(env_dir)
-    return request.getfixturevalue("toy_zoo").root
+def zoo_root(need_vllm, zoo_dir: Path) -> Path:
+    """A complete toy zoo (tests/zoo_fixture.py's ``zoo_dir``), only where vLLM is installed."""
+    return zoo_dir
 
 
 @pytest.fixture(scope="module")
 def hf_scores(zoo_root: Path) -> dict[str, dict[str, float]]:
     """The HF evaluator's scores of the spatial and arith experts (the reference)."""
-    from evolve.evaluation import HFEvaluator
+    from evolve.evaluation.hf import HFEvaluator
 
     out = {}
     for name in ("spatial", "arith"):
@@ -131,7 +120,7 @@ def hf_scores(zoo_root: Path) -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def arith_engine(zoo_root: Path):
-    from evolve.vllm_evaluation import VLLMEvaluator
+    from evolve.evaluation.vllm import VLLMEvaluator
 
     with VLLMEvaluator(zoo_root / "arith", _settings(), threads=1) as evaluator:
         yield evaluator
@@ -139,7 +128,7 @@ def arith_engine(zoo_root: Path):
 
 @pytest.fixture(scope="module")
 def spatial_engine(zoo_root: Path):
-    from evolve.vllm_evaluation import VLLMEvaluator
+    from evolve.evaluation.vllm import VLLMEvaluator
 
     with VLLMEvaluator(zoo_root / "spatial", _settings(), threads=1) as evaluator:
         yield evaluator
@@ -235,7 +224,7 @@ def test_push_of_a_subset_and_of_other_dtypes(zoo_root: Path, spatial_engine, ar
 def test_push_refuses_part_of_a_fused_layer(zoo_root: Path, spatial_engine) -> None:
     # vLLM fuses q/k/v into qkv_proj and rebuilds a layer from what it is given: q alone would
     # leave k and v uninitialised (NaN outputs).  Refused before anything is loaded.
-    from evolve.lm_tasks import EvalError
+    from evolve.evaluation import EvalError
 
     spatial = _state_dict(zoo_root / "spatial")
     before = spatial_engine.weights_fingerprint()
@@ -260,7 +249,8 @@ def test_candidate_worker_merges_into_a_resident_dict_and_pushes(zoo_root: Path)
 
     from evolve.config import parse_evolve_config
     from evolve.genome import Genome
-    from evolve.workers import TRAIN, CandidateWorker, WorkerSpec
+    from evolve.protocols import TRAIN
+    from evolve.workers import CandidateWorker, WorkerSpec
 
     data = yaml.safe_load(TOY_CONFIG.read_text())
     data["genome"]["models"] = [str(zoo_root / Path(m).name) for m in data["genome"]["models"]]

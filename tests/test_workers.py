@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-
 pytest.importorskip("lm_eval")
 
 from evolve.config import parse_evolve_config  # noqa: E402
@@ -197,7 +196,7 @@ def ray_cluster():
 @pytest.mark.slow
 def test_ray_pool_runs_the_driver_end_to_end(ray_cluster, models, tmp_path):
     """Two actors, one generation of 8 plus a held-out job; three candidates meet faults."""
-    from evolve.ray_pool import RayPool
+    from evolve.workers import RayPool
 
     config = _config(models, held_out=[{"name": "toy_arith_heldout"}])
     genome = Genome(config.genome, 4)
@@ -227,7 +226,7 @@ def test_ray_pool_runs_the_driver_end_to_end(ray_cluster, models, tmp_path):
 
 @pytest.mark.slow
 def test_ray_pool_retries_crashes_and_hangs(ray_cluster, models, tmp_path):
-    from evolve.ray_pool import RayPool
+    from evolve.workers import RayPool
 
     config = _config(models, limit=8)
     genome = Genome(config.genome, 4)
@@ -256,7 +255,7 @@ def test_ray_pool_retries_crashes_and_hangs(ray_cluster, models, tmp_path):
 
 @pytest.mark.slow
 def test_ray_pool_setup_failure_is_one_clear_error(ray_cluster, models, tmp_path):
-    from evolve.ray_pool import RayPool, WorkerPoolError
+    from evolve.workers import RayPool, WorkerPoolError
 
     config = _config(models)
     genome = Genome(config.genome, 4)
@@ -268,7 +267,7 @@ def test_ray_pool_setup_failure_is_one_clear_error(ray_cluster, models, tmp_path
 
 
 def test_ray_pool_counts_cluster_gpus_only_for_gpu_workers(models):
-    from evolve.ray_pool import RayPool
+    from evolve.workers import RayPool
 
     config = _config(models)
     spec = _spec(config, Genome(config.genome, 4))

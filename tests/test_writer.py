@@ -19,6 +19,7 @@ from merge_core.model_card import render_model_card
 from merge_core.tensor_io import CheckpointReader
 from merge_core.writer import ShardedModelWriter, copy_tokenizer_files, parse_size
 
+
 def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     with CheckpointReader(model_dir) as reader:
         return {name: reader.get(name) for name in reader.names()}

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from zoo_fixture import REPO, ZOO_SEED
 
-from toy_zoo import TaskArithmetic, ZooSettings, build_zoo, check_matrix  # noqa: E402
+import zoo_isa  # noqa: E402
+from toy_zoo import TaskArithmetic, ZooSettings, build_zoo, check_matrix, corpus, tasks  # noqa: E402  # noqa: E402
 from toy_zoo import build as build_mod  # noqa: E402
-from toy_zoo import corpus, tasks  # noqa: E402
 from toy_zoo.evaluate import Scorer  # noqa: E402
 from toy_zoo.matrix import EQUAL, heldout_tasks, search_tasks  # noqa: E402
-import zoo_isa  # noqa: E402
 
 EVAL_TASKS = REPO / "eval_tasks"
 # A zoo small enough to build twice in seconds: same code path, no evaluation.

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from toy_zoo import Zoo, ZooSettings, build_zoo  # noqa: E402
+from toy_zoo import Zoo, ZooSettings, build_zoo, read_stamp  # noqa: E402
 from zoo_isa import pinned_env  # noqa: E402
 
 ZOO_SEED = 0
@@ -37,3 +37,19 @@ def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     )
     assert proc.returncode == 0, f"building the toy zoo failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return build_zoo(root, seed=ZOO_SEED, settings=ZooSettings(), log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(request: pytest.FixtureRequest) -> Path:
+    """A complete toy zoo's folder, for tests that only read its models.
+
+    A zoo that TOY_ZOO_DIR names is reused as it is when complete, whichever venv built it: the
+    zoo's stamp hashes library versions, and the vLLM venv pins others than the main venv
+    (transformers <5.20); tests that compare backends on the same checkpoints do not test the
+    zoo build (rebuilding a shared zoo from there would also clobber it).  Else ``toy_zoo``
+    builds one (minutes).
+    """
+    env_dir = os.environ.get("TOY_ZOO_DIR")
+    if env_dir and read_stamp(Path(env_dir)) is not None:
+        return Path(env_dir)
+    return request.getfixturevalue("toy_zoo").root

@@ -1,4 +1,8 @@
-"""The merge methods, by ``merge_method`` name (mergekit 0.1.5's names, parameters and defaults)."""
+"""The merge methods, by ``merge_method`` name (mergekit 0.1.5's names, parameters and defaults).
+
+Each method is a class in this package (its parameters and its math at the level of whole
+tensors); the tensor kernels they compute with live in :mod:`merge_core.kernels`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,12 @@ from merge_core.methods.task_arithmetic import (
     TaskArithmetic,
     Ties,
 )
+
+__all__ = [
+    "METHODS", "Breadcrumbs", "BreadcrumbsTies", "DareLinear", "DareTies", "Della", "DellaLinear",
+    "Linear", "MergeMethod", "MethodError", "ModelStock", "NuSlerp", "Passthrough", "Sce", "Slerp",
+    "TaskArithmetic", "Ties", "get_method", "method_names",
+]
 
 METHODS: dict[str, type] = {
     cls.name: cls

@@ -8,22 +8,27 @@ merger (the evolve hot path) resolve the recipe's parameters for each tensor and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
-ParamValue = float | int | bool
+from merge_core.errors import MethodError
+from merge_core.kernels.inputs import ParamValue, TensorInputs, TensorParams
+
+# MethodError, ParamValue, TensorInputs and TensorParams are defined below this package (in
+# merge_core.errors and merge_core.kernels.inputs) so that the kernels can use them without
+# importing the methods; they stay importable from here, where the interface is described.
+__all__ = [
+    "BaseRule", "MergeMethod", "MethodBase", "MethodError", "ParamSpec", "ParamValue", "TensorInputs",
+    "TensorParams", "Values",
+]
+
+Values = dict[str, Any]
+"""Resolved parameter values by name (one model's, or the global ones)."""
 
 BaseRule = Literal["required", "optional", "ignored"]
 """How a method treats ``base_model``: must be given, may be given, or is not used."""
-
-
-class MethodError(ValueError):
-    """A method was configured wrongly (bad parameter value, wrong number of models...).
-
-    The message is one line and says what is wrong; callers prefix it with the YAML path.
-    """
 
 
 @dataclass(frozen=True)
@@ -53,61 +58,6 @@ class ParamSpec:
         if self.maximum is not None and number > self.maximum:
             raise MethodError(f"{self.name}: {number} is above the maximum {self.maximum}")
         return number
-
-
-@dataclass
-class TensorInputs:
-    """The tensors the merged models hold under one name.
-
-    ``tensors[i]`` belongs to model ``i`` in recipe order; the base model, when the recipe has
-    one, is one of them at ``base_index`` (the planner appends it when the recipe lists it only
-    as ``base_model``).  Tensors may be any float dtype; methods compute in float32 (or in
-    ``compute_dtype``) and the caller casts the result.
-
-    ``cache`` lets a method keep derived data (task vectors, sorted magnitudes...) between calls.
-    The in-memory merger keeps one ``TensorInputs`` alive for the whole evolve run, so whatever
-    a method stores there is computed once per run instead of once per candidate.  Cached data
-    must depend only on ``tensors`` and ``base_index``, never on parameters.
-    """
-
-    name: str
-    tensors: list[torch.Tensor]
-    base_index: int | None = None
-    compute_dtype: torch.dtype = torch.float32
-    cache: dict[str, Any] = field(default_factory=dict)
-    # True when the same inputs will be merged again with other parameters (the in-memory
-    # merger): derived data worth caching.  False for one-shot merges (merge-yaml), where
-    # building a cache that is never reused (e.g. a full sort) only costs time and memory.
-    reuse: bool = False
-    # Set by the in-memory merger when the model also has tensors big enough for fused kernels
-    # (``fused.FUSE_MIN_ELEMENTS``): its small tensors are then fused too, since the kernels get
-    # compiled anyway and one fused call costs far less than the eager path's many small ops.
-    fuse_small: bool = False
-
-    @property
-    def base(self) -> torch.Tensor:
-        if self.base_index is None:
-            raise MethodError(f"{self.name}: this method needs a base_model")
-        return self.tensors[self.base_index]
-
-    @property
-    def others(self) -> list[int]:
-        """Indices of the models that are not the base, in recipe order."""
-        return [i for i in range(len(self.tensors)) if i != self.base_index]
-
-
-@dataclass(frozen=True)
-class TensorParams:
-    """Parameter values resolved for one tensor.
-
-    ``global_`` holds the method's ``global_params`` (one value for the tensor);
-    ``per_model[i]`` holds its ``model_params`` for model ``i`` (aligned with
-    ``TensorInputs.tensors``; the base's entry is present but may be empty).
-    Both are already checked against the specs and defaulted.
-    """
-
-    global_: dict[str, ParamValue]
-    per_model: list[dict[str, ParamValue]]
 
 
 @runtime_checkable
@@ -146,12 +96,13 @@ class MergeMethod(Protocol):
 
 
 class MethodBase:
-    """Bookkeeping shared by the built-in methods: model-count checks and parameter resolution.
+    """The skeleton of the built-in methods: model-count checks, parameter resolution, merge.
 
     Subclasses set the Protocol's class attributes plus mergekit's input contract:
     ``min_inputs``/``max_inputs`` count every tensor, ``min_non_base``/``max_non_base`` the
     tensors other than the base.  For ``base_rule == "ignored"`` every tensor is a merged model
-    and ``base_index`` is disregarded.
+    and ``base_index`` is disregarded.  They implement :meth:`_merge`, which :meth:`merge`
+    calls with the parameters already resolved.
     """
 
     name: ClassVar[str]
@@ -163,6 +114,26 @@ class MethodBase:
     max_inputs: ClassVar[int | None] = None
     min_non_base: ClassVar[int | None] = None
     max_non_base: ClassVar[int | None] = None
+    # Clear ``inputs.cache`` after a one-shot call (``TensorInputs.reuse`` False): for methods
+    # whose cache holds per-call data (random fields, ranks) that no later call reads.
+    clear_one_shot_cache: ClassVar[bool] = False
+
+    def merge(self, inputs: TensorInputs, params: TensorParams, *, out: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Merge one tensor (see :class:`MergeMethod`): :meth:`resolve` the parameters, then
+        :meth:`_merge`."""
+        try:
+            glob, per_model = self.resolve(inputs, params)
+            return self._merge(inputs, glob, per_model, out, generator)
+        finally:
+            if self.clear_one_shot_cache and not inputs.reuse:
+                inputs.cache.clear()
+
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """The method's own math, given :meth:`resolve`'s values (``out`` and ``generator`` as
+        in :meth:`MergeMethod.merge`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _merge")
 
     def check_models(self, n_models: int, base_index: int | None) -> None:
         """Raise MethodError if this method cannot merge ``n_models`` tensors with this base."""
@@ -177,9 +148,7 @@ class MethodBase:
             non_base = n_models - (base_index is not None)
             _check_count("models besides the base", non_base, self.min_non_base or 0, self.max_non_base)
 
-    def resolve(
-        self, inputs: TensorInputs, params: TensorParams
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def resolve(self, inputs: TensorInputs, params: TensorParams) -> tuple[Values, list[Values]]:
         """Checked, defaulted parameters: ``(global values, per-model values)``.
 
         Per-model values are filled for the models that take them (all models when the base
@@ -197,7 +166,7 @@ class MethodBase:
             raise MethodError(f"{where}got parameters for {len(params.per_model)} models but {n} tensors")
         glob = {s.name: _resolve_one(s, params.global_.get(s.name), where) for s in self.global_params}
         skip = None if self.base_rule == "ignored" else inputs.base_index
-        per_model: list[dict[str, Any]] = []
+        per_model: list[Values] = []
         for i, given in enumerate(params.per_model):
             if i == skip:
                 per_model.append({})

@@ -12,8 +12,9 @@ from typing import ClassVar
 
 import torch
 
-from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
-from merge_core.methods.linear import Target, chunks, flat, lincomb
+from merge_core.kernels.chunking import Target, chunks, flat
+from merge_core.kernels.lincomb import lincomb
+from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, Values
 
 
 def _mean_cos(norms: torch.Tensor, dots: dict[tuple[int, int], torch.Tensor], n: int) -> torch.Tensor:
@@ -42,16 +43,8 @@ class ModelStock(MethodBase):
     global_params = (ParamSpec("filter_wise", False, kind="bool"),)
     min_inputs = 3
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
-        glob, _ = self.resolve(inputs, params)
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         others = inputs.others
         n = len(others)
         base = inputs.base_index

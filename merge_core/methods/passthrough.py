@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import torch
 
-from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
-from merge_core.methods.linear import lincomb
+from merge_core.kernels.lincomb import lincomb
+from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, Values
 
 
 class Passthrough(MethodBase):
@@ -18,15 +18,8 @@ class Passthrough(MethodBase):
     model_params = (ParamSpec("scale", None),)
     max_inputs = 1
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         """Copy (or scale) the single input into ``out`` or a new tensor."""
-        _, per_model = self.resolve(inputs, params)
         scale = per_model[0]["scale"]
         return lincomb(inputs, [(0, 1.0 if scale is None else float(scale))], out)

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
-from merge_core.methods.linear import Target
+from merge_core.kernels.chunking import Target
+from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, Values
 
 
 def _select_mask(tvs: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -47,16 +47,8 @@ class Sce(MethodBase):
         ParamSpec("select_topk", 1.0, minimum=0.0, maximum=1.0),
     )
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
-        glob, _ = self.resolve(inputs, params)
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         cd = inputs.compute_dtype
         base = inputs.base.to(cd)
         target = Target(inputs, out)

@@ -3,7 +3,7 @@
 Both reduce to ``c0 * v0 + c1 * v1`` with coefficients that depend only on ``t`` and on the
 norms and dot product of the two vectors.  Those statistics depend on the tensors alone, so
 they are computed once and kept in ``inputs.cache``; every later call is one chunked linear
-combination (:func:`~merge_core.methods.linear.lincomb`).
+combination (:func:`~merge_core.kernels.lincomb.lincomb`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
-from merge_core.methods.linear import Target, chunks, flat, lincomb
+from merge_core.kernels.chunking import Target, chunks, flat
+from merge_core.kernels.lincomb import lincomb
+from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, Values
 
 
 def pair_stats(inputs: TensorInputs, i: int, j: int, base: int | None) -> tuple[float, float, float]:
@@ -60,16 +61,8 @@ class Slerp(MethodBase):
     min_inputs = 2
     max_inputs = 2
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
-        glob, _ = self.resolve(inputs, params)
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         t = float(glob["t"])
         b = inputs.base_index
         o = 1 - b
@@ -103,16 +96,8 @@ class NuSlerp(MethodBase):
     min_non_base = 2
     max_non_base = 2
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
-        glob, per_model = self.resolve(inputs, params)
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         i, j = inputs.others
         base = inputs.base_index
         wi, wj = float(per_model[i]["weight"]), float(per_model[j]["weight"])

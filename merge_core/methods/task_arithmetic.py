@@ -1,7 +1,7 @@
 """mergekit's generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
 
 For task vectors ``d_i = model_i - base`` (base required), each sparsified (see
-:mod:`~merge_core.methods.sparsify`) and multiplied by its ``weight``, ``x_i = w_i * d_i``:
+:mod:`~merge_core.kernels.sparsify`) and multiplied by its ``weight``, ``x_i = w_i * d_i``:
 
 * without consensus: ``mixed = sum_i x_i``, divided by ``sum_i w_i`` when ``normalize``
   (unless that is ~0);
@@ -26,10 +26,14 @@ from typing import ClassVar
 
 import torch
 
-from merge_core.methods import fused
-from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, TensorParams
-from merge_core.methods.linear import Target, chunk_len, chunks, flat, lincomb
-from merge_core.methods.sparsify import Masker, Plan, delta_chunk, draw_seed, make_plan
+from merge_core.kernels import fused
+from merge_core.kernels.chunking import Target, chunk_len, chunks, flat
+from merge_core.kernels.lincomb import lincomb
+from merge_core.kernels.plans import Plan
+from merge_core.kernels.random_fields import draw_seed
+from merge_core.kernels.sparsify import Masker, make_plan
+from merge_core.kernels.task_vectors import RESCALE_EPS, delta_chunk
+from merge_core.methods.base import MethodBase, ParamSpec, TensorInputs, Values
 
 _WEIGHT = ParamSpec("weight", required=True)
 _DENSITY = ParamSpec("density", 1.0, minimum=0.0, maximum=1.0)
@@ -55,30 +59,10 @@ class GeneralizedTaskArithmetic(MethodBase):
     consensus: ClassVar[bool] = False
     global_params = _globals(False, False)
     model_params = (_WEIGHT, _DENSITY)
+    clear_one_shot_cache = True  # one-shot: per-call data (random fields, ranks) is not kept
 
-    def merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        *,
-        out: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Merge one tensor (see :class:`~merge_core.methods.base.MergeMethod`)."""
-        try:
-            return self._merge(inputs, params, out, generator)
-        finally:
-            if not inputs.reuse:
-                inputs.cache.clear()  # one-shot: per-call data (random fields, ranks) is not kept
-
-    def _merge(
-        self,
-        inputs: TensorInputs,
-        params: TensorParams,
-        out: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        glob, per_model = self.resolve(inputs, params)
+    def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
+               out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         base = inputs.base_index
         others = inputs.others
         weights = {i: float(per_model[i]["weight"]) for i in others}
@@ -105,7 +89,7 @@ class GeneralizedTaskArithmetic(MethodBase):
         coef = {i: weights[i] * plans[i].scale for i in active}
         return self._run(inputs, plans, active, coef, weights, lam, bool(glob["normalize"]), out)
 
-    def _plan(self, inputs: TensorInputs, i: int, values: dict, rescale: bool, seed: int) -> Plan:
+    def _plan(self, inputs: TensorInputs, i: int, values: Values, rescale: bool, seed: int) -> Plan:
         if self.sparsification is None:
             return Plan("full")
         return make_plan(
@@ -120,9 +104,7 @@ class GeneralizedTaskArithmetic(MethodBase):
         kept = fused.kept_l1(inputs, plans, todo) if fused.usable(inputs) else None
         if kept is not None:
             for i in todo:
-                before, after = plans[i].l1_before, kept[i]
-                if before >= 1e-7 and after >= 1e-7:
-                    plans[i].scale = before / after
+                _rescale(plans[i], kept[i])
             return
         ref = inputs.tensors[0]
         cd, step = inputs.compute_dtype, min(chunk_len(ref.device), ref.numel())
@@ -141,9 +123,7 @@ class GeneralizedTaskArithmetic(MethodBase):
                 parts[i].append(d.abs_().sum())
         for i in todo:
             after = float(torch.stack(parts[i]).to(torch.float64).sum()) if parts[i] else 0.0
-            before = plans[i].l1_before
-            if before >= 1e-7 and after >= 1e-7:
-                plans[i].scale = before / after
+            _rescale(plans[i], after)
 
     def _run(
         self,
@@ -211,6 +191,14 @@ class GeneralizedTaskArithmetic(MethodBase):
                     acc.mul_(lam)
                 dest.copy_(acc.add_(b))
         return target.finish()
+
+
+def _rescale(plan: Plan, after: float) -> None:
+    """Set ``plan.scale`` from the kept L1 ``after`` measured by the first pass; left alone when
+    either norm is below RESCALE_EPS (or NaN), as mergekit leaves such tensors unscaled."""
+    before = plan.l1_before
+    if before >= RESCALE_EPS and after >= RESCALE_EPS:
+        plan.scale = before / after
 
 
 def _elect(

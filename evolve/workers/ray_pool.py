@@ -1,4 +1,4 @@
-"""RayPool: one warm :class:`~evolve.workers.CandidateWorker` per Ray actor, with fault isolation.
+"""RayPool: one warm :class:`~evolve.workers.worker.CandidateWorker` per Ray actor, with fault isolation.
 
 - Actors start in parallel (model load, input load, lm-eval task build once per actor); the
   constructor waits until all are ready and raises if one cannot set itself up (a config or
@@ -25,14 +25,51 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from evolve.search import Result
-from evolve.workers import ActorWorker, WorkerSpec, one_line
+import torch
+
+from evolve.protocols import Result, one_line
+from evolve.workers.worker import CandidateWorker, WorkerSpec
+
+__all__ = ["ActorWorker", "RayPool", "WorkerPoolError"]
 
 log = logging.getLogger(__name__)
 
 # Forwarded to actors (a joined cluster does not inherit this process's environment).
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
                   "TRANSFORMERS_OFFLINE")
+
+
+class ActorWorker:
+    """The Ray actor body: a CandidateWorker built in the actor process.
+
+    A setup error is kept and reported by :meth:`info` as one line (Ray's own report of a failed
+    creation task is a multi-line traceback).
+    """
+
+    def __init__(self, spec: WorkerSpec, name: str) -> None:
+        self.worker: CandidateWorker | None = None
+        self.error: str | None = None
+        try:
+            self.worker = CandidateWorker(spec, name=name)
+        except Exception as exc:
+            self.error = one_line(exc)
+
+    def info(self) -> dict[str, Any]:
+        """Setup seconds, pid and torch threads; or ``{"error": ...}`` when setup failed."""
+        if self.worker is None:
+            return {"error": self.error, "pid": os.getpid()}
+        return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads(),
+                "memory": self.worker.merger.memory_report()}
+
+    def run(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> Result:
+        """:meth:`CandidateWorker.run` in the actor."""
+        if self.worker is None:
+            raise RuntimeError(f"worker setup failed: {self.error}")
+        return self.worker.run(eval_id, recipe, task_set)
+
+    def ping(self) -> float:
+        """The actor's clock (a liveness probe)."""
+        return time.perf_counter()
 
 
 class WorkerPoolError(RuntimeError):
@@ -250,7 +287,7 @@ class RayPool:
 
         job, started = slot.job, slot.started
         try:
-            result = Result(**ray.get(slot.run_ref))
+            result = ray.get(slot.run_ref)
         except RayActorError as exc:
             return self._retry_or_fail(slot, f"worker died ({type(exc).__name__})")
         except Exception as exc:  # e.g. the result did not unpickle: not the actor's fault

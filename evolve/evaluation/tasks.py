@@ -13,43 +13,37 @@ few-shot sampler's seed) is reset by the evaluator.
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
+import evolve
+from evolve.evaluation.quiet import quiet
+from evolve.evaluation.settings import EvalError, EvalSettings
 from merge_core.errors import MergeError
 
-import evolve
-
-
-class EvalError(MergeError):
-    """An evaluation cannot run or its result cannot be read (one line, names the task/metric)."""
+__all__ = [
+    "TaskCatalog",
+    "TaskLike",
+    "TaskSet",
+    "build_task_set",
+    "cached_task_set",
+    "default_task_dir",
+    "memoize_lm_eval_templates",
+    "search_paths",
+    "unique_entries",
+]
 
 
 @runtime_checkable
 class TaskLike(Protocol):
-    """What the evaluator needs of a task entry (``evolve.config.TaskConfig`` satisfies it)."""
+    """What the evaluator needs of a task entry (:class:`evolve.config.TaskConfig` is one)."""
 
     name: str
     weight: float
     metric: str
     split: Optional[str]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One lm-eval task (or group) whose ``metric`` value, times ``weight``, adds to the fitness.
-
-    ``split`` evaluates on that dataset split instead of the task's own test split.
-    """
-
-    name: str
-    weight: float = 1.0
-    metric: str = "acc,none"
-    split: Optional[str] = None
 
 
 def default_task_dir() -> Path:
@@ -73,24 +67,6 @@ def search_paths(extra: Sequence[str | Path] = ()) -> list[Path]:
         if path not in out and path.is_dir():
             out.append(path)
     return out
-
-
-@contextmanager
-def quiet_lm_eval(enabled: bool = True) -> Iterator[None]:
-    """Raise lm-eval's logger to ERROR for the duration (its INFO/WARNING lines are per-call noise).
-
-    The previous level is restored on exit, so the process-wide logging setup is left as found.
-    """
-    if not enabled:
-        yield
-        return
-    logger = logging.getLogger("lm_eval")
-    before = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
 
 
 def memoize_lm_eval_templates() -> None:
@@ -245,72 +221,21 @@ def _configure(task: Any, *, split: Optional[str], num_fewshot: Optional[int], s
         task.dataset[eval_split] = task.dataset[eval_split].shuffle(seed=seed).flatten_indices()
 
 
-class ResidentLM:
-    """Mixin for lm-eval LM classes scored many times on the same requests (put it first in the
-    bases): progress bars only when ``show_progress`` (lm-eval's evaluate() never passes
-    ``disable_tqdm``), and each (context, continuation) pair tokenized once per process -- only
-    the weights change between calls, so lm-eval's per-request ``_encode_pair`` would repeat
-    identical work.  The memo returns copies: callers own the lists they get.
-    """
-
-    show_progress = False
-    _MEMO_LIMIT = 500_000
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        memo: dict[tuple[str, str], tuple[list[int], list[int]]] = self.__dict__.setdefault("_pair_memo", {})
-        key = (context, continuation)
-        hit = memo.get(key)
-        if hit is None:
-            if len(memo) >= self._MEMO_LIMIT:
-                memo.clear()
-            hit = super()._encode_pair(context, continuation)  # type: ignore[misc]
-            memo[key] = hit
-        return list(hit[0]), list(hit[1])
-
-
-
-class ResidentEvaluator:
-    """Mixin for evaluators that score one resident lm-eval model many times (HF and vLLM).
-
-    The subclass sets ``lm`` (the lm-eval model), ``settings`` (an ``EvalSettings``), ``device``,
-    ``catalog`` (a :class:`TaskCatalog`) and ``_task_sets`` (a dict) and defines ``close()``.
-    """
-
-    lm: Any
-    settings: Any
-    device: Any
-    catalog: TaskCatalog
-    _task_sets: dict
-
-    def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
-        """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
-        from evolve.evaluation import cached_task_set
-
-        return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
-
-    def evaluate(self, tasks: Sequence[TaskLike]) -> Any:
-        """Score the model's current weights on ``tasks`` (an ``EvalResult``); EvalError on a
-        missing task or metric."""
-        if not tasks:
-            raise EvalError("no tasks to evaluate")
-        from evolve.evaluation import evaluate_lm
-
-        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
-
-    def close(self) -> None:  # pragma: no cover - every evaluator defines its own
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def cached_task_set(
+    cache: dict[tuple, TaskSet], catalog: TaskCatalog, settings: EvalSettings, tasks: Sequence[TaskLike]
+) -> TaskSet:
+    """The configured lm-eval task objects for ``tasks`` from ``cache``, built on first use."""
+    entries = unique_entries(tasks)
+    key = tuple(entries)
+    cached = cache.get(key)
+    if cached is None:
+        with quiet(settings.quiet):
+            cached = build_task_set(
+                catalog,
+                entries,
+                num_fewshot=settings.num_fewshot,
+                shuffle=settings.shuffle,
+                seed=settings.seed,
+            )
+        cache[key] = cached
+    return cached

@@ -1,7 +1,6 @@
-"""The CMA-ES driver: asks candidates, feeds an evaluation pool, tells fitnesses, survives kills.
+"""The search driver: asks candidates, feeds an evaluation pool, tells fitnesses, survives kills.
 
-Fitness (maximised) = sum over ``tasks`` of ``weight * scores[name][metric]`` (mergekit-evolve's
-score); pycma minimises its negation. A failed candidate gets ``penalty``.
+Fitness and penalty: :mod:`evolve.search.fitness`.  The optimizer: :mod:`evolve.search.cmaes`.
 
 Scheduling policy (deterministic trajectory, workers kept busy):
 
@@ -22,9 +21,10 @@ Scheduling policy (deterministic trajectory, workers kept busy):
 
 Crash safety (kill -9 at any instant):
 
-- The pycma state (including its private normal sampler, seeded from ``seed``; the global numpy
-  RNG is never used) is saved atomically after every ``tell`` and once before the first ask, with
-  the number of the next generation. Unpickling and asking again gives bit-identical candidates.
+- The optimizer state (including its private normal sampler, seeded from ``seed``; the global
+  numpy RNG is never used) is saved atomically after every ``tell`` and once before the first
+  ask, with the number of the next generation. Loading it and asking again gives bit-identical
+  candidates.
 - Every result is appended to the ledger (whole line, fsync) before anything depends on it.
 - On resume the in-flight generation is re-asked from the saved state; its candidates already in
   the ledger are taken from there (their vectors must match exactly, else the run refuses), only
@@ -38,70 +38,24 @@ from __future__ import annotations
 import math
 import pickle
 import time
-import warnings
 from collections import deque
-from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
 from evolve.config import EvolveConfig, TaskConfig, config_hash, normalized_config
 from evolve.genome import Genome, recipe_hash
+from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
+from evolve.search.cmaes import CMAES
+from evolve.search.fitness import default_penalty, json_scores, weighted_fitness
+from evolve.search.provenance import best_provenance, package_versions
 from evolve.storage import RunStorage, StorageError
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # pycma warns that matplotlib is missing
-    import cma
-
-TRAIN = "train"
-HELD_OUT = "held_out"
 STATE_FORMAT = 1
 # Settings a resumed run must share with the stored one (the budget may grow).
 RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension")
-VERSION_PACKAGES = ("merge-evolve", "cma", "numpy", "pydantic", "lm_eval", "transformers", "torch", "vllm", "ray")
-
-
-@dataclass
-class Result:
-    """What an evaluation pool reports for one submitted job."""
-
-    eval_id: str
-    status: str = "ok"  # "ok" or "failed"
-    # {task: {metric: value}}, or flat {task: value} / {"task:metric": value} (see task_score)
-    scores: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-    worker: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-class EvaluationPool(Protocol):
-    """Workers that merge a recipe and score it; the driver keeps ``num_workers`` jobs in flight."""
-
-    num_workers: int
-
-    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> None:
-        """Start a job; ``task_set`` is ``"train"`` (config.tasks) or ``"held_out"``."""
-
-    def wait_any(self) -> list[Result]:
-        """Block until at least one submitted job finished; return the finished ones."""
-
-
-class SearchObserver(Protocol):
-    """Follows a run as it goes (progress bar, W&B); every hook must be cheap and must not raise."""
-
-    def on_start(self, driver: "SearchDriver") -> None:
-        """Called once the run is opened (resumed records are in ``driver.records``)."""
-
-    def on_record(self, record: dict[str, Any]) -> None:
-        """A ledger record was appended (train, cached or held-out)."""
-
-    def on_generation(self, number: int, records: list[dict[str, Any]], sigma: float) -> None:
-        """Generation ``number`` was told to CMA-ES; ``records`` are its candidates in order."""
-
-    def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:
-        """A new incumbent; ``best_config`` is the path of the rewritten best_config.yaml."""
 
 
 @dataclass
@@ -112,7 +66,7 @@ class SearchOutcome:
     best_recipe: dict[str, Any] | None
     best_held_out: dict[str, Any] | None  # its held-out ledger record, when held_out tasks exist
     generations: int
-    candidates: int  # candidates told to CMA-ES
+    candidates: int  # candidates told to the strategy
     evaluations: int  # train evaluations actually run (cache hits excluded), all sessions
     held_out_evaluations: int
     stop_reason: str
@@ -126,71 +80,6 @@ def default_popsize(dimension: int, num_workers: int = 1) -> int:
     return -(-base // workers) * workers
 
 
-def default_penalty(tasks: Sequence[TaskConfig]) -> float:
-    """Below any fitness reachable with metrics in [0, 1]: -(sum of |weights|) - 1."""
-    return -sum(abs(t.weight) for t in tasks) - 1.0
-
-
-def task_score(scores: dict[str, Any], task: TaskConfig) -> Any:
-    """A task's metric value from either score shape pools may report.
-
-    Nested ``{name: {metric: value}}`` (lm-eval's ``results``), or flat ``{name: value}`` /
-    ``{"name:metric": value}`` (evolve.evaluation's ``EvalResult.scores``).
-    """
-    value = scores.get(task.name)
-    if isinstance(value, dict):
-        return value.get(task.metric)
-    flat = scores.get(f"{task.name}:{task.metric}")
-    return flat if flat is not None else value
-
-
-def weighted_fitness(tasks: Sequence[TaskConfig], scores: dict[str, Any]) -> float:
-    """sum(weight * score); raises ValueError naming a missing or non-finite score."""
-    total = 0.0
-    for task in tasks:
-        value = task_score(scores, task)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"no finite score for task {task.name!r} metric {task.metric!r} (got {value!r})")
-        total += task.weight * float(value)
-    return total
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that shape results (for provenance)."""
-    out = {}
-    for name in VERSION_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _json_scores(scores: dict[str, Any]) -> dict[str, Any]:
-    """The finite numbers of a score dict (either shape), as ledger-safe JSON."""
-    out: dict[str, Any] = {}
-    for key, value in scores.items():
-        if isinstance(value, dict):
-            out[str(key)] = {str(m): float(v) for m, v in value.items() if _finite(v)}
-        elif _finite(value):
-            out[str(key)] = float(value)
-    return out
-
-
-class _SeededNormal:
-    """pycma's ``randn`` option: N(0, 1) from a private Generator, pickled with the optimizer."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, *shape: int) -> np.ndarray:
-        return self.rng.standard_normal(shape)
-
-
 @dataclass
 class _Generation:
     number: int
@@ -201,6 +90,11 @@ class _Generation:
     fitness: list[float | None]
 
 
+def eval_id(generation: int, index: int) -> str:
+    """The ledger id of candidate ``index`` of ``generation``."""
+    return f"g{generation:05d}-{index:04d}"
+
+
 class SearchDriver:
     """Owns the ask/evaluate/tell loop for one run directory (see the module docstring).
 
@@ -209,7 +103,8 @@ class SearchDriver:
     ``sigma0`` is CMA-ES's initial step (mergekit-evolve's default 1/6, per unit of a weight's
     range); ``popsize`` None = :func:`default_popsize` for the pool's workers (then kept on
     resume); ``penalty`` is the fitness of a failed candidate (None = :func:`default_penalty`);
-    ``versions`` overrides the package versions recorded for provenance.
+    ``versions`` overrides the package versions recorded for provenance; ``deadline`` is a
+    ``time.monotonic()`` instant after which no new generation is asked.
     """
 
     def __init__(
@@ -225,6 +120,7 @@ class SearchDriver:
         penalty: float | None = None,
         versions: dict[str, str] | None = None,
         observers: Sequence[SearchObserver] = (),
+        deadline: float | None = None,
     ) -> None:
         if sigma0 <= 0 or not math.isfinite(sigma0):
             raise ValueError(f"sigma0 must be a positive number, got {sigma0}")
@@ -241,9 +137,23 @@ class SearchDriver:
         self.max_fevals = int(max_fevals)
         self.penalty = float(default_penalty(config.tasks) if penalty is None else penalty)
         self.versions = package_versions() if versions is None else versions
-        self.records: dict[str, dict[str, Any]] = {}
         self.observers = list(observers)
-        self.deadline: float | None = None  # time.monotonic() after which no generation is asked
+        self.deadline = deadline
+        # Run state, filled by run() (_open replays what a stored run already holds).
+        self.records: dict[str, dict[str, Any]] = {}
+        self.popsize_ = 0
+        self.manifest: dict[str, Any] = {}
+        self.strategy: CMAES | None = None
+        self.next_gen = 0
+        self.first_by_hash: dict[str, str] = {}
+        self.heldout_queue: deque[str] = deque()
+        self.best_id: str | None = None
+        self.num_workers = 1
+        self.gen: _Generation | None = None
+        self.pending: deque[int] = deque()  # indices of self.gen to submit
+        self.waiting: dict[str, list[int]] = {}  # running eval id -> indices that are its cache hits
+        self.in_flight: dict[str, float] = {}  # eval id -> monotonic submit time
+        self.busy_s = 0.0
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -264,25 +174,18 @@ class SearchDriver:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def _new_es(self) -> cma.CMAEvolutionStrategy:
-        lo, hi = self.genome.bounds
+    def _new_strategy(self) -> CMAES:
         x0 = self.genome.initial_point(self.config.random_init, np.random.default_rng(self.seed))
-        opts = {
-            "bounds": [lo, hi],
-            "popsize": self.popsize_,
-            "seed": float("nan"),  # sampling uses our randn below, never the global numpy RNG
-            "randn": _SeededNormal(self.seed + 1),
-            "CMA_stds": self.genome.scales,
-            "verbose": -9,
-            "verb_disp": 0,
-            "verb_log": 0,
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cma.CMAEvolutionStrategy(x0, self.sigma0, opts)
+        return CMAES(x0, self.sigma0, bounds=self.genome.bounds, popsize=self.popsize_, seed=self.seed,
+                     scales=self.genome.scales)
+
+    @property
+    def _es(self) -> CMAES:
+        assert self.strategy is not None, "the run is not open"
+        return self.strategy
 
     def _save_state(self) -> None:
-        state = {"format": STATE_FORMAT, "next_generation": self.next_gen, "es": self.es.pickle_dumps()}
+        state = {"format": STATE_FORMAT, "next_generation": self.next_gen, "es": self._es.state()}
         self.storage.save_search_state(pickle.dumps(state))
 
     def _open(self, num_workers: int) -> None:
@@ -301,7 +204,7 @@ class SearchDriver:
             if ledger:
                 raise StorageError(f"{self.storage.path}: ledger without search state; use a new --storage-path")
             self.next_gen = 0
-            self.es = self._new_es()
+            self.strategy = self._new_strategy()
             self._save_state()
         else:
             state = pickle.loads(blob)
@@ -310,27 +213,23 @@ class SearchDriver:
                     f"{self.storage.path}: search state format {state.get('format')} is not {STATE_FORMAT}"
                 )
             self.next_gen = int(state["next_generation"])
-            self.es = pickle.loads(state["es"])
+            self.strategy = CMAES.from_state(state["es"])
         # Replay the told generations: fitness cache, incumbent and the held-out queue.
-        self.first_by_hash: dict[str, str] = {}
-        self.heldout_queue: deque[str] = deque()
-        self.best_id: str | None = None
+        self.first_by_hash = {}
+        self.heldout_queue = deque()
+        self.best_id = None
         for g in range(self.next_gen):
-            ids = [self._eval_id(g, i) for i in range(self.popsize_)]
+            ids = [eval_id(g, i) for i in range(self.popsize_)]
             missing = [i for i in ids if i not in self.records]
             if missing:
                 raise StorageError(f"{self.storage.path}: told generation {g} lacks ledger record {missing[0]}")
-            for eval_id in ids:
-                rec = self.records[eval_id]
+            for one in ids:
+                rec = self.records[one]
                 if rec.get("cached_from") is None:
-                    self.first_by_hash.setdefault(rec["recipe_hash"], eval_id)
+                    self.first_by_hash.setdefault(rec["recipe_hash"], one)
             self._after_tell(ids)
 
     # -- bookkeeping ----------------------------------------------------------------------
-
-    @staticmethod
-    def _eval_id(g: int, i: int) -> str:
-        return f"g{g:05d}-{i:04d}"
 
     def _after_tell(self, ids: list[str]) -> bool:
         """Update the incumbent from a told generation; queue its held-out job. True if improved."""
@@ -388,7 +287,7 @@ class SearchDriver:
         if submitted is not None:
             timings["wall_s"] = time.monotonic() - submitted
         timings["done_unix"] = time.time()  # when the driver got it: throughput, gaps, W&B time axis
-        scores = _json_scores(result.scores or {})
+        scores = json_scores(result.scores or {})
         return {"status": status, "reason": reason if status == "failed" else None, "scores": scores,
                 "fitness": float(fitness), "worker": result.worker, "timings": timings}
 
@@ -396,28 +295,26 @@ class SearchDriver:
 
     def _ask(self) -> None:
         g = self.next_gen
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            points = self.es.ask()
+        points = self._es.ask()
         recipes = [self.genome.decode(x) for x in points]
         gen = _Generation(g, points, recipes, [recipe_hash(r) for r in recipes],
-                          [self._eval_id(g, i) for i in range(len(points))], [None] * len(points))
+                          [eval_id(g, i) for i in range(len(points))], [None] * len(points))
         self.gen = gen
-        for i, eval_id in enumerate(gen.ids):
-            rec = self.records.get(eval_id)
+        for i, one in enumerate(gen.ids):
+            rec = self.records.get(one)
             if rec is not None:  # evaluated before a kill: take it from the ledger
                 if not np.array_equal(np.asarray(rec["x"], dtype=np.float64), np.asarray(points[i])):
                     raise StorageError(
-                        f"{self.storage.path}: candidate {eval_id} re-asked after resume differs from the ledger;"
+                        f"{self.storage.path}: candidate {one} re-asked after resume differs from the ledger;"
                         " the search state does not belong to this ledger"
                     )
                 if rec.get("cached_from") is None:
-                    self.first_by_hash.setdefault(gen.hashes[i], eval_id)
+                    self.first_by_hash.setdefault(gen.hashes[i], one)
                 gen.fitness[i] = rec["fitness"]
                 continue
             source_id = self.first_by_hash.get(gen.hashes[i])
             if source_id is None:
-                self.first_by_hash[gen.hashes[i]] = eval_id
+                self.first_by_hash[gen.hashes[i]] = one
                 self.pending.append(i)
             elif source_id in self.records:
                 self._resolve_cached(i, self.records[source_id])
@@ -425,6 +322,7 @@ class SearchDriver:
                 self.waiting.setdefault(source_id, []).append(i)
 
     def _resolve_cached(self, i: int, source: dict[str, Any]) -> None:
+        assert self.gen is not None
         record = self._train_record(self.gen, i, None, source, None)
         self._append(record)
         self.gen.fitness[i] = record["fitness"]
@@ -434,24 +332,23 @@ class SearchDriver:
             return f"max_fevals {self.max_fevals} reached"
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return "timeout reached"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stop = dict(self.es.stop())
+        stop = self._es.stop()
         return f"cma stop: {stop}" if stop else None
 
     def _fill(self, pool: EvaluationPool) -> None:
         """Refill free worker slots: this generation's candidates first, then held-out jobs."""
         while len(self.in_flight) < self.num_workers and (self.pending or self.heldout_queue):
             if self.pending:
+                assert self.gen is not None
                 i = self.pending.popleft()
-                eval_id, recipe, task_set = self.gen.ids[i], self.gen.recipes[i], TRAIN
+                job_id, recipe, task_set = self.gen.ids[i], self.gen.recipes[i], TRAIN
             else:
                 train_id = self.heldout_queue.popleft()
                 rec = self.records[train_id]
-                eval_id, task_set = f"{train_id}/{HELD_OUT}", HELD_OUT
+                job_id, task_set = f"{train_id}/{HELD_OUT}", HELD_OUT
                 recipe = self.genome.decode(rec["x"])
-            self.in_flight[eval_id] = time.monotonic()
-            pool.submit(eval_id, recipe, task_set)
+            self.in_flight[job_id] = time.monotonic()
+            pool.submit(job_id, recipe, task_set)
 
     def _receive(self, result: Result) -> None:
         submitted = self.in_flight.pop(result.eval_id, None)
@@ -467,6 +364,7 @@ class SearchDriver:
             if train_id == self.best_id:
                 self._write_best()  # provenance gains the held-out scores
             return
+        assert self.gen is not None
         i = self.gen.ids.index(result.eval_id)
         record = self._train_record(self.gen, i, result, None, submitted)
         self._append(record)
@@ -476,16 +374,16 @@ class SearchDriver:
 
     def _tell(self) -> None:
         gen = self.gen
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.es.tell(gen.points, [-f for f in gen.fitness])  # pycma minimises
+        assert gen is not None
+        self._es.tell(gen.points, [float(f) for f in gen.fitness if f is not None])
         self.next_gen = gen.number + 1
         self._save_state()
         self.gen = None
         for observer in self.observers:
-            observer.on_generation(gen.number, [self.records[i] for i in gen.ids], float(self.es.sigma))
+            observer.on_generation(gen.number, [self.records[i] for i in gen.ids], self._es.sigma)
         if self._after_tell(gen.ids):
             path = self._write_best()
+            assert self.best_id is not None
             best = self.records[self.best_id]
             for observer in self.observers:
                 observer.on_new_best(best, self.genome.decode(best["x"]), path)
@@ -497,10 +395,10 @@ class SearchDriver:
         """
         self.num_workers = max(int(pool.num_workers), 1)
         self._open(self.num_workers)
-        self.gen: _Generation | None = None
-        self.pending: deque[int] = deque()
-        self.waiting: dict[str, list[int]] = {}
-        self.in_flight: dict[str, float] = {}
+        self.gen = None
+        self.pending = deque()
+        self.waiting = {}
+        self.in_flight = {}
         self.busy_s = 0.0
         for observer in self.observers:
             observer.on_start(self)
@@ -546,26 +444,14 @@ class SearchDriver:
             return None
         best = self.records[self.best_id]
         recipe = self.genome.decode(best["x"])
-        held = self.records.get(f"{self.best_id}/{HELD_OUT}")
         outcome = self._outcome("", 0.0)
-        provenance = {
-            "eval_id": best["eval_id"],
-            "recipe_hash": best["recipe_hash"],
-            "seed": self.seed,
-            "config_hash": self.manifest["config_hash"],
-            "tasks": [{"name": t.name, "metric": t.metric, "weight": t.weight} for t in self.config.tasks],
-            "train_fitness": best["fitness"],
-            "train_scores": best["scores"],
-            "held_out_tasks": [
-                {"name": t.name, "metric": t.metric, "weight": t.weight} for t in self.config.held_out
-            ],
-            "held_out_fitness": held["fitness"] if held and held["status"] == "ok" else None,
-            "held_out_scores": held["scores"] if held else None,
-            "evaluations_used": {"candidates": outcome.candidates, "train": outcome.evaluations,
-                                 "held_out": outcome.held_out_evaluations},
-            "search": {"popsize": self.popsize_, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
-                       "generations": outcome.generations},
-            "versions": self.versions,
-        }
+        provenance = best_provenance(
+            best, self.records.get(f"{self.best_id}/{HELD_OUT}"), config=self.config, seed=self.seed,
+            config_hash=self.manifest["config_hash"],
+            evaluations_used={"candidates": outcome.candidates, "train": outcome.evaluations,
+                              "held_out": outcome.held_out_evaluations},
+            search={"popsize": self.popsize_, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
+                    "generations": outcome.generations},
+            versions=self.versions)
         recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
         return self.storage.write_best_config(recipe_yaml, provenance)

@@ -12,6 +12,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from evolve.config import config_hash, normalized_config
+from evolve.observers.summary import best_train_fitness, train_count
+
 
 class WandbObserver:
     """Search observer that mirrors the ledger to a W&B run."""
@@ -19,8 +22,6 @@ class WandbObserver:
     def __init__(self, config: Any, *, project: str | None, entity: str | None, run_dir: Path,
                  seed: int) -> None:
         import wandb
-
-        from evolve.config import config_hash, normalized_config
 
         self._wandb = wandb
         self.run = wandb.init(project=project or "merge-evolve", entity=entity, dir=str(run_dir),
@@ -31,9 +32,8 @@ class WandbObserver:
         self.evaluations = 0
 
     def on_start(self, driver: Any) -> None:
-        ok = [r["fitness"] for r in driver.records.values() if r.get("kind") == "train" and r["status"] == "ok"]
-        self.best = max(ok) if ok else None
-        self.evaluations = sum(1 for r in driver.records.values() if r.get("kind") == "train")
+        self.best = best_train_fitness(driver.records.values())
+        self.evaluations = train_count(driver.records.values())
 
     def on_record(self, record: dict[str, Any]) -> None:
         if record.get("kind") == "held_out":
@@ -84,6 +84,7 @@ class WandbObserver:
         self.run.log_artifact(artifact)
 
     def close(self) -> None:
+        """Finish the W&B run."""
         self.run.finish()
 
 

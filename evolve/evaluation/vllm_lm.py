@@ -1,6 +1,6 @@
 """lm-eval's ``VLLM`` model, tuned for one engine scored many times (imports vLLM: load lazily).
 
-Only :mod:`evolve.vllm_evaluation` imports this module, inside ``VLLMEvaluator.__init__``, so
+Only :mod:`evolve.evaluation.vllm` imports this module, inside ``VLLMEvaluator.__init__``, so
 nothing imports vLLM (seconds, and absent from the main venv) until a vLLM evaluator is built.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 from lm_eval.models.vllm_causallms import VLLM
 from vllm import SamplingParams, TokensPrompt
 
-from evolve.lm_tasks import ResidentLM
+from evolve.evaluation.loop import ResidentLM
 
 __all__ = ["ResidentVLLM"]
 

@@ -2,7 +2,7 @@
 
 mergekit keeps each element of a task vector ``d`` with probability
 ``p = density - epsilon + 2 * epsilon * r``, ``r`` the rank of ``|d|`` within its row scaled to
-[0, 1].  Here an element with the uniform 16-bit draw ``u`` (:func:`sparsify.random_field`) is kept
+[0, 1].  Here an element with the uniform 16-bit draw ``u`` (:func:`~merge_core.kernels.random_fields.random_field`) is kept
 when ``u - c <= A``, with ``c = r * b``, ``b = 2 * epsilon * 65536`` and
 ``A = ceil((density - epsilon) * 65536 - 32768) - 1``, in the compute dtype: ``P(keep) = p`` to
 within 1/65536.  Every path -- one-shot, in-memory, eager, fused -- decides by these numbers
@@ -29,12 +29,13 @@ import math
 import numpy as np
 import torch
 
-from merge_core.methods import native
-from merge_core.methods.base import TensorInputs
-from merge_core.methods.linear import flat
-from merge_core.methods.sparsify import (
-    _NUMPY_DTYPES, Plan, _abs_numpy, _cached, _deltas, _l1_scale, cached_for_seed, drop, field_l1, random_field,
-)
+from merge_core.kernels import native
+from merge_core.kernels.caches import cached, cached_for_seed, drop
+from merge_core.kernels.chunking import flat
+from merge_core.kernels.inputs import TensorInputs
+from merge_core.kernels.plans import Plan
+from merge_core.kernels.random_fields import cumulative_l1, random_field
+from merge_core.kernels.task_vectors import NUMPY_DTYPES, abs_numpy, deltas, l1_scale
 
 KEYS = "della_keys"
 
@@ -50,16 +51,16 @@ def plan(inputs: TensorInputs, i: int, density: float, epsilon: float, rescale: 
             return Plan("full")  # every key is <= 32767
         keyed = Plan("random", thr=float(a + 1), field=KEYS, version=version)  # kept: q < a + 1
         if rescale:
-            cum = field_l1(inputs, i, keyed)
-            keyed.scale = _l1_scale(float(cum[-1]), float(cum[a + 32768]))
+            cum = cumulative_l1(inputs, i, KEYS, version, lambda: keys(inputs, i, version))
+            keyed.scale = l1_scale(float(cum[-1]), float(cum[a + 32768]))
         return keyed
     general = Plan("della", a=float(a), b=b, version=seed)
     lookup = della_lookup(inputs, i, seed) if rescale else None
     if lookup is not None:
-        general.scale = _l1_scale(lookup.total, lookup.kept(general.a, general.b))
+        general.scale = l1_scale(lookup.total, lookup.kept(general.a, general.b))
     elif rescale:
-        general.l1_before = _cached(inputs, f"l1:{inputs.base_index}:{i}",
-                                    lambda: float(_abs_numpy(inputs, i).sum(dtype=np.float64)))
+        general.l1_before = cached(inputs, f"l1:{inputs.base_index}:{i}",
+                                   lambda: float(abs_numpy(inputs, i).sum(dtype=np.float64)))
     return general
 
 
@@ -85,7 +86,7 @@ def _keyed_version(inputs: TensorInputs, i: int, seed: int, b: float) -> tuple[i
 
 def _derived_from_keys(key: str, i: int) -> bool:
     """Whether cache entry ``key`` is model ``i``'s key field or was made from it (fused copies
-    and pairs: ``sparsify.field_l1``, ``fused._field32``, ``fused._pair``)."""
+    and pairs: ``random_fields.cumulative_l1``, ``fused._field32``, ``fused._pair``)."""
     parts = key.split(":")
     return len(parts) >= 3 and parts[1] == KEYS and str(i) in parts[2:] or key == f"{KEYS}:{i}"
 
@@ -120,11 +121,11 @@ def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     distinct ranks in an arbitrary order, as there.  A row of one element gets 0.5 (mergekit
     would fail on it).
     """
-    return _cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
+    return cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
 
 
 def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
-    mags = _deltas(inputs, i).abs_()
+    mags = deltas(inputs, i).abs_()
     if mags.dim() < 2:
         mags = mags.unsqueeze(0)
     moved = mags.movedim(1, -1)
@@ -139,7 +140,7 @@ def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
         for start in range(0, rows.shape[0], block):
             part = rows[start : start + block]
             if part.device.type == "cpu":  # numpy's SIMD argsort is several times faster here
-                src = part if part.dtype in _NUMPY_DTYPES else part.float()
+                src = part if part.dtype in NUMPY_DTYPES else part.float()
                 order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1))
             else:
                 order = torch.argsort(part, dim=1)
@@ -216,5 +217,5 @@ def della_lookup(inputs: TensorInputs, i: int, seed: int) -> DellaLookup | None:
         return None
     shape = (-1, length)  # a vector is one row, as in rank_norm
     return cached_for_seed(inputs, f"della_l1:{inputs.base_index}:{i}", seed, lambda: DellaLookup(
-        rank_norm(inputs, i).view(shape), _deltas(inputs, i).abs_().view(shape),
+        rank_norm(inputs, i).view(shape), deltas(inputs, i).abs_().view(shape),
         random_field(inputs, i, seed).view(shape)))

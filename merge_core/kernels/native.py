@@ -146,7 +146,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 def della_kept(draws: torch.Tensor, fences: torch.Tensor, cum: torch.Tensor, positions: torch.Tensor,
                a: float, b: float) -> Optional[float]:
-    """:meth:`~merge_core.methods.della.DellaLookup.kept` in C; None when unavailable."""
+    """:meth:`~merge_core.kernels.della.DellaLookup.kept` in C; None when unavailable."""
     lib = library()
     if lib is None:
         return None

@@ -3,7 +3,7 @@
 :class:`WeightPush` is handed to vLLM as ``worker_extension_cls``: vLLM mixes it into its worker
 class, and ``LLM.collective_rpc("push_weights", args=(state_dict,))`` then runs
 :meth:`WeightPush.push_weights` on every worker (one, here).  The driver side is
-:class:`evolve.vllm_evaluation.VLLMEvaluator`.
+:class:`evolve.evaluation.vllm.VLLMEvaluator`.
 
 Why through the worker's ``reload_weights`` and not the model's ``load_weights`` directly:
 after loading, vLLM post-processes some layers into kernel formats (``process_weights_after_loading``;

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from evolve.observers.summary import best_train_fitness, train_count
+
 
 class ProgressObserver:
     """tqdm bar over the evaluation budget, fed by the search driver's hooks.
@@ -26,9 +28,8 @@ class ProgressObserver:
     def on_start(self, driver: Any) -> None:
         from tqdm import tqdm
 
-        done = sum(1 for r in driver.records.values() if r.get("kind") == "train")
-        ok = [r["fitness"] for r in driver.records.values() if r.get("kind") == "train" and r["status"] == "ok"]
-        self.best = max(ok) if ok else None
+        done = train_count(driver.records.values())
+        self.best = best_train_fitness(driver.records.values())
         self.bar = tqdm(total=max(self.budget, done), initial=done, desc="evaluations", unit="eval",
                         dynamic_ncols=True, smoothing=0.1)
         self._refresh()
@@ -68,5 +69,6 @@ class ProgressObserver:
         self.bar.set_postfix(postfix, refresh=True)
 
     def close(self) -> None:
+        """Close the bar (it stays on screen)."""
         if self.bar is not None:
             self.bar.close()

@@ -3,13 +3,13 @@
 The engine is started ONCE from a model folder (the base model: it supplies the config, the
 tokenizer and the first weights).  For each candidate the worker merges into a resident state
 dict and calls :meth:`VLLMEvaluator.push_weights`, which sends the tensors to vLLM's worker
-through ``LLM.collective_rpc`` and the ``worker_extension_cls`` :class:`evolve.vllm_worker_ext.WeightPush`
+through ``LLM.collective_rpc`` and the ``worker_extension_cls`` :class:`evolve.evaluation.vllm_worker_ext.WeightPush`
 (see there why it goes through vLLM's ``reload_weights``), then resets the prefix cache: cached
 KV blocks were computed with the old weights and would otherwise be reused by the next
 candidate's prompts.  No files are written and the engine is never restarted.
 
-Scoring is lm-eval's ``VLLM`` model around that engine (:class:`evolve.vllm_lm.ResidentVLLM`),
-run through the same loop, task objects and fitness as :class:`evolve.evaluation.HFEvaluator`,
+Scoring is lm-eval's ``VLLM`` model around that engine (:class:`evolve.evaluation.vllm_lm.ResidentVLLM`),
+run through the same loop, task objects and fitness as :class:`evolve.evaluation.hf.HFEvaluator`,
 so multiple-choice (loglikelihood) and generate_until tasks both work and the scores match the
 HF backend's.
 
@@ -22,8 +22,6 @@ vLLM is imported only inside :class:`VLLMEvaluator` (it is heavy and not in the 
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import time
 import warnings
@@ -31,47 +29,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-# Only light imports at module level: evolve.run imports this module to check for vLLM before
-# anything else (torch and lm-eval come with evolve.evaluation, inside the evaluator).
-from evolve.lm_tasks import EvalError, ResidentEvaluator
-from merge_core.errors import ModelError
+from evolve.config import VllmConfig
+from evolve.evaluation.loop import ResidentEvaluator
+from evolve.evaluation.quiet import quiet
+from evolve.evaluation.registry import VLLM_MISSING
+from evolve.evaluation.settings import EvalError, EvalSettings
+from evolve.evaluation.tasks import TaskCatalog, memoize_lm_eval_templates
+from merge_core.dtypes import DTYPE_ALIASES, RECIPE_DTYPES, canonical_name
+from merge_core.errors import ModelError, first_line
 
 if TYPE_CHECKING:
     import torch
 
-    from evolve.evaluation import EvalSettings
+__all__ = ["VLLMEvaluator", "engine_kwargs", "engine_settings", "prepare_environment"]
 
-__all__ = ["VLLM_MISSING", "VLLMEvaluator", "engine_kwargs", "vllm_available"]
-
-VLLM_MISSING = ("vLLM is not installed in this environment; install the [vllm] extra (GPU) "
-                "or run scripts/setup_vllm.sh (CPU build)")
-WORKER_EXTENSION = "evolve.vllm_worker_ext.WeightPush"
-
-# The config's `vllm:` defaults (evolve.config.VllmConfig, as mergekit-evolve's).
-_ENGINE_DEFAULTS: dict[str, Any] = {
-    "gpu_memory_utilization": 0.8, "max_model_len": 4096, "dtype": None, "enforce_eager": False,
-    "tensor_parallel_size": 1, "max_num_seqs": None, "batch_size": "auto",
-}
-# EvalSettings / --eval-dtype spellings -> vLLM's.
-_VLLM_DTYPES = {
-    "float32": "float32", "float": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "half": "float16", "fp16": "float16", "auto": "auto",
-}
-
-
-def vllm_available() -> bool:
-    """Whether a ``vllm`` package is installed (a spec lookup: imports nothing)."""
-    return importlib.util.find_spec("vllm") is not None
+WORKER_EXTENSION = "evolve.evaluation.vllm_worker_ext.WeightPush"
+# The dtypes vLLM evaluates in, by our canonical names (which are also vLLM's).
+_VLLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def engine_settings(settings: EvalSettings) -> dict[str, Any]:
     """The config's ``vllm:`` values with defaults filled in; EvalError on an unknown key."""
+    defaults = VllmConfig().model_dump()
     given = dict(settings.vllm or {})
-    unknown = sorted(set(given) - set(_ENGINE_DEFAULTS))
+    unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise EvalError(f"unknown vllm engine setting(s): {', '.join(unknown)}")
-    return {**_ENGINE_DEFAULTS, **given}
+    return {**defaults, **given}
 
 
 def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, Any]:
@@ -90,15 +74,14 @@ def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, An
         raise EvalError("vllm.tensor_parallel_size must be 1: candidate weights are pushed into an "
                         "in-process engine (run one worker per GPU instead)")
     dtype_name = engine["dtype"] or settings.dtype or ("float32" if cpu else "bfloat16")
-    if dtype_name not in _VLLM_DTYPES:
-        raise EvalError(f"unknown dtype {dtype_name!r} for vLLM (use one of {', '.join(_VLLM_DTYPES)})")
+    dtype = _vllm_dtype(dtype_name)
     max_len = engine["max_model_len"]
     model_max = _model_max_len(Path(model_dir))
     if max_len is not None and model_max is not None:
         max_len = min(int(max_len), model_max)
     kwargs: dict[str, Any] = {
         "pretrained": str(model_dir),
-        "dtype": _VLLM_DTYPES[dtype_name],
+        "dtype": dtype,
         "max_model_len": max_len,
         "gpu_memory_utilization": float(engine["gpu_memory_utilization"]),
         "enforce_eager": True if cpu else bool(engine["enforce_eager"]),
@@ -112,10 +95,26 @@ def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, An
     return kwargs
 
 
-def _model_max_len(model_dir: Path) -> Optional[int]:
+def _vllm_dtype(name: str) -> str:
+    """vLLM's name for an evaluation dtype spelling ("bf16" -> "bfloat16"); EvalError otherwise."""
+    if name == "auto":
+        return name
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        canonical = canonical_name(name, aliases=True)
+    except KeyError:
+        canonical = None
+    if canonical not in _VLLM_DTYPES:
+        known = [n for n in (*RECIPE_DTYPES, *DTYPE_ALIASES) if canonical_name(n, aliases=True) in _VLLM_DTYPES]
+        raise EvalError(f"unknown dtype {name!r} for vLLM (use one of {', '.join([*known, 'auto'])})")
+    return canonical
+
+
+def _model_max_len(model_dir: Path) -> Optional[int]:
+    from merge_core.tensor_io import load_config
+
+    try:
+        config = load_config(model_dir)
+    except ModelError:
         return None
     value = config.get("max_position_embeddings")
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -174,7 +173,7 @@ def prepare_environment(cpu: bool, threads: Optional[int], quiet: bool) -> None:
 class VLLMEvaluator(ResidentEvaluator):
     """One vLLM engine started from ``model_dir``, scored with lm-eval after in-place pushes.
 
-    Same interface as :class:`evolve.evaluation.HFEvaluator` (``evaluate``, ``task_set``,
+    Same interface as :class:`evolve.evaluation.hf.HFEvaluator` (``evaluate``, ``task_set``,
     ``close``) plus :meth:`push_weights`.  There is no driver-side ``nn.Module`` to write into
     (``model`` is None): the weights live inside the engine.  ``lm`` is lm-eval's model,
     ``llm`` the vLLM ``LLM``.  ``threads``: this process's torch/OpenMP threads (None:
@@ -185,9 +184,6 @@ class VLLMEvaluator(ResidentEvaluator):
 
     def __init__(self, model_dir: str | Path, settings: Optional[EvalSettings] = None,
                  threads: Optional[int] = None) -> None:
-        from evolve.evaluation import EvalSettings, TaskCatalog, _quiet
-        from evolve.lm_tasks import memoize_lm_eval_templates
-
         start = time.perf_counter()
         settings = settings if settings is not None else EvalSettings()
         self.settings = settings
@@ -200,20 +196,20 @@ class VLLMEvaluator(ResidentEvaluator):
                             settings.quiet)
         if settings.memoize_templates:
             memoize_lm_eval_templates()
-        with _quiet(settings.quiet), warnings.catch_warnings():
+        with quiet(settings.quiet), warnings.catch_warnings():
             if settings.quiet:  # vLLM's import and first engine emit deprecation noise
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                from evolve.vllm_lm import ResidentVLLM
+                from evolve.evaluation.vllm_lm import ResidentVLLM
             except ImportError as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise EvalError(f"{VLLM_MISSING} (import failed: {first})") from exc
+                why = first_line(str(exc)) or type(exc).__name__
+                raise EvalError(f"{VLLM_MISSING} (import failed: {why})") from exc
             try:
                 self.lm = ResidentVLLM(**kwargs)
             except (OSError, ValueError, KeyError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelError(f"{self.model_dir}: vLLM cannot load the model: {first}") from exc
+                why = first_line(str(exc)) or type(exc).__name__
+                raise ModelError(f"{self.model_dir}: vLLM cannot load the model: {why}") from exc
         self.lm.show_progress = not settings.quiet
         if settings.apply_chat_template and not getattr(self.lm.tokenizer, "chat_template", None):
             self.close()
@@ -239,11 +235,9 @@ class VLLMEvaluator(ResidentEvaluator):
         would be left uninitialised).  The tensors are read during the call only; the caller
         may overwrite them afterwards.
         """
-        from evolve.evaluation import _quiet
-
         self._check_whole_layers(state_dict)
         start = time.perf_counter()
-        with _quiet(self.settings.quiet):
+        with quiet(self.settings.quiet):
             self.llm.collective_rpc("push_weights", args=(state_dict,))
             # KV blocks cached for shared prompt prefixes hold the old weights' activations:
             # without this reset the next evaluation reuses them (stale scores).

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the in-memory merger's hot loop (``torch.compile``, inductor backend).
 
-The eager implementations (:func:`~merge_core.methods.linear.lincomb` and the task-arithmetic
+The eager implementations (:func:`~merge_core.kernels.lincomb.lincomb` and the task-arithmetic
 family's chunk loop) run 3-20 separate element-wise passes over cache-sized chunks; on a CPU that
 caps a TIES merge at ~0.1 of memory-copy bandwidth.  Here the same per-element formula -- cast,
 task vector, sparsification mask, weights, TIES election, ``base + lambda * mixed``, cast into
@@ -29,8 +29,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from merge_core.methods.base import TensorInputs
-from merge_core.methods.linear import shares_memory
+from merge_core.errors import one_line
+from merge_core.kernels.caches import cached_for_seed, drop
+from merge_core.kernels.chunking import shares_memory
+from merge_core.kernels.della import rank_norm, row_length
+from merge_core.kernels.inputs import TensorInputs
+from merge_core.kernels.random_fields import random_field
+from merge_core.kernels.sparsify import field16
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
             return _kernel(name, fn)(*args)
     except Exception as exc:  # compiler missing, backend error: merging must still work
         if not _broken:
-            _broken.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            _broken.append(one_line(exc))
             log.warning("fused merge kernels unavailable (%s); using the eager path", _broken[0])
         return _FAILED
 
@@ -86,8 +91,6 @@ def _field32(inputs: TensorInputs, i: int, plan: Any) -> torch.Tensor:
     """The 16-bit field of model ``i``'s ``plan`` (random draws or DELLA keys) as int32, cached
     beside it: inductor does not vectorise int16 loads (a scalar loop runs ~8x slower), so an
     unpaired random plan costs the fused path 4 more bytes per element."""
-    from merge_core.methods.sparsify import cached_for_seed, field16
-
     return cached_for_seed(inputs, f"f32:{plan.field}:{i}", plan.version,
                            lambda: field16(inputs, i, plan).to(torch.int32))
 
@@ -130,7 +133,7 @@ def _plan_numbers(spec: tuple) -> int:
 
 def _sparse_delta(d: torch.Tensor, spec: tuple, tensors: list, f: torch.Tensor, at: int,
                   splits: torch.Tensor, cut_at: int, cd: torch.dtype) -> torch.Tensor:
-    """One model's sparsified task vector ``d``, as :class:`~merge_core.methods.sparsify.Masker`
+    """One model's sparsified task vector ``d``, as :class:`~merge_core.kernels.sparsify.Masker`
     makes it; its numbers start at ``f[at]``, its cuts' split indices at ``splits[cut_at]``."""
     kind = spec[0]
     if kind == "band":
@@ -217,16 +220,13 @@ def _gta_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], specs
 def _della_pack(inputs: TensorInputs, i: int, seed: int) -> Optional[torch.Tensor]:
     """Model ``i``'s DELLA draws and rank indices in one int32 per element (``draw << 16 | k``,
     the draw signed so an arithmetic shift recovers it), cached per seed, for DELLA's general
-    form (see :mod:`~merge_core.methods.della`); None unless the tensor is a vector or matrix
-    with rows of 2 to 65536 elements (:func:`della.row_length <merge_core.methods.della.row_length>`).
+    form (see :mod:`~merge_core.kernels.della`); None unless the tensor is a vector or matrix
+    with rows of 2 to 65536 elements (:func:`della.row_length <merge_core.kernels.della.row_length>`).
 
     The kernel then reads 4 bytes per element and model instead of 8 (int32 draws + float32
     ranks), and the cache drops the separate draws and ranks (the rescale's lookup is built by
     then): at 500M parameters that is the difference between fitting in 24 GB or not.
     """
-    from merge_core.methods.della import rank_norm, row_length
-    from merge_core.methods.sparsify import cached_for_seed, drop, random_field
-
     length = row_length(inputs.tensors[i])
     if length is None:
         return None
@@ -246,8 +246,6 @@ def _pair(inputs: TensorInputs, i: int, j: int, plan_i: Any, plan_j: Any) -> tor
     one int32 per element (``j``'s value << 16 | ``i``'s value + 32768), cached: the kernel reads
     4 bytes per element for both models instead of 4 each.  The separate fields are dropped from
     the cache (the rescale's cumulative L1 per value is built by then)."""
-    from merge_core.methods.sparsify import cached_for_seed, drop, field16
-
     field = plan_i.field
 
     def build() -> torch.Tensor:
@@ -263,8 +261,6 @@ def _pair(inputs: TensorInputs, i: int, j: int, plan_i: Any, plan_j: Any) -> tor
 def _plan_parts(inputs: TensorInputs, plan: Any, i: int) -> tuple[tuple, list, list[float], list[int]]:
     """What the kernel needs of model ``i``'s plan: its static structure (``spec``), the
     per-element tensors it reads, its numbers in ``f`` order and its cuts' split indices."""
-    from merge_core.methods.della import rank_norm, row_length
-
     n = inputs.tensors[i].numel()
     if plan.kind == "band":
         values: list[float] = []
@@ -286,7 +282,8 @@ def task_arithmetic(
     inputs: TensorInputs, plans: dict[int, Any], active: list[int], coef: dict[int, float],
     weights: Optional[dict[int, float]], lam: float, consensus: bool, out: torch.Tensor,
 ) -> bool:
-    """The fused form of ``GeneralizedTaskArithmetic._run``; False when the caller must run eager."""
+    """The fused form of ``GeneralizedTaskArithmetic._run`` (:mod:`merge_core.methods.task_arithmetic`);
+    False when the caller must run eager."""
     if any(plans[i].kind not in ("full", "band", "random", "della") for i in active):
         return False
     numbers = [lam, *(coef[i] for i in active), *((weights or {}).get(i, 0.0) for i in active)]

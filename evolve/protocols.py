@@ -1,0 +1,70 @@
+"""The contracts between the search driver, the evaluation pools and the observers.
+
+Standard library only: every Ray actor imports this module (through :mod:`evolve.workers`), and
+the driver, the pools and the observers depend on it instead of on each other.
+
+- :class:`Result`: what a pool reports for one job (the same type in-process and from actors).
+- :class:`EvaluationPool`: workers that merge and score recipes; the driver keeps
+  ``num_workers`` jobs in flight.
+- :class:`SearchObserver`: hooks that follow a run (progress bar, W&B).
+- ``TRAIN`` / ``HELD_OUT``: the two task sets a job is scored on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from merge_core.errors import one_line
+
+__all__ = ["HELD_OUT", "TRAIN", "EvaluationPool", "Result", "SearchObserver", "one_line"]
+
+TRAIN = "train"
+HELD_OUT = "held_out"
+
+
+@dataclass
+class Result:
+    """What an evaluation pool reports for one submitted job."""
+
+    eval_id: str
+    status: str = "ok"  # "ok" or "failed"
+    # {task: {metric: value}}, or flat {task: value} / {"task:metric": value} (see task_score)
+    scores: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    worker: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EvaluationPool(Protocol):
+    """Workers that merge a recipe and score it; the driver keeps ``num_workers`` jobs in flight."""
+
+    num_workers: int
+
+    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> None:
+        """Start a job; ``task_set`` is :data:`TRAIN` (config.tasks) or :data:`HELD_OUT`."""
+
+    def wait_any(self) -> list[Result]:
+        """Block until at least one submitted job finished; return the finished ones."""
+
+    def close(self) -> None:
+        """Release the workers (idempotent)."""
+
+
+class SearchObserver(Protocol):
+    """Follows a run as it goes (progress bar, W&B); every hook must be cheap and must not raise."""
+
+    def on_start(self, driver: Any) -> None:
+        """Called once the run is opened (resumed records are in ``driver.records``)."""
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        """A ledger record was appended (train, cached or held-out)."""
+
+    def on_generation(self, number: int, records: list[dict[str, Any]], sigma: float) -> None:
+        """Generation ``number`` was told to the strategy; ``records`` are its candidates in order."""
+
+    def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:
+        """A new incumbent; ``best_config`` is the path of the rewritten best_config.yaml."""
+
+    def close(self) -> None:
+        """The run is over (also after an error): flush and release what the observer holds."""

@@ -1,0 +1,47 @@
+"""What a run records about where its results came from: package versions, the best's provenance."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+__all__ = ["VERSION_PACKAGES", "best_provenance", "package_versions"]
+
+VERSION_PACKAGES = ("merge-evolve", "cma", "numpy", "pydantic", "lm_eval", "transformers", "torch", "vllm", "ray")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape results (for provenance)."""
+    out = {}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _task_list(tasks: Any) -> list[dict[str, Any]]:
+    return [{"name": t.name, "metric": t.metric, "weight": t.weight} for t in tasks]
+
+
+def best_provenance(best: dict[str, Any], held: dict[str, Any] | None, *, config: Any, seed: int,
+                    config_hash: str, evaluations_used: dict[str, int], search: dict[str, Any],
+                    versions: dict[str, str]) -> dict[str, Any]:
+    """The provenance written beside ``best_config.yaml`` for the incumbent ledger record ``best``
+    (``held``: its held-out record, if scored)."""
+    return {
+        "eval_id": best["eval_id"],
+        "recipe_hash": best["recipe_hash"],
+        "seed": seed,
+        "config_hash": config_hash,
+        "tasks": _task_list(config.tasks),
+        "train_fitness": best["fitness"],
+        "train_scores": best["scores"],
+        "held_out_tasks": _task_list(config.held_out),
+        "held_out_fitness": held["fitness"] if held and held["status"] == "ok" else None,
+        "held_out_scores": held["scores"] if held else None,
+        "evaluations_used": evaluations_used,
+        "search": search,
+        "versions": versions,
+    }
