@@ -10,69 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from evolve.lock import RunLock
 from evolve.options import RunOptions
 from merge_core.errors import ModelError, RecipeError
 
-STORED_CONFIG = "config.yml"
-CONFIG_DIR = "config_dir.txt"
-
-
-def _load_config(options: RunOptions, resume: bool) -> tuple[Any, Path]:
-    """The evolve config and the folder its relative model paths are resolved against."""
-    from evolve.config import load_evolve_config
-    from merge_core.fsutil import atomic_write
-
-    stored = options.storage_path / STORED_CONFIG
-    if resume:
-        if not stored.exists():
-            raise RecipeError("--storage-path",
-                              f"no run to resume in '{options.storage_path}' (no {STORED_CONFIG})")
-        source = Path((options.storage_path / CONFIG_DIR).read_text().strip())
-        return load_evolve_config(stored), source
-    assert options.config is not None
-    config = load_evolve_config(options.config)
-    options.storage_path.mkdir(parents=True, exist_ok=True)
-    if not stored.exists():
-        atomic_write(stored, options.config.read_bytes())
-        atomic_write(options.storage_path / CONFIG_DIR, str(Path.cwd()).encode())
-    return config, Path.cwd()
-
-
-def _resolve_models(config: Any, relative_to: Path) -> dict[str, Path]:
-    """Every model reference of the genome, resolved to a local directory (or a one-line error)."""
-    from merge_core.model_ref import resolve_model_ref
-
-    refs: list[tuple[str, str]] = [(f"genome.models[{i}]", m) for i, m in enumerate(config.genome.models)]
-    if config.genome.base_model:
-        refs.append(("genome.base_model", config.genome.base_model))
-    resolved: dict[str, Path] = {}
-    for path, ref in refs:
-        try:
-            resolved[ref] = resolve_model_ref(ref, relative_to=relative_to)
-        except ModelError as err:
-            raise RecipeError(path, str(err)) from None
-    return resolved
-
-
-def _num_layers(config: Any, models: dict[str, Path]) -> int:
-    from merge_core.tensor_io import load_config
-
-    ref = config.genome.base_model or config.genome.models[0]
-    return int(load_config(models[ref])["num_hidden_layers"])
-
-
-def _check_options(options: RunOptions) -> None:
-    if options.vllm:
-        from evolve.evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
-
-        if not vllm_available():
-            raise RecipeError("--vllm", VLLM_MISSING)
-    for flag, value in (("--max-fevals", options.max_fevals), ("--num-workers", options.num_workers or 1)):
-        if value < 1:
-            raise RecipeError(flag, f"must be >= 1, got {value}")
+EXIT_NO_RESULT = 1  # the search ran but no candidate was scored successfully
 
 
 def _placement(options: RunOptions) -> tuple[str, int | None, int]:
@@ -97,41 +43,65 @@ def _placement(options: RunOptions) -> tuple[str, int | None, int]:
 
 
 def run_search(options: RunOptions, *, resume: bool) -> int:
-    """Run or continue a search; returns the process exit code."""
-    _check_options(options)
-    config, relative_to = _load_config(options, resume)
-    models = _resolve_models(config, relative_to)
+    """Run or continue a search; returns the process exit code.
 
+    Everything that can be checked is checked before anything is written (:mod:`evolve.preflight`):
+    the run directory is created only once the workers have scored the starting model.
+    """
+    from evolve import preflight
     from evolve.genome import Genome
     from evolve.search import SearchDriver
     from evolve.storage import RunStorage
 
-    genome = Genome(config.genome, _num_layers(config, models))
+    if options.vllm:
+        from evolve.evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
+
+        if not vllm_available():
+            raise RecipeError("--vllm", VLLM_MISSING)
+    preflight.check_storage_path(options.storage_path, resume=resume)
+    config, relative_to = preflight.load_run_config(options, resume)
+    preflight.check_environment(options)
+    preflight.check_task_names(config, tuple(p.resolve() for p in options.task_search_paths))
+    models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
+    genome = Genome(config.genome, models.num_layers)
     storage = RunStorage(options.storage_path)
     seed = options.random_seed
     if seed is None:
         seed = int((storage.read_manifest() or {}).get("seed", 0))
     device, workers, threads = _placement(options)
-    observers = _observers(options, config, seed)
     # The timeout counts from here: worker start-up is part of this session's time.
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
-    driver = SearchDriver(genome, storage, config, sigma0=options.sigma0,
-                          popsize=options.force_population_size, seed=seed,
-                          max_fevals=options.max_fevals, observers=observers, deadline=deadline)
-    try:
-        pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed)
-        try:
-            outcome = driver.run(pool)
-        finally:
-            pool.close()
-    finally:
-        for observer in observers:
-            observer.close()
-    _print_outcome(outcome, storage.path)
-    if options.save_final_model and outcome.best_recipe is not None:
-        final = _save_final_model(outcome.best_recipe, relative_to, storage.path, options, seed)
-        print(f"final model: {final}")
+    search = {"sigma0": options.sigma0, "popsize": options.force_population_size, "seed": seed,
+              "max_fevals": options.max_fevals, "deadline": deadline}
+    SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
+    with ExitStack() as held:  # the run directory's lock, from its creation to the final model
+        with ExitStack() as resources:  # workers and observers, released before the final merge
+            pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed)
+            resources.callback(pool.close)
+            first = preflight.preflight_evaluation(pool, config, models, genome.dtype)
+            if not options.quiet:
+                _print_preflight(models.evaluated, first)
+            # From here on the run owns its directory: created, locked, then written.
+            options.storage_path.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(options.storage_path))
+            preflight.create_run_directory(options, relative_to)
+            observers = _observers(options, config, seed)  # W&B writes into the run directory
+            for observer in observers:
+                resources.callback(observer.close)
+            outcome = SearchDriver(genome, storage, config, observers=observers, **search).run(pool)
+        _print_outcome(outcome, storage.path)
+        if outcome.best_recipe is None:
+            return EXIT_NO_RESULT
+        if options.save_final_model:
+            final = _save_final_model(outcome.best_recipe, relative_to, storage.path, options, seed)
+            print(f"final model: {final}")
     return 0
+
+
+def _print_preflight(model: str, results: dict[str, Any]) -> None:
+    parts = [f"{name} " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(r.scores.items()))
+             for name, r in results.items()]
+    print(f"preflight: '{model}' scored on {'; '.join(parts)}", file=sys.stderr)
 
 
 def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path, device: str,
@@ -143,7 +113,8 @@ def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path,
 
     overrides: dict[str, Any] = {"task_search_paths": tuple(p.resolve() for p in options.task_search_paths),
                                  "device": device, "dtype": options.eval_dtype, "seed": seed,
-                                 "share_context": options.shared_context}
+                                 "share_context": options.shared_context,
+                                 "trust_remote_code": options.trust_remote_code}
     if options.batch_size is not None:
         overrides["batch_size"] = options.batch_size
     if options.vllm:
@@ -158,7 +129,7 @@ def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path,
     merge_device = "cuda" if (options.merge_cuda and device.startswith("cuda")) else "cpu"
     spec = WorkerSpec(template_recipe=template, settings=settings, train_tasks=list(config.tasks),
                       held_out_tasks=list(config.held_out), merge_device=merge_device,
-                      threads=threads, relative_to=relative_to, seed=seed)
+                      threads=threads, relative_to=relative_to, seed=seed, allow_crimes=options.allow_crimes)
     if options.no_ray:
         pool = LocalPool(spec)
         if not options.quiet:

@@ -13,6 +13,7 @@ turned into a typed :class:`~evolve.options.RunOptions` here, once; nothing belo
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from pathlib import Path
 from evolve.options import DEFAULT_MAX_FEVALS, DEFAULT_SIGMA0, RunOptions
 
 EXIT_BAD_INPUT = 2
+# The file system refused a write (full, read-only, quota, permissions): the user can fix that.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG})
 VERBS = ("run", "resume", "report")
 NO_EFFECT = "accepted for mergekit-evolve compatibility; no effect"
 
@@ -181,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_search(run_options(args), resume=(verb == "resume"))
     except MergeError as err:
         print(f"merge-evolve: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        where = f"'{err.filename}'" if err.filename else "to the run directory"
+        print(f"merge-evolve: error: cannot write {where}: {err.strerror}; what was recorded so far is "
+              "intact: fix that, then run the same command again to resume", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("merge-evolve: interrupted; run the same command again to resume", file=sys.stderr)

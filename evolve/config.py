@@ -109,21 +109,48 @@ class EvolveConfig(_Strict):
     vllm: Optional[VllmConfig] = None
 
 
-def load_evolve_config(path: str | Path) -> EvolveConfig:
-    """Read and validate an evolve config YAML; raise a one-line RecipeError on any problem."""
-    path = Path(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with a repeated key (plain YAML keeps the last one,
+    so a duplicated ``tasks:`` or ``limit:`` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let the base class report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a one-line RecipeError naming the file (and the line) when it
+    cannot be read, is not text, is not YAML, repeats a key or is not a mapping."""
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), f"cannot read {what}: not a UTF-8 text file") from None
     except OSError as exc:
-        raise RecipeError(str(path), f"cannot read evolve config: {exc.strerror or exc}") from None
+        raise RecipeError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise RecipeError(str(path), f"invalid YAML{where}: {problem}") from None
-    return parse_evolve_config(data)
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), f"{what} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_evolve_config(path: str | Path) -> EvolveConfig:
+    """Read and validate an evolve config YAML; raise a one-line RecipeError on any problem."""
+    return parse_evolve_config(load_yaml_mapping(Path(path), "evolve config"))
 
 
 def parse_evolve_config(data: Any) -> EvolveConfig:

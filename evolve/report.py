@@ -1,4 +1,7 @@
-"""``merge-evolve report``: what a run directory holds, for people and for scripts."""
+"""``merge-evolve report``: what a run directory holds, for people and for scripts.
+
+Read-only: it never writes into the run directory (a run may be going on in it).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
     storage = RunStorage(storage_path)
-    records = storage.load_evaluations()
+    records = storage.load_evaluations(repair=False)  # read-only: a torn last line is skipped, not cut
     manifest = storage.read_manifest() or {}
     train = [r for r in records if r.get("kind") == "train"]
     held = {r["of"]: r for r in records if r.get("kind") == "held_out"}

@@ -67,23 +67,36 @@ def _lookup(data: Any, path: str) -> Any:
 
 
 class RunStorage:
-    """One run's directory; all writes are atomic or append-whole-line."""
+    """One run's directory; all writes are atomic or append-whole-line.
+
+    Nothing is created until :meth:`open_run`: reading a run (``report``, the checks before a
+    run starts) never writes.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self._ledger_checked = False
 
     @property
     def ledger_path(self) -> Path:
+        """The ledger file (``evaluations.jsonl``)."""
         return self.path / LEDGER
+
+    def _writable(self) -> Path:
+        """The directory, created on the first write."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
 
     # -- ledger ---------------------------------------------------------------------------
 
-    def load_evaluations(self) -> list[dict[str, Any]]:
-        """All ledger records in file order; a torn last line is truncated away."""
+    def load_evaluations(self, *, repair: bool = True) -> list[dict[str, Any]]:
+        """All ledger records in file order.
+
+        A torn last line (a kill mid-write) is skipped; with ``repair`` (the run that will append
+        next) it is also cut from the file.  ``repair=False`` reads only (``report``, checks).
+        """
         if not self.ledger_path.exists():
-            self._ledger_checked = True
+            self._ledger_checked = repair
             return []
         data = self.ledger_path.read_bytes()
         records: list[dict[str, Any]] = []
@@ -98,9 +111,14 @@ class RunStorage:
             if not isinstance(record, dict):
                 if number == len(lines):
                     break  # a damaged last line (crash mid-write): drop it like a torn one
-                raise StorageError(f"{self.ledger_path}: line {number} is not a JSON record")
+                raise StorageError(
+                    f"{self.ledger_path}: line {number} of {len(lines)} is not a JSON record: the ledger is "
+                    "damaged (a torn write can only hit the last line); restore it from a backup, or delete "
+                    f"lines {number}.. to lose those evaluations, or start a new --storage-path")
             records.append(record)
             good_end += len(line) + 1
+        if not repair:
+            return records
         if good_end < len(data):
             with open(self.ledger_path, "r+b") as fh:
                 fh.truncate(good_end)
@@ -114,6 +132,7 @@ class RunStorage:
         if not self._ledger_checked:
             self.load_evaluations()  # cut a torn tail first, or the new line would join it
         line = json.dumps(record, sort_keys=True, allow_nan=False, separators=(",", ":")) + "\n"
+        self._writable()
         with open(self.ledger_path, "ab") as fh:
             fh.write(line.encode())
             fh.flush()
@@ -123,7 +142,7 @@ class RunStorage:
 
     def save_search_state(self, blob: bytes) -> None:
         """Replace the saved optimizer state (called after every tell)."""
-        atomic_write(self.path / STATE, blob)
+        atomic_write(self._writable() / STATE, blob)
 
     def load_search_state(self) -> bytes | None:
         """The saved optimizer state, or None for a fresh run."""
@@ -133,29 +152,34 @@ class RunStorage:
     # -- manifest -------------------------------------------------------------------------
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """The stored run manifest, or None for a new run; StorageError when it is damaged."""
         path = self.path / MANIFEST
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise StorageError(f"{path}: unreadable run manifest ({exc})") from None
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise StorageError(f"{path}: the run manifest is damaged ({exc}); it is rewritten atomically, so "
+                               "something else changed it: restore it from a backup or start a new "
+                               "--storage-path") from None
+        if not isinstance(manifest, dict):
+            raise StorageError(f"{path}: the run manifest is damaged (not a JSON object); restore it from a "
+                               "backup or start a new --storage-path")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(self._writable() / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
-    def open_run(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any]:
-        """Start or resume: write ``manifest`` if new, else check the ``must_match`` keys.
+    def check_resumable(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any] | None:
+        """The stored manifest when ``manifest`` may continue it (None: no run stored yet).
 
-        Returns the stored manifest (updated with the new values of keys that may change, such
-        as the budget). Raises StorageError naming the first differing setting.
+        Raises StorageError naming the first ``must_match`` setting that differs.  Writes nothing.
         """
         old = self.read_manifest()
         if old is None:
             if self.ledger_path.exists() or (self.path / STATE).exists():
                 raise StorageError(f"{self.path}: has evaluations but no {MANIFEST}; use a new --storage-path")
-            self.write_manifest(manifest)
-            return manifest
+            return None
         for key in must_match:
             where = first_difference(old.get(key), manifest.get(key), key)
             if where is not None:
@@ -164,6 +188,19 @@ class RunStorage:
                     f"({_short(_lookup(old, where))} there, {_short(_lookup(manifest, where))} now);"
                     " use a new --storage-path"
                 )
+        return old
+
+    def open_run(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any]:
+        """Start or resume: create the directory and write ``manifest`` if new, else check the
+        ``must_match`` keys (:meth:`check_resumable`).
+
+        Returns the stored manifest (updated with the new values of keys that may change, such
+        as the budget). Raises StorageError naming the first differing setting.
+        """
+        old = self.check_resumable(manifest, must_match)
+        if old is None:
+            self.write_manifest(manifest)
+            return manifest
         merged = {**manifest, **{k: old[k] for k in ("started",) if k in old}}
         if merged != old:
             self.write_manifest(merged)
@@ -179,7 +216,7 @@ class RunStorage:
         if not text.endswith("\n"):
             text += "\n"
         sidecar = json.dumps(provenance, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write(self.path / BEST_PROVENANCE, sidecar.encode())
+        atomic_write(self._writable() / BEST_PROVENANCE, sidecar.encode())
         atomic_write(self.path / BEST_CONFIG, text.encode())
         return self.path / BEST_CONFIG
 

@@ -106,6 +106,9 @@ def architecture_for(config: dict[str, Any], reference: str = "model") -> Archit
         raise ModelError(f"'{reference}': unsupported architecture {names[0]}; supported: {known}")
     if arch.num_layers_key not in config:
         raise ModelError(f"'{reference}': config.json has no {arch.num_layers_key}")
+    layers = config[arch.num_layers_key]
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ModelError(f"'{reference}': config.json {arch.num_layers_key} must be a positive integer, got {layers!r}")
     return arch
 
 

@@ -155,7 +155,7 @@ def test_file_level_errors(tmp_path):
         load_evolve_config(bad)
     scalar = tmp_path / "scalar.yml"
     scalar.write_text("just a string\n")
-    with pytest.raises(RecipeError, match="must be a mapping"):
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
         load_evolve_config(scalar)
     good = tmp_path / "good.yml"
     good.write_text(yaml.safe_dump(base_config()))

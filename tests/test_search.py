@@ -254,6 +254,45 @@ def test_missing_metric_is_a_failure_with_reason(tmp_path):
     assert all(r["fitness"] == -2.0 for r in bad)  # default penalty: -(0.4 + 0.6) - 1
 
 
+class ReasonPool(FakePool):
+    """Fails every train candidate with ``reason(eval_id)``, except the first ``ok_first`` results."""
+
+    def __init__(self, reason, ok_first=0, **kw):
+        super().__init__(**kw)
+        self.reason, self.ok_first = reason, ok_first
+
+    def wait_any(self):
+        (res,) = super().wait_any()
+        if res.eval_id.endswith(HELD_OUT) or len(self.delivered) <= self.ok_first:
+            return [res]
+        return [Result(res.eval_id, status="failed", reason=self.reason(res.eval_id), worker="w0")]
+
+
+def test_the_same_deterministic_failure_from_the_start_stops_the_run(tmp_path):
+    from evolve.search.failures import SystematicFailure
+
+    reason = "EvalError: task 't1' has no metric 'acc,none' (available: f1,none)"
+    with pytest.raises(SystematicFailure, match="the first 4 candidates all failed with: EvalError") as info:
+        make_driver(tmp_path).run(ReasonPool(lambda _id: reason, num_workers=3))
+    assert "\n" not in str(info.value)
+    ledger = normalized_ledger(tmp_path)
+    assert len(ledger) == 4 and all(r["status"] == "failed" and r["reason"] == reason for r in ledger)
+
+
+@pytest.mark.parametrize("why", ["transient", "different", "after a success"])
+def test_failures_that_are_not_systematic_do_not_stop_the_run(tmp_path, why):
+    if why == "transient":
+        pool = ReasonPool(lambda _id: "worker died (RayActorError) (attempt 3 of 3)")
+    elif why == "different":
+        pool = ReasonPool(lambda eval_id: f"non-finite weights in tensor {eval_id}")
+    else:  # the first result succeeds and every later one fails alike: the search's luck, not the setup
+        pool = ReasonPool(lambda _id: "EvalError: broken", ok_first=1)
+    outcome = make_driver(tmp_path).run(pool)
+    # Not stopped after the first 4: at least the whole first generation of 6 ran (all-alike
+    # failures give a flat fitness, which pycma itself may then call converged: its stop, not ours).
+    assert outcome.candidates >= 6 and len(normalized_ledger(tmp_path)) >= 6
+
+
 def test_held_out_jobs_fill_idle_slots(tmp_path):
     pool = FakePool(num_workers=4, order_seed=2)
     make_driver(tmp_path, popsize=8, max_fevals=48).run(pool)

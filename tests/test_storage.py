@@ -50,7 +50,7 @@ def test_append_without_load_still_repairs_a_torn_tail(tmp_path):
 def test_corrupt_middle_line_is_an_error(tmp_path):
     st = RunStorage(tmp_path)
     st.ledger_path.write_bytes(b'{"eval_id": "e0"}\nnot json\n{"eval_id": "e2"}\n')
-    with pytest.raises(StorageError, match="line 2 is not a JSON record"):
+    with pytest.raises(StorageError, match="line 2 of 3 is not a JSON record: the ledger is damaged"):
         st.load_evaluations()
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from evolve.evaluation.loop import ResidentEvaluator, ResidentLM
-from evolve.evaluation.quiet import quiet
+from evolve.evaluation.loop import NonFiniteScores, ResidentEvaluator, ResidentLM
+from evolve.evaluation.quiet import quiet, transformers_quiet
 from evolve.evaluation.settings import EvalError, EvalSettings
 from evolve.evaluation.shared_context import SharedContextLM
 from evolve.evaluation.tasks import TaskCatalog, TaskSet, memoize_lm_eval_templates
@@ -45,6 +45,27 @@ class ResidentHFLM(ResidentLM, SharedContextLM, HFLM):
         # HFLM re-derives max_length from the config on every request; the config is fixed here.
         self._max_length = self.max_length
 
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """lm-eval's generation, refusing text generated from NaN or infinite logits (greedy
+        decoding then picks token 0 forever: a "score" that means nothing)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        bad = torch.zeros((), dtype=torch.bool, device=self.model.device)
+
+        def watch(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            bad.logical_or_(~torch.isfinite(output).all())  # no host sync per decoding step
+
+        handle = head.register_forward_hook(watch)
+        try:
+            results = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            handle.remove()
+        if bool(bad):
+            raise NonFiniteScores("the logits of a generation are NaN or infinite (the merged model's "
+                                  "activations overflow)")
+        return results
+
 
 class HFEvaluator(ResidentEvaluator):
     """lm-eval's HF backend around one resident transformers model (see the module docstring).
@@ -67,14 +88,19 @@ class HFEvaluator(ResidentEvaluator):
             memoize_lm_eval_templates()
         if not (self.model_dir / "config.json").is_file():
             raise ModelError(f"{self.model_dir}: not a model folder (no config.json)")
-        with quiet(settings.quiet):
+        with quiet(settings.quiet), transformers_quiet(settings.quiet):
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                # trust_remote_code always explicit: left unset, transformers asks "[y/N]" on a
+                # terminal (and a piped "y" would run the model folder's Python code).
+                remote = settings.trust_remote_code
+                tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=remote)
                 model = AutoModelForCausalLM.from_pretrained(
-                    str(self.model_dir), dtype=settings.resolved_dtype()
+                    str(self.model_dir), dtype=settings.resolved_dtype(), trust_remote_code=remote
                 )
             except (OSError, ValueError, KeyError) as exc:
                 why = first_line(str(exc)) or type(exc).__name__
+                if "custom code" in why and not remote:
+                    why = "it needs its own Python code, which runs only with --trust-remote-code"
                 raise ModelError(f"{self.model_dir}: cannot load model/tokenizer: {why}") from exc
             if settings.apply_chat_template and not getattr(tokenizer, "chat_template", None):
                 raise EvalError(
@@ -83,7 +109,8 @@ class HFEvaluator(ResidentEvaluator):
                 )
             self.model: torch.nn.Module = model.to(self.device).eval()
             # With a model object HFLM takes the device from the model, not from an argument.
-            self.lm = ResidentHFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=settings.batch_size)
+            self.lm = ResidentHFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=settings.batch_size,
+                                   trust_remote_code=settings.trust_remote_code)
             self.lm.show_progress = not settings.quiet
             self.lm.share_context = settings.share_context
         self.tokenizer = tokenizer

@@ -27,7 +27,21 @@ from evolve.evaluation.quiet import quiet
 from evolve.evaluation.settings import EvalError, EvalResult, EvalSettings
 from evolve.evaluation.tasks import TaskCatalog, TaskLike, TaskSet, cached_task_set
 
-__all__ = ["ResidentEvaluator", "ResidentLM", "evaluate_lm", "score_tasks", "seeded"]
+__all__ = ["NonFiniteScores", "ResidentEvaluator", "ResidentLM", "check_finite", "evaluate_lm", "score_tasks",
+           "seeded"]
+
+
+class NonFiniteScores(EvalError):
+    """The model produced NaN or infinite log-likelihoods or logits (overflowing weights): the
+    metrics lm-eval would compute from them (an argmax over NaNs) mean nothing."""
+
+
+def check_finite(values: Sequence[float], what: str = "log-likelihoods") -> None:
+    """Raise :class:`NonFiniteScores` when any of ``values`` is NaN or infinite."""
+    bad = sum(1 for v in values if not math.isfinite(v))
+    if bad:
+        raise NonFiniteScores(f"{bad} of {len(values)} {what} are NaN or infinite (the merged model's "
+                              "activations overflow)")
 
 
 def score_tasks(
@@ -132,17 +146,22 @@ class ResidentLM:
     bases): progress bars only when ``show_progress`` (lm-eval's evaluate() never passes
     ``disable_tqdm``), and each (context, continuation) pair tokenized once per process -- only
     the weights change between calls, so lm-eval's per-request ``_encode_pair`` would repeat
-    identical work.  The memo returns copies: callers own the lists they get.
+    identical work.  The memo returns copies: callers own the lists they get.  Non-finite
+    log-likelihoods raise :class:`NonFiniteScores` (a failed candidate, not a low score).
     """
 
     show_progress = False
     _MEMO_LIMIT = 500_000
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        check_finite([float(r[0]) for r in results])
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+        check_finite([float(r) for r in results])
+        return results
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)

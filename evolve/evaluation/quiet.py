@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-__all__ = ["DropProgressBars", "quiet", "quiet_lm_eval"]
+__all__ = ["DropProgressBars", "quiet", "quiet_lm_eval", "transformers_quiet"]
 
 
 @contextlib.contextmanager
@@ -72,3 +72,19 @@ def quiet(enabled: bool) -> Iterator[None]:
         return
     with quiet_lm_eval(), contextlib.redirect_stderr(DropProgressBars(sys.stderr)):
         yield
+
+
+@contextlib.contextmanager
+def transformers_quiet(enabled: bool = True) -> Iterator[None]:
+    """transformers' own log lines (model-type and loading notes) at ERROR for the duration."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)

@@ -47,6 +47,8 @@ class EvalSettings:
     HF backend only).  ``backend``: a name of :data:`evolve.evaluation.EVALUATORS` ("hf" or
     "vllm").  ``vllm``: the vLLM engine settings (the config's ``vllm:`` section as a dict of
     :class:`evolve.config.VllmConfig` fields; None: its defaults); used by the vllm backend only.
+    ``trust_remote_code``: let model folders run their own Python code (``--trust-remote-code``);
+    passed explicitly to every load, so transformers never asks on a terminal.
     """
 
     limit: Optional[Union[int, float]] = None
@@ -66,6 +68,7 @@ class EvalSettings:
     backend: str = "hf"
     share_context: bool = True
     vllm: Optional[Mapping[str, Any]] = None
+    trust_remote_code: bool = False
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> "EvalSettings":

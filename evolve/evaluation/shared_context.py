@@ -28,6 +28,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from evolve.evaluation.loop import check_finite
+
 log = logging.getLogger(__name__)
 
 # (request strings, context tokens, continuation tokens), as lm-eval passes them.
@@ -302,6 +304,9 @@ class SharedContextLM:
         shared = [i for i in plan.packed if counts[tuple(requests[i][1])] > 1] or plan.packed
         sample = shared[:: max(1, len(shared) // _CHECK_SAMPLE)][:_CHECK_SAMPLE]
         reference = super()._loglikelihood_tokens([requests[i] for i in sample], disable_tqdm=True)
+        # A model whose activations overflow gives NaN on both paths: that says nothing about
+        # packing (NaN != NaN), so the check is left for a later, finite candidate.
+        check_finite([r[0] for r in results if r is not None] + [r[0] for r in reference])
         dtype = next(self.model.parameters()).dtype
         sixteen_bit = dtype in (torch.float16, torch.bfloat16) or getattr(self, "mixed_precision_dtype", None) is not None
         self._packing_checked = True

@@ -88,6 +88,7 @@ def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, An
         "tensor_parallel_size": 1,
         "batch_size": engine["batch_size"],
         "seed": settings.seed,
+        "trust_remote_code": settings.trust_remote_code,
         "worker_extension_cls": WORKER_EXTENSION,
     }
     if engine["max_num_seqs"] is not None:

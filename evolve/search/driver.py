@@ -49,6 +49,7 @@ from evolve.config import EvolveConfig, TaskConfig, config_hash, normalized_conf
 from evolve.genome import Genome, recipe_hash
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
 from evolve.search.cmaes import CMAES
+from evolve.search.failures import FailureWatch
 from evolve.search.fitness import default_penalty, json_scores, weighted_fitness
 from evolve.search.provenance import best_provenance, package_versions
 from evolve.storage import RunStorage, StorageError
@@ -56,7 +57,6 @@ from evolve.storage import RunStorage, StorageError
 STATE_FORMAT = 1
 # Settings a resumed run must share with the stored one (the budget may grow).
 RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension")
-
 
 @dataclass
 class SearchOutcome:
@@ -154,6 +154,7 @@ class SearchDriver:
         self.waiting: dict[str, list[int]] = {}  # running eval id -> indices that are its cache hits
         self.in_flight: dict[str, float] = {}  # eval id -> monotonic submit time
         self.busy_s = 0.0
+        self.watch = FailureWatch(1, active=False, where="")  # set up by run()
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -188,14 +189,32 @@ class SearchDriver:
         state = {"format": STATE_FORMAT, "next_generation": self.next_gen, "es": self._es.state()}
         self.storage.save_search_state(pickle.dumps(state))
 
-    def _open(self, num_workers: int) -> None:
+    def _resolve_popsize(self, num_workers: int | None) -> int | None:
+        """The run's popsize: forced, else the stored run's, else the default for the workers
+        (None when that is still unknown: ``num_workers`` None)."""
         stored = self.storage.read_manifest()
         if self.popsize is not None:
-            self.popsize_ = self.popsize
-        elif stored is not None and "popsize" in stored:
-            self.popsize_ = int(stored["popsize"])
-        else:
-            self.popsize_ = default_popsize(self.genome.dimension, num_workers)
+            return self.popsize
+        if stored is not None and "popsize" in stored:
+            return int(stored["popsize"])
+        return None if num_workers is None else default_popsize(self.genome.dimension, num_workers)
+
+    def check_stored_run(self) -> None:
+        """Refuse, before any worker starts, a run directory this run cannot continue (other
+        config, seed or search settings; a damaged manifest, ledger or search state).  Writes
+        nothing."""
+        popsize = self._resolve_popsize(None)
+        if popsize is not None:
+            self.storage.check_resumable(self._manifest(popsize), RESUME_KEYS)
+        self.storage.load_evaluations(repair=False)
+        blob = self.storage.load_search_state()
+        if blob is not None:
+            self._load_state(blob)
+
+    def _open(self, num_workers: int) -> None:
+        popsize = self._resolve_popsize(num_workers)
+        assert popsize is not None
+        self.popsize_ = popsize
         self.manifest = self.storage.open_run(self._manifest(self.popsize_), RESUME_KEYS)
         ledger = self.storage.load_evaluations()
         self.records = {r["eval_id"]: r for r in ledger}
@@ -207,13 +226,7 @@ class SearchDriver:
             self.strategy = self._new_strategy()
             self._save_state()
         else:
-            state = pickle.loads(blob)
-            if state.get("format") != STATE_FORMAT:
-                raise StorageError(
-                    f"{self.storage.path}: search state format {state.get('format')} is not {STATE_FORMAT}"
-                )
-            self.next_gen = int(state["next_generation"])
-            self.strategy = CMAES.from_state(state["es"])
+            self._load_state(blob)
         # Replay the told generations: fitness cache, incumbent and the held-out queue.
         self.first_by_hash = {}
         self.heldout_queue = deque()
@@ -228,6 +241,21 @@ class SearchDriver:
                 if rec.get("cached_from") is None:
                     self.first_by_hash.setdefault(rec["recipe_hash"], one)
             self._after_tell(ids)
+
+    def _load_state(self, blob: bytes) -> None:
+        where = self.storage.path / "search_state.pkl"
+        try:
+            state = pickle.loads(blob)
+            fmt = state.get("format") if isinstance(state, dict) else None
+            if fmt == STATE_FORMAT:
+                self.next_gen = int(state["next_generation"])
+                self.strategy = CMAES.from_state(state["es"])
+                return
+            problem = f"format {fmt!r} is not {STATE_FORMAT}"
+        except Exception as exc:  # truncated or foreign bytes: any unpickling error
+            problem = f"unreadable ({type(exc).__name__})"
+        raise StorageError(f"{where}: the search state is damaged ({problem}); it is replaced atomically, so "
+                           "something else changed it: restore it from a backup or start a new --storage-path")
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -371,6 +399,7 @@ class SearchDriver:
         self.gen.fitness[i] = record["fitness"]
         for j in self.waiting.pop(result.eval_id, []):
             self._resolve_cached(j, record)
+        self.watch.observe(record)
 
     def _tell(self) -> None:
         gen = self.gen
@@ -400,6 +429,11 @@ class SearchDriver:
         self.waiting = {}
         self.in_flight = {}
         self.busy_s = 0.0
+        succeeded = any(r["kind"] == TRAIN and r["status"] == "ok" for r in self.records.values())
+        # Enough distinct candidates that one shared reason is the setup's, few enough not to
+        # spend a generation on it.
+        self.watch = FailureWatch(min(self.popsize_, max(4, self.num_workers)), active=not succeeded,
+                                  where=str(self.storage.ledger_path))
         for observer in self.observers:
             observer.on_start(self)
         started = time.monotonic()

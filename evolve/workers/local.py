@@ -6,8 +6,9 @@ import time
 from collections import deque
 from typing import Any
 
-from evolve.protocols import Result
-from evolve.workers.worker import CandidateWorker, WorkerSpec
+from evolve.protocols import Result, one_line
+from evolve.workers.worker import CandidateWorker, WorkerPoolError, WorkerSpec
+from merge_core.errors import MergeError
 
 __all__ = ["LocalPool"]
 
@@ -21,7 +22,12 @@ class LocalPool:
     num_workers = 1
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self.worker = CandidateWorker(spec)
+        try:
+            self.worker = CandidateWorker(spec)
+        except MergeError:
+            raise
+        except Exception as exc:  # same one line as the Ray pool's (the actor's one_line)
+            raise WorkerPoolError(f"local-0 failed to set up: {one_line(exc)}") from None
         self.queue: deque[tuple[str, dict[str, Any], str]] = deque()
         self.first_submit: float | None = None
         self.busy_s = 0.0

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from evolve.protocols import Result, one_line
-from evolve.workers.worker import CandidateWorker, WorkerSpec
+from evolve.workers.reaper import start_reaper, stop_reaper
+from evolve.workers.worker import CandidateWorker, WorkerPoolError, WorkerSpec
+from merge_core.errors import MergeError
 
 __all__ = ["ActorWorker", "RayPool", "WorkerPoolError"]
 
@@ -43,21 +45,25 @@ class ActorWorker:
     """The Ray actor body: a CandidateWorker built in the actor process.
 
     A setup error is kept and reported by :meth:`info` as one line (Ray's own report of a failed
-    creation task is a multi-line traceback).
+    creation task is a multi-line traceback): a user-input error (MergeError) as its own message,
+    which the driver shows exactly as a run without Ray would; anything else with its type.
     """
 
     def __init__(self, spec: WorkerSpec, name: str) -> None:
         self.worker: CandidateWorker | None = None
         self.error: str | None = None
+        self.input_error = False
         try:
             self.worker = CandidateWorker(spec, name=name)
+        except MergeError as exc:
+            self.error, self.input_error = str(exc), True
         except Exception as exc:
             self.error = one_line(exc)
 
     def info(self) -> dict[str, Any]:
-        """Setup seconds, pid and torch threads; or ``{"error": ...}`` when setup failed."""
+        """Setup seconds, pid and torch threads; or ``{"error", "input_error"}`` when setup failed."""
         if self.worker is None:
-            return {"error": self.error, "pid": os.getpid()}
+            return {"error": self.error, "input_error": self.input_error, "pid": os.getpid()}
         return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads(),
                 "memory": self.worker.merger.memory_report()}
 
@@ -70,10 +76,6 @@ class ActorWorker:
     def ping(self) -> float:
         """The actor's clock (a liveness probe)."""
         return time.perf_counter()
-
-
-class WorkerPoolError(RuntimeError):
-    """The pool cannot run at all (a worker failed to set itself up)."""
 
 
 @dataclass
@@ -142,6 +144,7 @@ class RayPool:
         threads = threads or spec.threads or (4 if num_gpus_per_worker else max(1, cores // self.num_workers))
         self.spec = dataclasses.replace(spec, threads=threads)
         self._owns_ray = False
+        self._reaper: Any = None  # watchdog of a local Ray we started (evolve.workers.reaper)
         self.memory_report: str | None = None  # the first worker's merge-memory line (see run.py)
         self.report = report
         if not ray.is_initialized():
@@ -152,6 +155,7 @@ class RayPool:
             else:
                 ray.init(num_cpus=max(cores, self.num_workers * threads), include_dashboard=False,
                          _node_ip_address="127.0.0.1", **quiet)
+                self._reaper = _start_reaper()
             self._owns_ray = True
         if num_workers is None:  # one worker per GPU of the (possibly multi-node) cluster
             self.num_workers = max(1, int(ray.cluster_resources().get("GPU", 0) // num_gpus_per_worker))
@@ -192,6 +196,8 @@ class RayPool:
 
     def _mark_ready(self, slot: _Slot, info: dict[str, Any]) -> None:
         if info.get("error"):
+            if info.get("input_error"):
+                raise WorkerPoolError(str(info["error"]))
             raise WorkerPoolError(f"{slot.name} failed to set up: {info['error']}")
         slot.ready, slot.ready_ref = True, None
         slot.setup_s.append(float(info["setup_s"]))
@@ -367,12 +373,28 @@ class RayPool:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+        if self._reaper is not None:
+            stop_reaper(self._reaper)  # removes whatever the shutdown left running
+            self._reaper = None
 
     def __enter__(self) -> "RayPool":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_reaper() -> Any:
+    """The watchdog that removes this local Ray's processes if this process dies (None when the
+    session directory cannot be found: Ray's private API moved)."""
+    import ray
+
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        log.warning("cannot find the Ray session directory: no watchdog for a killed driver")
+        return None
+    return start_reaper(session_dir)
 
 
 def _cause(exc: BaseException) -> str:

@@ -33,8 +33,14 @@ import torch
 from evolve.evaluation import EvalSettings, Evaluator, evaluator_class
 from evolve.protocols import HELD_OUT, TRAIN, Result, one_line
 from evolve.workers.faults import inject
+from merge_core.errors import MergeError
 
-__all__ = ["CandidateWorker", "WorkerSpec"]
+__all__ = ["CandidateWorker", "WorkerPoolError", "WorkerSpec"]
+
+
+class WorkerPoolError(MergeError):
+    """The pool cannot run at all: a worker failed to set itself up (the same for every worker:
+    a config, model or environment problem).  One line, naming the worker and the cause."""
 
 
 @dataclass(frozen=True)
