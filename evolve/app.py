@@ -72,7 +72,7 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     # The timeout counts from here: worker start-up is part of this session's time.
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     search = {"sigma0": options.sigma0, "popsize": options.force_population_size, "seed": seed,
-              "max_fevals": options.max_fevals, "deadline": deadline}
+              "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule}
     SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
     with ExitStack() as held:  # the run directory's lock, from its creation to the final model
         with ExitStack() as resources:  # workers and observers, released before the final merge

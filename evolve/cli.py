@@ -96,6 +96,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     mk.add_argument("--load-in-4bit", action="store_true", help="not supported (an error)")
 
     ours = parser.add_argument_group("merge-evolve options")
+    when = ours.add_mutually_exclusive_group()
+    when.add_argument("--async", dest="schedule", action="store_const", const="async", default=None,
+                      help="steady state: a freed worker gets a new candidate at once (the default for new runs)")
+    when.add_argument("--sync", dest="schedule", action="store_const", const="sync",
+                      help="generation barrier: the trajectory does not depend on timing (mergekit-evolve's)")
     ours.add_argument("--num-workers", type=POSITIVE_INT, default=None,
                       help="evaluation workers (default: one per GPU, else 2 on CPU)")
     ours.add_argument("--ray-address", default=None,
@@ -164,6 +169,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         shared_context=args.shared_context,
         eval_timeout=args.eval_timeout,
         quiet=args.quiet,
+        schedule=args.schedule,
     )
 
 

@@ -48,3 +48,4 @@ class RunOptions:
     shared_context: bool = True
     eval_timeout: float | None = None
     quiet: bool = False
+    schedule: str | None = None  # "sync", "async", None: the stored run's, else async

@@ -34,6 +34,7 @@ class Result:
     reason: str | None = None
     worker: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    node: str | None = None  # the machine (Ray node id) that ran it, where the pool knows
 
 
 class EvaluationPool(Protocol):
@@ -46,6 +47,11 @@ class EvaluationPool(Protocol):
 
     def wait_any(self) -> list[Result]:
         """Block until at least one submitted job finished; return the finished ones."""
+
+    def release_idle(self, keep: int = 0) -> None:
+        """The run has no more work for idle workers: free all but ``keep`` of them (their GPUs
+        go back to the cluster).  A later submit may start a worker again.  Optional: the
+        driver calls it only where a pool has it."""
 
     def close(self) -> None:
         """Release the workers (idempotent)."""

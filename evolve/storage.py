@@ -3,7 +3,6 @@
 - ``evaluations.jsonl``: the ledger, one JSON object per line, append-only. A line is written
   whole, flushed and fsynced before the result counts; a torn last line (kill mid-write) is cut
   off when the ledger is next opened.
-- ``search_state.pkl``: the optimizer state after the latest ``tell`` (temp file + os.replace).
 - ``run.json``: the run manifest (config, seed, search settings, versions, start time, budget);
   a resume with different settings is refused, naming the first difference.
 - ``best_config.yaml``: the best recipe, provenance as leading ``#`` comments, and
@@ -23,7 +22,6 @@ from merge_core.errors import MergeError
 from merge_core.fsutil import atomic_write
 
 LEDGER = "evaluations.jsonl"
-STATE = "search_state.pkl"
 MANIFEST = "run.json"
 BEST_CONFIG = "best_config.yaml"
 BEST_PROVENANCE = "best_config.provenance.json"
@@ -138,17 +136,6 @@ class RunStorage:
             fh.flush()
             os.fsync(fh.fileno())
 
-    # -- search state ---------------------------------------------------------------------
-
-    def save_search_state(self, blob: bytes) -> None:
-        """Replace the saved optimizer state (called after every tell)."""
-        atomic_write(self._writable() / STATE, blob)
-
-    def load_search_state(self) -> bytes | None:
-        """The saved optimizer state, or None for a fresh run."""
-        path = self.path / STATE
-        return path.read_bytes() if path.exists() else None
-
     # -- manifest -------------------------------------------------------------------------
 
     def read_manifest(self) -> dict[str, Any] | None:
@@ -170,14 +157,18 @@ class RunStorage:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write(self._writable() / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
-    def check_resumable(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any] | None:
+    def check_resumable(self, manifest: dict[str, Any], must_match: Iterable[str],
+                        defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The stored manifest when ``manifest`` may continue it (None: no run stored yet).
 
+        ``defaults``: what a manifest written before a key existed means by its absence.
         Raises StorageError naming the first ``must_match`` setting that differs.  Writes nothing.
         """
         old = self.read_manifest()
+        if old is not None:
+            old = {**(defaults or {}), **old}
         if old is None:
-            if self.ledger_path.exists() or (self.path / STATE).exists():
+            if self.ledger_path.exists():
                 raise StorageError(f"{self.path}: has evaluations but no {MANIFEST}; use a new --storage-path")
             return None
         for key in must_match:
@@ -190,14 +181,15 @@ class RunStorage:
                 )
         return old
 
-    def open_run(self, manifest: dict[str, Any], must_match: Iterable[str]) -> dict[str, Any]:
+    def open_run(self, manifest: dict[str, Any], must_match: Iterable[str],
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start or resume: create the directory and write ``manifest`` if new, else check the
         ``must_match`` keys (:meth:`check_resumable`).
 
         Returns the stored manifest (updated with the new values of keys that may change, such
         as the budget). Raises StorageError naming the first differing setting.
         """
-        old = self.check_resumable(manifest, must_match)
+        old = self.check_resumable(manifest, must_match, defaults)
         if old is None:
             self.write_manifest(manifest)
             return manifest

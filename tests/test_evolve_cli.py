@@ -106,8 +106,10 @@ def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path
                          "-q", "--no-save-final-model"]) == 0
     again = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
     assert again[: len(ledger)] == ledger
-    ids = [r["eval_id"] for r in again]
+    ids = [r["eval_id"] for r in again if r["kind"] != "ask"]
     assert len(ids) == len(set(ids))
+    assert sorted(r["eval_id"] for r in again if r["kind"] == "ask") == sorted(
+        r["eval_id"] for r in again if r["kind"] == "train")  # every asked candidate answered once
     assert len([r for r in again if r["kind"] == "train"]) == 12
 
 

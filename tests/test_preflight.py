@@ -182,6 +182,15 @@ def run_dir(damage: Callable[[Path], None] | None, verb: str = "resume") -> Setu
     return apply
 
 
+def _foreign_ask(store: Path) -> None:
+    """The first ask record's point moved: the ledger no longer replays on these settings."""
+    lines = (store / "evaluations.jsonl").read_text().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    first["x"][0] += 0.3
+    lines[0] = json.dumps(first) + "\n"
+    (store / "evaluations.jsonl").write_text("".join(lines))
+
+
 def _ledger_garbage(store: Path) -> None:
     lines = (store / "evaluations.jsonl").read_text().splitlines(keepends=True)
     lines[1] = "{not json\n"
@@ -284,8 +293,7 @@ CASES: list[tuple[str, Setup, str]] = [
      "config_dir.txt names no existing folder"),
     ("resume-config-broken", run_dir(lambda s: (s / "config.yml").write_text("genome: [\n")), "config.yml"),
     ("resume-manifest-truncated", run_dir(lambda s: _truncate(s / "run.json", 20)), "run manifest is damaged"),
-    ("resume-state-truncated", run_dir(lambda s: _truncate(s / "search_state.pkl", 30)),
-     "search state is damaged"),
+    ("resume-foreign-ledger", run_dir(_foreign_ask), "cannot resume: ask call 0 re-asked on replay differs"),
     ("resume-ledger-garbage", run_dir(_ledger_garbage), "line 2 of"),
     ("rerun-other-config", run_dir(None, verb="run"), "differs from the stored run"),
     ("rerun-other-seed", lambda c: (run_dir(None, verb="run")(c), c.flags.extend(["--random-seed", "5"])),

@@ -79,7 +79,7 @@ class FakePool:
             self.train_hashes.append(recipe_hash(recipe))
         self.in_flight.append((eval_id, recipe, task_set))
         assert len(self.in_flight) <= self.num_workers, "the driver overfilled the pool"
-        if task_set == HELD_OUT and any(ts == TRAIN for _, _, ts in self.in_flight):
+        if {ts for _, _, ts in self.in_flight} == {TRAIN, HELD_OUT}:
             self.heldout_beside_train = True
 
     def wait_any(self):
@@ -97,18 +97,23 @@ class FakePool:
 
 
 def make_driver(path, config=None, genome_cls=Genome, **kwargs):
+    """A driver on the fake objective; sync unless ``schedule`` says otherwise (these tests compare
+    whole ledgers, which only the generation barrier makes independent of completion order)."""
     config = config or make_config()
     genome = genome_cls(config.genome, 4)
-    opts = {"sigma0": 0.2, "popsize": 6, "seed": 3, "max_fevals": 36, "versions": {"test": "1"}}
+    opts = {"sigma0": 0.2, "popsize": 6, "seed": 3, "max_fevals": 36, "versions": {"test": "1"},
+            "schedule": "sync"}
     opts.update(kwargs)
     return SearchDriver(genome, RunStorage(path), config, **opts)
 
 
-def normalized_ledger(path) -> list[dict]:
-    """The ledger without what legitimately varies between runs: worker ids, timings, line order."""
+def normalized_ledger(path, drop=("worker", "timings", "node")) -> list[dict]:
+    """The results without what legitimately varies between runs: worker ids, nodes, timings,
+    line order (ask records, the optimizer's bookkeeping, are left out)."""
     out = []
     for r in RunStorage(path).load_evaluations():
-        out.append({k: v for k, v in r.items() if k not in ("worker", "timings")})
+        if r["kind"] != "ask":
+            out.append({k: v for k, v in r.items() if k not in drop})
     return sorted(out, key=lambda r: r["eval_id"])
 
 
@@ -296,14 +301,14 @@ def test_failures_that_are_not_systematic_do_not_stop_the_run(tmp_path, why):
 def test_held_out_jobs_fill_idle_slots(tmp_path):
     pool = FakePool(num_workers=4, order_seed=2)
     make_driver(tmp_path, popsize=8, max_fevals=48).run(pool)
-    assert pool.heldout_beside_train, "held-out re-scoring never ran while a generation was in flight"
+    assert pool.heldout_beside_train, "held-out re-scoring never ran beside train candidates"
 
 
 def kill_and_resume(path, pools, **driver_kwargs):
     """Run with each pool in turn (all but the last die); return ledger ids known before each resume."""
     seen_before = []
     for pool in pools:
-        seen_before.append({r["eval_id"] for r in RunStorage(path).load_evaluations()})
+        seen_before.append({r["eval_id"] for r in RunStorage(path).load_evaluations() if r["kind"] != "ask"})
         try:
             make_driver(path, **driver_kwargs).run(pool)
         except Killed:
@@ -336,27 +341,37 @@ def test_repeated_kills_then_resume(tmp_path, reference):
         assert not before & set(pool.submitted)
 
 
-def test_kill_between_tell_and_state_save(tmp_path, reference, monkeypatch):
+def test_kill_between_the_last_result_and_its_tell(tmp_path, reference, monkeypatch):
+    """The tell is not stored: dying right after generation 2's last result was ledgered, the
+    resumed run tells it from the ledger and evaluates nothing of it again."""
+    from evolve.search.trajectory import Trajectory
+
     ref_path, _ = reference
     calls = {"n": 0}
-    original = RunStorage.save_search_state
+    original = Trajectory._tell
 
-    def dying_save(self, blob):
+    def dying_tell(self, ids):
         calls["n"] += 1
-        if calls["n"] == 4:  # the initial save, then after tell(0), tell(1); die before saving tell(2)
-            raise Killed("before the state save")
-        original(self, blob)
+        if calls["n"] == 3:
+            raise Killed("before tell(2)")
+        return original(self, ids)
 
-    monkeypatch.setattr(RunStorage, "save_search_state", dying_save)
+    monkeypatch.setattr(Trajectory, "_tell", dying_tell)
     with pytest.raises(Killed):
         make_driver(tmp_path).run(FakePool())
     monkeypatch.undo()
-    gen2 = {r["eval_id"] for r in RunStorage(tmp_path).load_evaluations() if r.get("generation") == 2}
-    assert len(gen2) == 6  # generation 2 fully ledgered but its tell was not saved
+    gen2 = {r["eval_id"] for r in normalized_ledger(tmp_path) if r.get("generation") == 2}
+    assert len(gen2) == 6
     final = FakePool()
     make_driver(tmp_path).run(final)
     assert not gen2 & set(final.submitted)
     assert normalized_ledger(tmp_path) == normalized_ledger(ref_path)
+
+
+def test_no_pickle_is_read_or_written(tmp_path, reference):
+    assert not any(p.suffix == ".pkl" for p in reference[0].iterdir())
+    asks = [r for r in RunStorage(reference[0]).load_evaluations() if r["kind"] == "ask"]
+    assert len(asks) == 36 and [r["call"] for r in asks] == [g for g in range(6) for _ in range(6)]
 
 
 STORED_RUNS = Path(__file__).parent / "data" / "runs"
@@ -370,8 +385,10 @@ def test_run_directory_of_an_earlier_version_resumes(tmp_path, reference):
 
     run = tmp_path / "old"
     shutil.copytree(STORED_RUNS / "v0_1_killed", run)
-    make_driver(run).run(FakePool(3))
-    assert normalized_ledger(run) == normalized_ledger(reference[0])
+    (run / "search_state.pkl").write_bytes(b"not a pickle: the optimizer is rebuilt from the ledger")
+    make_driver(run, schedule=None).run(FakePool(3))  # its manifest says nothing: a sync run
+    legacy = ("worker", "timings", "node", "seq")  # fields records of 0.1 did not have yet
+    assert normalized_ledger(run, legacy) == normalized_ledger(reference[0], legacy)
     assert best_of(run) == best_of(reference[0])
 
 

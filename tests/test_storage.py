@@ -54,22 +54,28 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         st.load_evaluations()
 
 
-def test_search_state_is_replaced_atomically(tmp_path, monkeypatch):
+def test_the_manifest_is_replaced_atomically(tmp_path, monkeypatch):
     st = RunStorage(tmp_path)
-    assert st.load_search_state() is None
-    st.save_search_state(b"one")
-    st.save_search_state(b"two")
-    assert st.load_search_state() == b"two"
+    assert st.read_manifest() is None
+    st.write_manifest({"n": 1})
+    st.write_manifest({"n": 2})
+    assert st.read_manifest() == {"n": 2}
 
     def boom(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(storage_mod.os, "replace", boom)
     with pytest.raises(OSError):
-        st.save_search_state(b"three")
+        st.write_manifest({"n": 3})
     monkeypatch.undo()
-    assert st.load_search_state() == b"two"
-    assert sorted(os.listdir(tmp_path)) == ["search_state.pkl"]  # no temp file left behind
+    assert st.read_manifest() == {"n": 2}
+    assert sorted(os.listdir(tmp_path)) == ["run.json"]  # no temp file left behind
+
+
+def test_reading_a_run_creates_nothing(tmp_path):
+    st = RunStorage(tmp_path / "not-yet")
+    assert st.load_evaluations() == [] and st.read_manifest() is None
+    assert not (tmp_path / "not-yet").exists()
 
 
 def manifest(**overrides):

@@ -1,17 +1,13 @@
-"""The CMA-ES strategy (pycma) behind the driver: a seeded optimizer whose state can be saved.
+"""The CMA-ES strategy (pycma) behind the driver: a seeded optimizer, rebuilt by replay.
 
 pycma minimises; :meth:`CMAES.tell` takes fitnesses (maximised) and negates them.  Sampling uses
-a private :class:`SeededNormal` (pycma's ``randn`` option), never the global numpy RNG, so a
-seeded run asks the same candidates on every machine.  The state (the whole optimizer, sampler
-included) is a pickle made by pycma's ``pickle_dumps``; :func:`load_state` reads it with an
-unpickler that maps the class's old module path (``evolve.search``, before the package split)
-to this one, so run directories written before the split still resume.
+a private :class:`SeededNormal` (pycma's ``randn`` option), never the global numpy RNG, so the
+same asks and tells give the same points: a run's optimizer is rebuilt from its ledger by
+replaying them (:mod:`evolve.search.trajectory`), never saved or loaded as a pickle.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import warnings
 from typing import Any, Sequence
 
@@ -23,12 +19,9 @@ with warnings.catch_warnings():
 
 __all__ = ["CMAES", "SeededNormal"]
 
-# Where SeededNormal was pickled from by earlier versions (the class was evolve.search._SeededNormal).
-_RENAMED = {("evolve.search", "_SeededNormal"): ("evolve.search.cmaes", "SeededNormal")}
-
 
 class SeededNormal:
-    """pycma's ``randn`` option: N(0, 1) from a private Generator, pickled with the optimizer."""
+    """pycma's ``randn`` option: N(0, 1) from a private Generator (one stream per run)."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -37,21 +30,18 @@ class SeededNormal:
         return self.rng.standard_normal(shape)
 
 
-class _RenamingUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        module, name = _RENAMED.get((module, name), (module, name))
-        return super().find_class(module, name)
-
-
 class CMAES:
     """A bounded, seeded pycma CMA-ES: ``ask`` candidates, ``tell`` their fitnesses (maximised).
 
     ``scales`` is pycma's ``CMA_stds`` (per-gene step scale); ``seed`` seeds the sampler
     (``seed + 1``, as earlier versions did, so seeded trajectories are unchanged).
+    ``mirrors``: pycma's default (selective mirrored sampling for populations under 6).  Off for
+    points asked one at a time: mirrors are injected at a tell for the next whole population,
+    which single asks between tells never consume (pycma then refuses the next tell).
     """
 
     def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[list[float], list[float]],
-                 popsize: int, seed: int, scales: Sequence[float]) -> None:
+                 popsize: int, seed: int, scales: Sequence[float], mirrors: bool = True) -> None:
         opts = {
             "bounds": [list(bounds[0]), list(bounds[1])],
             "popsize": popsize,
@@ -62,26 +52,17 @@ class CMAES:
             "verb_disp": 0,
             "verb_log": 0,
         }
+        if not mirrors:
+            opts["CMA_mirrors"] = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
 
-    @classmethod
-    def from_state(cls, blob: bytes) -> "CMAES":
-        """The strategy saved by :meth:`state` (this or an earlier version's)."""
-        self = cls.__new__(cls)
-        self.es = _RenamingUnpickler(io.BytesIO(blob)).load()
-        return self
-
-    def state(self) -> bytes:
-        """The whole optimizer (sampler included) as bytes."""
-        return self.es.pickle_dumps()
-
-    def ask(self) -> list[np.ndarray]:
-        """The next population (inside the bounds)."""
+    def ask(self, number: int) -> list[np.ndarray]:
+        """``number`` new points from the current distribution (inside the bounds)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self.es.ask()
+            return list(self.es.ask(number))
 
     def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
         """Update with the asked ``points`` and their fitnesses (higher is better)."""

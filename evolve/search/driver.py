@@ -1,42 +1,40 @@
-"""The search driver: asks candidates, feeds an evaluation pool, tells fitnesses, survives kills.
+"""The search driver: asks candidates, keeps every worker fed, tells results, survives kills.
 
-Fitness and penalty: :mod:`evolve.search.fitness`.  The optimizer: :mod:`evolve.search.cmaes`.
+The state of a search is its ledger: every ask, every result, in the order they happened
+(:mod:`.records`).  :class:`~evolve.search.trajectory.Trajectory` turns those events into the
+optimizer's state, the incumbent and the held-out queue; the driver feeds it the same events
+live (from the pool) and, when a run resumes, from the stored ledger: a fresh seeded optimizer
+replays the recorded asks (each re-asked point must equal the recorded one) and tells in the
+recorded order, so the resumed run is in exactly the state the killed one was in.  Nothing is
+unpickled, ever.
 
-Scheduling policy (deterministic trajectory, workers kept busy):
+Scheduling (see the trajectory module for what each schedule tells when):
 
-- Generation g+1 is asked only after ``tell(g)``: a seeded run's candidates and ranking never
-  depend on timing. To keep the pool full inside a generation, at most ``num_workers`` jobs are
-  in flight and a freed slot is refilled at once; the popsize defaults to pycma's
-  ``4 + floor(3 ln n)`` rounded up to a multiple of the worker count (:func:`default_popsize`).
-- While the last candidates of a generation run, idle slots take held-out re-scoring jobs
-  (lowest priority, FIFO): after ``tell(g)``, the best candidate of generation g is queued for
-  the ``held_out`` tasks when it beats every earlier generation's best. That set depends only on
-  the fitnesses, so it is the same whatever the timing; the run ends once it is drained.
-- Candidates are evaluated with eval ids ``g{g:05d}-{i:04d}`` (held-out: ``<id>/held_out``).
-- Fitness cache: a candidate whose recipe hash equals an earlier candidate's (earlier in
-  (generation, index) order, this or a previous session) is not evaluated; it is ledgered with
-  ``cached_from`` and that result. If the earlier one is still running, it waits for it.
-- Budget: generations are asked while fewer than ``max_fevals`` candidates were told (so the
-  last generation may pass it), and while pycma's own stop criteria hold.
+- ``async`` (default): a freed worker slot gets held-out work first (one job per new
+  incumbent), then a re-issued candidate (asked before a kill, never answered), then a fresh one:
+  no worker waits for a generation's slowest candidate.  Exactly ``max_fevals`` candidates are
+  asked (cache hits included), every one is told or counted for the incumbent.
+- ``sync`` (``--sync``): generation g+1 is asked only after generation g is told (a timing-
+  independent trajectory); generations are asked while fewer than ``max_fevals`` candidates
+  were told, so the last one may pass it.
+- Fitness cache: a candidate whose recipe hash equals an earlier candidate's is not evaluated:
+  it is ledgered with ``cached_from`` and that result (waiting for it if it is still running).
+- The run ends when nothing more may be asked (budget, pycma's stop criteria, ``deadline``)
+  and every job is back; results never told (async's last batch) then count for the incumbent.
+  Meanwhile, once nothing is left to hand out, idle workers are released (``release_idle``:
+  their GPUs go back to the cluster; one is kept while jobs still run), and the busy fraction
+  is busy worker-seconds over the worker-seconds actually held.
 
-Crash safety (kill -9 at any instant):
-
-- The optimizer state (including its private normal sampler, seeded from ``seed``; the global
-  numpy RNG is never used) is saved atomically after every ``tell`` and once before the first
-  ask, with the number of the next generation. Loading it and asking again gives bit-identical
-  candidates.
-- Every result is appended to the ledger (whole line, fsync) before anything depends on it.
-- On resume the in-flight generation is re-asked from the saved state; its candidates already in
-  the ledger are taken from there (their vectors must match exactly, else the run refuses), only
-  the others are submitted. A kill after the ledger write and before the state save just re-tells
-  that generation from the ledger. No ledgered evaluation is ever run again, and the final ledger
-  (minus worker ids, timings and line order) and best equal those of an uninterrupted run.
+Crash safety (kill -9 at any instant): an ask record is appended (whole line, fsync) before its
+candidate is submitted, a result before anything depends on it; ``best_config.yaml`` is
+rewritten atomically.  On resume, candidates asked but never answered are submitted again;
+nothing in the ledger is evaluated twice.  A sync run's final ledger (minus worker ids, timings
+and line order) equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -45,18 +43,24 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from evolve.config import EvolveConfig, TaskConfig, config_hash, normalized_config
-from evolve.genome import Genome, recipe_hash
+from evolve.config import EvolveConfig, config_hash, normalized_config
+from evolve.genome import Genome
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
 from evolve.search.cmaes import CMAES
 from evolve.search.failures import FailureWatch
-from evolve.search.fitness import default_penalty, json_scores, weighted_fitness
+from evolve.search.fitness import default_penalty
 from evolve.search.provenance import best_provenance, package_versions
+from evolve.search.records import ASK, ask_record, cached_record, held_out_record, train_record
+from evolve.search.trajectory import ASYNC, SYNC, Candidate, Trajectory, TrajectoryError
 from evolve.storage import RunStorage, StorageError
+from merge_core.errors import RecipeError
 
-STATE_FORMAT = 1
 # Settings a resumed run must share with the stored one (the budget may grow).
-RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension")
+RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension", "schedule")
+# What a manifest written before a key existed means by its absence.
+LEGACY_DEFAULTS = {"schedule": SYNC}
+MIN_ASYNC_POPSIZE = 3  # pycma tells at least 3 points (mirrors, which make up the rest in sync, are off)
+
 
 @dataclass
 class SearchOutcome:
@@ -65,8 +69,8 @@ class SearchOutcome:
     best: dict[str, Any] | None  # ledger record of the best train candidate
     best_recipe: dict[str, Any] | None
     best_held_out: dict[str, Any] | None  # its held-out ledger record, when held_out tasks exist
-    generations: int
-    candidates: int  # candidates told to the strategy
+    generations: int  # tells
+    candidates: int  # train results (evaluated or cache hits)
     evaluations: int  # train evaluations actually run (cache hits excluded), all sessions
     held_out_evaluations: int
     stop_reason: str
@@ -80,18 +84,8 @@ def default_popsize(dimension: int, num_workers: int = 1) -> int:
     return -(-base // workers) * workers
 
 
-@dataclass
-class _Generation:
-    number: int
-    points: list[np.ndarray]  # as asked (tell needs these)
-    recipes: list[dict[str, Any]]
-    hashes: list[str]
-    ids: list[str]
-    fitness: list[float | None]
-
-
 def eval_id(generation: int, index: int) -> str:
-    """The ledger id of candidate ``index`` of ``generation``."""
+    """The ledger id of candidate ``index`` of ``generation`` (sync schedule)."""
     return f"g{generation:05d}-{index:04d}"
 
 
@@ -99,35 +93,27 @@ class SearchDriver:
     """Owns the ask/evaluate/tell loop for one run directory (see the module docstring).
 
     ``genome`` maps vectors to recipes; ``storage`` is the run directory (resumed if it holds a
-    run with the same config, seed, popsize, sigma0 and penalty; ``max_fevals`` may grow);
-    ``sigma0`` is CMA-ES's initial step (mergekit-evolve's default 1/6, per unit of a weight's
-    range); ``popsize`` None = :func:`default_popsize` for the pool's workers (then kept on
-    resume); ``penalty`` is the fitness of a failed candidate (None = :func:`default_penalty`);
+    run with the same config, seed, popsize, sigma0, penalty and schedule; ``max_fevals`` may
+    grow); ``sigma0`` is CMA-ES's initial step (mergekit-evolve's default 1/6, per unit of a
+    weight's range); ``popsize`` None = :func:`default_popsize` for the pool's workers (then kept
+    on resume); ``schedule`` "async", "sync", or None (the stored run's, else async);
+    ``penalty`` is the fitness of a failed candidate (None = :func:`default_penalty`);
     ``versions`` overrides the package versions recorded for provenance; ``deadline`` is a
-    ``time.monotonic()`` instant after which no new generation is asked.
+    ``time.monotonic()`` instant after which nothing new is asked.
     """
 
-    def __init__(
-        self,
-        genome: Genome,
-        storage: RunStorage,
-        config: EvolveConfig,
-        *,
-        sigma0: float = 1 / 6,
-        popsize: int | None = None,
-        seed: int = 0,
-        max_fevals: int = 100,
-        penalty: float | None = None,
-        versions: dict[str, str] | None = None,
-        observers: Sequence[SearchObserver] = (),
-        deadline: float | None = None,
-    ) -> None:
+    def __init__(self, genome: Genome, storage: RunStorage, config: EvolveConfig, *, sigma0: float = 1 / 6,
+                 popsize: int | None = None, seed: int = 0, max_fevals: int = 100, penalty: float | None = None,
+                 versions: dict[str, str] | None = None, observers: Sequence[SearchObserver] = (),
+                 deadline: float | None = None, schedule: str | None = None) -> None:
         if sigma0 <= 0 or not math.isfinite(sigma0):
             raise ValueError(f"sigma0 must be a positive number, got {sigma0}")
         if popsize is not None and popsize < 2:
             raise ValueError(f"popsize must be >= 2, got {popsize}")
         if max_fevals < 1:
             raise ValueError(f"max_fevals must be >= 1, got {max_fevals}")
+        if schedule not in (None, SYNC, ASYNC):
+            raise ValueError(f"schedule must be 'sync' or 'async', got {schedule!r}")
         self.genome = genome
         self.storage = storage
         self.config = config
@@ -139,353 +125,326 @@ class SearchDriver:
         self.versions = package_versions() if versions is None else versions
         self.observers = list(observers)
         self.deadline = deadline
-        # Run state, filled by run() (_open replays what a stored run already holds).
-        self.records: dict[str, dict[str, Any]] = {}
-        self.popsize_ = 0
+        self.schedule = schedule
+        # Run state, filled by run() from the stored ledger, then by the loop.
+        self.records: dict[str, dict[str, Any]] = {}  # train and held-out records by id
         self.manifest: dict[str, Any] = {}
-        self.strategy: CMAES | None = None
-        self.next_gen = 0
-        self.first_by_hash: dict[str, str] = {}
-        self.heldout_queue: deque[str] = deque()
-        self.best_id: str | None = None
+        self.traj: Trajectory | None = None
         self.num_workers = 1
-        self.gen: _Generation | None = None
-        self.pending: deque[int] = deque()  # indices of self.gen to submit
-        self.waiting: dict[str, list[int]] = {}  # running eval id -> indices that are its cache hits
         self.in_flight: dict[str, float] = {}  # eval id -> monotonic submit time
+        self.to_submit: deque[Candidate] = deque()
+        self.waiting: dict[str, list[Candidate]] = {}  # running source id -> its cache hits
         self.busy_s = 0.0
-        self.watch = FailureWatch(1, active=False, where="")  # set up by run()
+        self.held_s = 0.0  # worker-seconds held this session (idle workers released at the end)
+        self.last_event = time.monotonic()
+        self.draining = False  # nothing left to hand out: idle workers are released
+        self.started = time.monotonic()
+        self.finished_untold = False
+        self.watch = FailureWatch(1, active=False, where="")
 
-    # -- setup ----------------------------------------------------------------------------
+    # -- settings -------------------------------------------------------------------------
 
-    def _manifest(self, popsize: int) -> dict[str, Any]:
+    def _settings(self, num_workers: int | None) -> tuple[int | None, str]:
+        """(popsize, schedule): forced, else the stored run's, else the defaults (popsize None
+        while the pool's size is unknown)."""
+        stored = self.storage.read_manifest()
+        if stored is not None:
+            stored = {**LEGACY_DEFAULTS, **stored}
+        schedule = self.schedule or (stored["schedule"] if stored else ASYNC)
+        if self.popsize is not None:
+            popsize: int | None = self.popsize
+        elif stored is not None and "popsize" in stored:
+            popsize = int(stored["popsize"])
+        else:
+            popsize = None if num_workers is None else default_popsize(self.genome.dimension, num_workers)
+        if schedule == ASYNC and popsize is not None and popsize < MIN_ASYNC_POPSIZE:
+            raise RecipeError("--force-population-size", f"{popsize} is too small for the async schedule (pycma "
+                              f"updates from at least {MIN_ASYNC_POPSIZE} results); use >= {MIN_ASYNC_POPSIZE} "
+                              "or --sync")
+        return popsize, schedule
+
+    def _manifest(self, popsize: int, schedule: str) -> dict[str, Any]:
         config = normalized_config(self.config)
         config.pop("vllm", None)  # engine settings may change between sessions
-        return {
-            "config": config,
-            "config_hash": config_hash(self.config),
-            "seed": self.seed,
-            "popsize": popsize,
-            "sigma0": self.sigma0,
-            "penalty": self.penalty,
-            "num_layers": self.genome.num_layers,
-            "dimension": self.genome.dimension,
-            "max_fevals": self.max_fevals,
-            "versions": self.versions,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        return {"config": config, "config_hash": config_hash(self.config), "seed": self.seed, "popsize": popsize,
+                "sigma0": self.sigma0, "penalty": self.penalty, "num_layers": self.genome.num_layers,
+                "dimension": self.genome.dimension, "max_fevals": self.max_fevals, "schedule": schedule,
+                "versions": self.versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    def _new_strategy(self) -> CMAES:
+    def _trajectory(self, popsize: int, schedule: str) -> Trajectory:
         x0 = self.genome.initial_point(self.config.random_init, np.random.default_rng(self.seed))
-        return CMAES(x0, self.sigma0, bounds=self.genome.bounds, popsize=self.popsize_, seed=self.seed,
-                     scales=self.genome.scales)
-
-    @property
-    def _es(self) -> CMAES:
-        assert self.strategy is not None, "the run is not open"
-        return self.strategy
-
-    def _save_state(self) -> None:
-        state = {"format": STATE_FORMAT, "next_generation": self.next_gen, "es": self._es.state()}
-        self.storage.save_search_state(pickle.dumps(state))
-
-    def _resolve_popsize(self, num_workers: int | None) -> int | None:
-        """The run's popsize: forced, else the stored run's, else the default for the workers
-        (None when that is still unknown: ``num_workers`` None)."""
-        stored = self.storage.read_manifest()
-        if self.popsize is not None:
-            return self.popsize
-        if stored is not None and "popsize" in stored:
-            return int(stored["popsize"])
-        return None if num_workers is None else default_popsize(self.genome.dimension, num_workers)
+        strategy = CMAES(x0, self.sigma0, bounds=self.genome.bounds, popsize=popsize, seed=self.seed,
+                         scales=self.genome.scales, mirrors=schedule == SYNC)
+        return Trajectory(strategy, self.genome, schedule=schedule, popsize=popsize, max_fevals=self.max_fevals,
+                          held_out=bool(self.config.held_out))
 
     def check_stored_run(self) -> None:
         """Refuse, before any worker starts, a run directory this run cannot continue (other
-        config, seed or search settings; a damaged manifest, ledger or search state).  Writes
-        nothing."""
-        popsize = self._resolve_popsize(None)
-        if popsize is not None:
-            self.storage.check_resumable(self._manifest(popsize), RESUME_KEYS)
-        self.storage.load_evaluations(repair=False)
-        blob = self.storage.load_search_state()
-        if blob is not None:
-            self._load_state(blob)
+        settings; a damaged manifest or ledger; a ledger that does not replay).  Writes nothing."""
+        popsize, schedule = self._settings(None)
+        if popsize is None:
+            return  # a new run
+        self.storage.check_resumable(self._manifest(popsize, schedule), RESUME_KEYS, LEGACY_DEFAULTS)
+        self._replay(self._trajectory(popsize, schedule), self.storage.load_evaluations(repair=False))
 
-    def _open(self, num_workers: int) -> None:
-        popsize = self._resolve_popsize(num_workers)
-        assert popsize is not None
-        self.popsize_ = popsize
-        self.manifest = self.storage.open_run(self._manifest(self.popsize_), RESUME_KEYS)
-        ledger = self.storage.load_evaluations()
-        self.records = {r["eval_id"]: r for r in ledger}
-        blob = self.storage.load_search_state()
-        if blob is None:
-            if ledger:
-                raise StorageError(f"{self.storage.path}: ledger without search state; use a new --storage-path")
-            self.next_gen = 0
-            self.strategy = self._new_strategy()
-            self._save_state()
-        else:
-            self._load_state(blob)
-        # Replay the told generations: fitness cache, incumbent and the held-out queue.
-        self.first_by_hash = {}
-        self.heldout_queue = deque()
-        self.best_id = None
-        for g in range(self.next_gen):
-            ids = [eval_id(g, i) for i in range(self.popsize_)]
-            missing = [i for i in ids if i not in self.records]
-            if missing:
-                raise StorageError(f"{self.storage.path}: told generation {g} lacks ledger record {missing[0]}")
-            for one in ids:
-                rec = self.records[one]
-                if rec.get("cached_from") is None:
-                    self.first_by_hash.setdefault(rec["recipe_hash"], one)
-            self._after_tell(ids)
+    # -- replay ---------------------------------------------------------------------------
 
-    def _load_state(self, blob: bytes) -> None:
-        where = self.storage.path / "search_state.pkl"
+    def _replay(self, traj: Trajectory, ledger: list[dict[str, Any]]) -> None:
+        """Feed the stored events to ``traj`` (see the module docstring)."""
+        asks: dict[int, list[dict[str, Any]]] = {}
+        legacy: dict[int, dict[int, list[float]]] = {}  # sync ledgers without ask records
+        for rec in ledger:
+            if rec.get("kind") == ASK:
+                asks.setdefault(int(rec["call"]), []).append(rec)
+            elif rec.get("kind") == TRAIN and traj.schedule == SYNC:
+                legacy.setdefault(int(rec["generation"]), {})[int(rec["index"])] = rec["x"]
         try:
-            state = pickle.loads(blob)
-            fmt = state.get("format") if isinstance(state, dict) else None
-            if fmt == STATE_FORMAT:
-                self.next_gen = int(state["next_generation"])
-                self.strategy = CMAES.from_state(state["es"])
-                return
-            problem = f"format {fmt!r} is not {STATE_FORMAT}"
-        except Exception as exc:  # truncated or foreign bytes: any unpickling error
-            problem = f"unreadable ({type(exc).__name__})"
-        raise StorageError(f"{where}: the search state is damaged ({problem}); it is replaced atomically, so "
-                           "something else changed it: restore it from a backup or start a new --storage-path")
+            for rec in ledger:
+                kind = rec.get("kind")
+                if kind == ASK:
+                    if int(rec["call"]) == traj.calls:
+                        self._replay_ask(traj, [r["x"] for r in asks[traj.calls]], [r["eval_id"] for r in
+                                                                                   asks[traj.calls]])
+                elif kind == TRAIN:
+                    if rec["eval_id"] not in traj.candidates and traj.schedule == SYNC:
+                        gen = legacy[len(traj.generations)]
+                        self._replay_ask(traj, [gen.get(i) for i in range(traj.popsize)], None)
+                    told = traj.observe(rec)
+                    if told is not None:
+                        traj.consider(told)
+                elif kind == HELD_OUT:
+                    traj.held_out_scored(rec["of"])
+        except (TrajectoryError, KeyError) as exc:
+            raise StorageError(f"{self.storage.path}: cannot resume: {exc}; use a new --storage-path") from None
 
-    # -- bookkeeping ----------------------------------------------------------------------
+    @staticmethod
+    def _replay_ask(traj: Trajectory, points: list[Any], ids: list[str] | None) -> None:
+        asked = traj.ask(expected=points)
+        for cand, recorded in zip(asked, ids or []):
+            if cand.eval_id != recorded:
+                raise TrajectoryError(f"ask call {cand.call} named {recorded}, replay names {cand.eval_id}")
+        for cand in asked:
+            traj.source_of(cand)  # as the live loop registers them, in ask order
 
-    def _after_tell(self, ids: list[str]) -> bool:
-        """Update the incumbent from a told generation; queue its held-out job. True if improved."""
-        ok = [self.records[i] for i in ids if self.records[i]["status"] == "ok"]
-        if not ok:
-            return False
-        gen_best = max(ok, key=lambda r: (r["fitness"], -r["index"]))
-        if self.best_id is not None and gen_best["fitness"] <= self.records[self.best_id]["fitness"]:
-            return False
-        self.best_id = gen_best["eval_id"]
-        if self.config.held_out and f"{self.best_id}/{HELD_OUT}" not in self.records:
-            self.heldout_queue.append(self.best_id)
-        return True
+    # -- the loop -------------------------------------------------------------------------
+
+    @property
+    def _traj(self) -> Trajectory:
+        assert self.traj is not None, "the run is not open"
+        return self.traj
 
     def _append(self, record: dict[str, Any]) -> None:
         self.storage.append_evaluation(record)
+        if record["kind"] == ASK:
+            return
         self.records[record["eval_id"]] = record
         for observer in self.observers:
             observer.on_record(record)
 
-    def _train_record(self, gen: _Generation, i: int, result: Result | None, source: dict[str, Any] | None,
-                      submitted: float | None) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "eval_id": gen.ids[i],
-            "kind": TRAIN,
-            "generation": gen.number,
-            "index": i,
-            "x": [float(v) for v in gen.points[i]],
-            "recipe_hash": gen.hashes[i],
-        }
-        if source is not None:  # fitness cache hit
-            for key in ("status", "reason", "scores", "fitness"):
-                record[key] = source[key]
-            record["cached_from"] = source["eval_id"]
-            record["worker"] = None
-            record["timings"] = {}
-            return record
-        assert result is not None
-        record.update(self._scored(result, self.config.tasks, submitted))
-        record["cached_from"] = None
-        return record
-
-    def _scored(self, result: Result, tasks: Sequence[TaskConfig], submitted: float | None) -> dict[str, Any]:
-        status, reason, fitness = result.status, result.reason, self.penalty
-        if status == "ok":
-            try:
-                fitness = weighted_fitness(tasks, result.scores)
-            except ValueError as exc:
-                status, reason = "failed", str(exc)
-        elif status != "failed":
-            status, reason = "failed", f"unknown result status {result.status!r}: {result.reason}"
+    def _dispatch(self, cand: Candidate) -> None:
+        """Route a candidate with no result: evaluate it, take a finished result, or wait for one."""
+        traj = self._traj
+        source = traj.source_of(cand)
+        if source == cand.eval_id:
+            self.to_submit.append(cand)
+        elif source in traj.results:
+            self._resolve_cached(cand, traj.results[source])
         else:
-            reason = reason or "evaluation failed (no reason given)"
-        timings = {k: float(v) for k, v in result.timings.items() if isinstance(v, (int, float))}
-        if submitted is not None:
-            timings["wall_s"] = time.monotonic() - submitted
-        timings["done_unix"] = time.time()  # when the driver got it: throughput, gaps, W&B time axis
-        scores = json_scores(result.scores or {})
-        return {"status": status, "reason": reason if status == "failed" else None, "scores": scores,
-                "fitness": float(fitness), "worker": result.worker, "timings": timings}
+            self.waiting.setdefault(source, []).append(cand)
 
-    # -- the loop -------------------------------------------------------------------------
-
-    def _ask(self) -> None:
-        g = self.next_gen
-        points = self._es.ask()
-        recipes = [self.genome.decode(x) for x in points]
-        gen = _Generation(g, points, recipes, [recipe_hash(r) for r in recipes],
-                          [eval_id(g, i) for i in range(len(points))], [None] * len(points))
-        self.gen = gen
-        for i, one in enumerate(gen.ids):
-            rec = self.records.get(one)
-            if rec is not None:  # evaluated before a kill: take it from the ledger
-                if not np.array_equal(np.asarray(rec["x"], dtype=np.float64), np.asarray(points[i])):
-                    raise StorageError(
-                        f"{self.storage.path}: candidate {one} re-asked after resume differs from the ledger;"
-                        " the search state does not belong to this ledger"
-                    )
-                if rec.get("cached_from") is None:
-                    self.first_by_hash.setdefault(gen.hashes[i], one)
-                gen.fitness[i] = rec["fitness"]
-                continue
-            source_id = self.first_by_hash.get(gen.hashes[i])
-            if source_id is None:
-                self.first_by_hash[gen.hashes[i]] = one
-                self.pending.append(i)
-            elif source_id in self.records:
-                self._resolve_cached(i, self.records[source_id])
-            else:
-                self.waiting.setdefault(source_id, []).append(i)
-
-    def _resolve_cached(self, i: int, source: dict[str, Any]) -> None:
-        assert self.gen is not None
-        record = self._train_record(self.gen, i, None, source, None)
+    def _resolve_cached(self, cand: Candidate, source: dict[str, Any]) -> None:
+        record = cached_record(cand, self._traj.position(cand), source)
         self._append(record)
-        self.gen.fitness[i] = record["fitness"]
+        self._observe(record)
 
-    def _should_stop(self) -> str | None:
-        if self.next_gen * self.popsize_ >= self.max_fevals:
-            return f"max_fevals {self.max_fevals} reached"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "timeout reached"
-        stop = self._es.stop()
-        return f"cma stop: {stop}" if stop else None
+    def _observe(self, record: dict[str, Any]) -> None:
+        traj = self._traj
+        told = traj.observe(record)
+        if told is None:
+            return
+        for observer in self.observers:
+            observer.on_generation(traj.tells - 1, [self.records[i] for i in told], traj.strategy.sigma)
+        if traj.consider(told):
+            self._announce_best()
+
+    def _announce_best(self) -> None:
+        path = self._write_best()
+        best = self.records[self._traj.best_id]  # type: ignore[index]
+        for observer in self.observers:
+            observer.on_new_best(best, self.genome.decode(best["x"]), path)
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _may_ask(self) -> bool:
+        return self._traj.can_ask() and not self._past_deadline()
 
     def _fill(self, pool: EvaluationPool) -> None:
-        """Refill free worker slots: this generation's candidates first, then held-out jobs."""
-        while len(self.in_flight) < self.num_workers and (self.pending or self.heldout_queue):
-            if self.pending:
-                assert self.gen is not None
-                i = self.pending.popleft()
-                job_id, recipe, task_set = self.gen.ids[i], self.gen.recipes[i], TRAIN
+        """Refill free worker slots: held-out jobs, re-issued candidates, then fresh asks."""
+        traj = self._traj
+        while len(self.in_flight) < self.num_workers:
+            if traj.heldout_queue:
+                train_id = traj.heldout_queue.popleft()
+                job_id, task_set = traj.held_out_id(train_id), HELD_OUT
+                recipe = self.genome.decode(self.records[train_id]["x"])
+            elif self.to_submit:
+                cand = self.to_submit.popleft()
+                job_id, recipe, task_set = cand.eval_id, cand.recipe, TRAIN
+            elif self._may_ask():
+                for cand in traj.ask():
+                    self._append(ask_record(cand))
+                    self._dispatch(cand)
+                continue
             else:
-                train_id = self.heldout_queue.popleft()
-                rec = self.records[train_id]
-                job_id, task_set = f"{train_id}/{HELD_OUT}", HELD_OUT
-                recipe = self.genome.decode(rec["x"])
+                if self._traj.exhausted() or self._past_deadline():
+                    self._drain(pool)
+                return
+            self._account()
             self.in_flight[job_id] = time.monotonic()
             pool.submit(job_id, recipe, task_set)
 
+    def _held_workers(self) -> int:
+        if not self.draining:
+            return self.num_workers
+        # Idle workers are released while draining; one idle one is kept while jobs still run
+        # (a late new best's held-out job then needs no fresh worker).
+        return min(self.num_workers, len(self.in_flight) + (1 if self.in_flight else 0))
+
+    def _account(self) -> None:
+        """Add the worker-seconds held since the last change of the in-flight set."""
+        now = time.monotonic()
+        self.held_s += self._held_workers() * (now - self.last_event)
+        self.last_event = now
+
+    def _drain(self, pool: EvaluationPool) -> None:
+        """Nothing will be asked any more: let idle workers go (see ``release_idle``)."""
+        self._account()
+        self.draining = True
+        release = getattr(pool, "release_idle", None)
+        if release is not None:
+            release(keep=1 if self.in_flight else 0)
+
     def _receive(self, result: Result) -> None:
+        self._account()
         submitted = self.in_flight.pop(result.eval_id, None)
         if submitted is None:
             raise RuntimeError(f"evaluation pool returned unknown or duplicate eval id {result.eval_id!r}")
         self.busy_s += time.monotonic() - submitted
+        traj = self._traj
         if result.eval_id.endswith(f"/{HELD_OUT}"):
-            train_id = result.eval_id[: -len(HELD_OUT) - 1]
-            record = {"eval_id": result.eval_id, "kind": HELD_OUT, "of": train_id,
-                      "recipe_hash": self.records[train_id]["recipe_hash"]}
-            record.update(self._scored(result, self.config.held_out, submitted))
-            self._append(record)
-            if train_id == self.best_id:
+            train = self.records[result.eval_id[: -len(HELD_OUT) - 1]]
+            self._append(held_out_record(train, result, self.config.held_out, self.penalty, submitted))
+            traj.held_out_scored(train["eval_id"])
+            if train["eval_id"] == traj.best_id:
                 self._write_best()  # provenance gains the held-out scores
             return
-        assert self.gen is not None
-        i = self.gen.ids.index(result.eval_id)
-        record = self._train_record(self.gen, i, result, None, submitted)
+        cand = traj.candidates[result.eval_id]
+        record = train_record(cand, traj.position(cand), result, self.config.tasks, self.penalty, submitted)
         self._append(record)
-        self.gen.fitness[i] = record["fitness"]
-        for j in self.waiting.pop(result.eval_id, []):
-            self._resolve_cached(j, record)
+        self._observe(record)
+        for waiter in self.waiting.pop(cand.eval_id, []):
+            self._resolve_cached(waiter, record)
         self.watch.observe(record)
 
-    def _tell(self) -> None:
-        gen = self.gen
-        assert gen is not None
-        self._es.tell(gen.points, [float(f) for f in gen.fitness if f is not None])
-        self.next_gen = gen.number + 1
-        self._save_state()
-        self.gen = None
-        for observer in self.observers:
-            observer.on_generation(gen.number, [self.records[i] for i in gen.ids], self._es.sigma)
-        if self._after_tell(gen.ids):
-            path = self._write_best()
-            assert self.best_id is not None
-            best = self.records[self.best_id]
-            for observer in self.observers:
-                observer.on_new_best(best, self.genome.decode(best["x"]), path)
+    def _finish_untold(self) -> bool:
+        """Once nothing else can happen: count results never told for the incumbent (True when
+        that queued held-out work)."""
+        if self.finished_untold:
+            return False
+        self.finished_untold = True
+        if self._traj.consider(self._traj.untold()):
+            self._announce_best()
+        return bool(self._traj.heldout_queue)
+
+    def busy_fraction(self) -> float:
+        """This session's busy worker-seconds over the worker-seconds it held so far (workers
+        held from the start; once nothing is left to hand out, idle ones are released)."""
+        now = time.monotonic()
+        held = self.held_s + self._held_workers() * (now - self.last_event)
+        running = sum(now - t for t in self.in_flight.values())
+        return min((self.busy_s + running) / held, 1.0) if held > 0 else 0.0
 
     def run(self, pool: EvaluationPool) -> SearchOutcome:
-        """Search until the budget or pycma's stop criteria; return the outcome.
+        """Search until the budget, pycma's stop criteria or the deadline; return the outcome.
 
         Raises whatever the pool raises; the storage then holds everything needed to resume.
         """
         self.num_workers = max(int(pool.num_workers), 1)
-        self._open(self.num_workers)
-        self.gen = None
-        self.pending = deque()
-        self.waiting = {}
-        self.in_flight = {}
-        self.busy_s = 0.0
+        popsize, schedule = self._settings(self.num_workers)
+        assert popsize is not None
+        self.manifest = self.storage.open_run(self._manifest(popsize, schedule), RESUME_KEYS, LEGACY_DEFAULTS)
+        ledger = self.storage.load_evaluations()
+        self.records = {r["eval_id"]: r for r in ledger if r.get("kind") != ASK}
+        self.traj = self._trajectory(popsize, schedule)
+        self._replay(self.traj, ledger)
+        self.in_flight, self.to_submit, self.waiting, self.busy_s = {}, deque(), {}, 0.0
+        self.finished_untold = False
+        for cand in list(self.traj.candidates.values()):
+            if cand.eval_id not in self.traj.results:
+                self._dispatch(cand)  # asked before a kill, never answered: issued again
         succeeded = any(r["kind"] == TRAIN and r["status"] == "ok" for r in self.records.values())
         # Enough distinct candidates that one shared reason is the setup's, few enough not to
         # spend a generation on it.
-        self.watch = FailureWatch(min(self.popsize_, max(4, self.num_workers)), active=not succeeded,
+        self.watch = FailureWatch(min(popsize, max(4, self.num_workers)), active=not succeeded,
                                   where=str(self.storage.ledger_path))
         for observer in self.observers:
             observer.on_start(self)
-        started = time.monotonic()
-        stop_reason = self._should_stop()
+        self.started = self.last_event = time.monotonic()
+        self.held_s, self.draining = 0.0, False
         while True:
-            if self.gen is None and stop_reason is None:
-                self._ask()
-            if self.gen is not None and all(f is not None for f in self.gen.fitness):
-                self._tell()
-                stop_reason = self._should_stop()
-                continue
             self._fill(pool)
             if not self.in_flight:
-                break  # budget spent, generation told, held-out queue drained
+                if self._finish_untold():
+                    continue
+                break
             for result in pool.wait_any():
                 self._receive(result)
-        wall = max(time.monotonic() - started, 1e-9)
-        outcome = self._outcome(stop_reason or "", self.busy_s / (wall * self.num_workers))
+                self._fill(pool)
+        outcome = self._outcome(self._stop_reason(), self.busy_fraction())
         self._write_best()
         return outcome
+
+    def _stop_reason(self) -> str:
+        traj = self._traj
+        if traj.stop_reason is not None:
+            return traj.stop_reason
+        if traj.can_ask():
+            return "timeout reached"
+        return f"max_fevals {self.max_fevals} reached"
 
     # -- results --------------------------------------------------------------------------
 
     def _outcome(self, stop_reason: str, busy: float) -> SearchOutcome:
+        traj = self._traj
         train = [r for r in self.records.values() if r["kind"] == TRAIN]
-        best = self.records.get(self.best_id) if self.best_id else None
+        best = self.records.get(traj.best_id) if traj.best_id else None
         return SearchOutcome(
             best=best,
             best_recipe=self.genome.decode(best["x"]) if best else None,
-            best_held_out=self.records.get(f"{self.best_id}/{HELD_OUT}") if best else None,
-            generations=self.next_gen,
-            candidates=self.next_gen * self.popsize_,
+            best_held_out=self.records.get(traj.held_out_id(traj.best_id)) if best and traj.best_id else None,
+            generations=traj.tells,
+            candidates=len(train),
             evaluations=sum(1 for r in train if r.get("cached_from") is None),
             held_out_evaluations=sum(1 for r in self.records.values() if r["kind"] == HELD_OUT),
             stop_reason=stop_reason,
-            busy_fraction=min(busy, 1.0),
+            busy_fraction=busy,
         )
 
     def _write_best(self) -> Any:
         """(Re)write best_config.yaml for the incumbent, with provenance comments; its path."""
-        if self.best_id is None:
+        traj = self._traj
+        if traj.best_id is None:
             return None
-        best = self.records[self.best_id]
+        best = self.records[traj.best_id]
         recipe = self.genome.decode(best["x"])
         outcome = self._outcome("", 0.0)
         provenance = best_provenance(
-            best, self.records.get(f"{self.best_id}/{HELD_OUT}"), config=self.config, seed=self.seed,
+            best, self.records.get(traj.held_out_id(traj.best_id)), config=self.config, seed=self.seed,
             config_hash=self.manifest["config_hash"],
             evaluations_used={"candidates": outcome.candidates, "train": outcome.evaluations,
                               "held_out": outcome.held_out_evaluations},
-            search={"popsize": self.popsize_, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
-                    "generations": outcome.generations},
+            search={"popsize": traj.popsize, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
+                    "generations": outcome.generations, "schedule": traj.schedule},
             versions=self.versions)
         recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
         return self.storage.write_best_config(recipe_yaml, provenance)

@@ -60,6 +60,9 @@ class LocalPool:
                          "busy_fraction": self.busy_s / wall if wall > 0 else 0.0}],
         }
 
+    def release_idle(self, keep: int = 0) -> None:
+        """Nothing to release: the one worker is this process."""
+
     def close(self) -> None:
         """Release the worker."""
         self.worker.close()

@@ -50,9 +50,12 @@ class ActorWorker:
     """
 
     def __init__(self, spec: WorkerSpec, name: str) -> None:
+        import ray
+
         self.worker: CandidateWorker | None = None
         self.error: str | None = None
         self.input_error = False
+        self.node = ray.get_runtime_context().get_node_id()  # which machine: ledgered with each result
         try:
             self.worker = CandidateWorker(spec, name=name)
         except MergeError as exc:
@@ -63,15 +66,17 @@ class ActorWorker:
     def info(self) -> dict[str, Any]:
         """Setup seconds, pid and torch threads; or ``{"error", "input_error"}`` when setup failed."""
         if self.worker is None:
-            return {"error": self.error, "input_error": self.input_error, "pid": os.getpid()}
+            return {"error": self.error, "input_error": self.input_error, "pid": os.getpid(), "node": self.node}
         return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads(),
-                "memory": self.worker.merger.memory_report()}
+                "memory": self.worker.merger.memory_report(), "node": self.node}
 
     def run(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> Result:
         """:meth:`CandidateWorker.run` in the actor."""
         if self.worker is None:
             raise RuntimeError(f"worker setup failed: {self.error}")
-        return self.worker.run(eval_id, recipe, task_set)
+        result = self.worker.run(eval_id, recipe, task_set)
+        result.node = self.node
+        return result
 
     def ping(self) -> float:
         """The actor's clock (a liveness probe)."""
@@ -105,6 +110,8 @@ class _Slot:
     timeouts: int = 0
     setup_s: list[float] = field(default_factory=list)
     pid: int | None = None
+    released: int = 0  # times release_idle let its actor go
+    node: str | None = None  # Ray node id of the current actor
 
 
 class RayPool:
@@ -168,6 +175,9 @@ class RayPool:
             num_gpus=num_gpus_per_worker,
             max_restarts=0,  # we replace actors ourselves, to count and retry per job
             runtime_env={"env_vars": env},
+            # Across a cluster's nodes rather than packed onto the first: a slow or lost node
+            # then costs the fewest workers (GPU workers are one per GPU either way).
+            scheduling_strategy="SPREAD",
         )
         self.slots = [_Slot(name=f"worker-{i}") for i in range(self.num_workers)]
         self.queue: deque[_Job] = deque()
@@ -202,6 +212,7 @@ class RayPool:
         slot.ready, slot.ready_ref = True, None
         slot.setup_s.append(float(info["setup_s"]))
         slot.pid = info["pid"]
+        slot.node = info.get("node")
         if self.memory_report is None and info.get("memory"):
             self.memory_report = str(info["memory"])
             if self.report:
@@ -232,7 +243,23 @@ class RayPool:
             if not self.queue:
                 return
             if slot.job is None:
+                if slot.actor is None:  # released by release_idle: a fresh one for late work
+                    self._start_actor(slot)
                 self._launch(slot, self.queue.popleft())
+
+    def release_idle(self, keep: int = 0) -> None:
+        """Kill idle actors but ``keep`` (the run has nothing more for them): on a cluster their
+        GPUs are free for other work at once instead of after the slowest last candidate."""
+        import ray
+
+        idle = [s for s in self.slots if s.job is None and s.actor is not None and s.ready]
+        for slot in idle[keep:]:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+            slot.actor, slot.ready, slot.ready_ref = None, False, None
+            slot.released += 1
 
     # -- EvaluationPool -------------------------------------------------------------------
 
@@ -354,7 +381,7 @@ class RayPool:
             busy = s.busy_s + (now - s.started if s.started is not None else 0.0)
             workers.append({"name": s.name, "run_s": s.run_s, "busy_s": busy, "evaluations": s.evaluations,
                             "restarts": s.restarts, "timeouts": s.timeouts, "setup_s": list(s.setup_s),
-                            "pid": s.pid, "busy_fraction": s.run_s / wall if wall > 0 else 0.0})
+                            "pid": s.pid, "node": s.node, "busy_fraction": s.run_s / wall if wall > 0 else 0.0})
         total = sum(w["run_s"] for w in workers)
         return {"wall_s": wall, "startup_s": self.startup_s, "restarts": self.restarts, "queued": len(self.queue),
                 "busy_fraction": total / (wall * len(workers)) if wall > 0 else 0.0, "workers": workers}
