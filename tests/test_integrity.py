@@ -34,7 +34,7 @@ def _config(models: dict[str, Path], **changes) -> dict:
         "genome": {"models": [str(models["e1"]), str(models["e2"])], "merge_method": "task_arithmetic",
                    "base_model": str(models["base"]), "layer_granularity": 2},
         "tasks": [{"name": "toy_arith"}], "held_out": [{"name": "toy_arith_heldout"}],
-        "limit": 4, "apply_chat_template": False,
+        "limit": 16, "apply_chat_template": False,
     }
     data.update(changes)
     return data
@@ -271,6 +271,27 @@ def _session_processes(session: str) -> list[int]:
     return found
 
 
+def _cmdline(proc) -> list[str]:
+    """A process's command line, empty for one that exited or is a zombie (Ray's short-lived
+    helpers come and go while the test lists them)."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child its parent has not reaped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 @pytest.mark.slow
 def test_a_killed_driver_leaves_no_ray_process(task_models, tmp_path):
     import psutil
@@ -285,9 +306,8 @@ def test_a_killed_driver_leaves_no_ray_process(task_models, tmp_path):
         while time.monotonic() < deadline and not (store / "evaluations.jsonl").exists():
             time.sleep(0.5)
         assert (store / "evaluations.jsonl").exists(), "the run never started"
-        ours = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                if any("session_" in part for part in p.cmdline())]
-        session = next(part.split("session_")[1].split("/")[0] for p in ours for part in p.cmdline()
+        ours = [_cmdline(p) for p in psutil.Process(driver.pid).children(recursive=True)]
+        session = next(part.split("session_")[1].split("/")[0] for cmdline in ours for part in cmdline
                        if "session_" in part)
         ray_pids = set(_session_processes(f"session_{session}")) | {p.pid for p in
                                                                      psutil.Process(driver.pid).children(recursive=True)}
@@ -298,9 +318,8 @@ def test_a_killed_driver_leaves_no_ray_process(task_models, tmp_path):
     deadline = time.monotonic() + 30
     alive = ray_pids
     while time.monotonic() < deadline:
-        alive = {pid for pid in ray_pids if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+        alive = {pid for pid in ray_pids if _running(pid)}
         if not alive:
             break
         time.sleep(0.5)
-    assert not alive, f"left running: {[psutil.Process(p).cmdline()[:2] for p in alive]}"
+    assert not alive, f"left running: {[_cmdline(psutil.Process(p))[:2] for p in alive]}"
