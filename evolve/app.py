@@ -32,7 +32,10 @@ def _placement(options: RunOptions) -> tuple[str, int | None, int]:
     if device.startswith("cuda"):
         gpus = options.num_gpus or torch.cuda.device_count()
         workers = options.num_workers or max(gpus, 1)
-        if options.ray_address and not (options.num_workers or options.num_gpus):
+        from evolve.workers.placement import cluster_address
+
+        joining = not options.no_ray and cluster_address(options.ray_address) is not None  # as RayPool joins
+        if joining and not (options.num_workers or options.num_gpus):
             workers = None  # RayPool: one per GPU of the whole cluster
     else:
         workers = options.num_workers or (1 if options.no_ray else min(2, cores))
@@ -49,8 +52,10 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     the run directory is created only once the workers have scored the starting model.
     """
     from evolve import preflight
+    from evolve.config import SearchConfig
     from evolve.genome import Genome
     from evolve.search import SearchDriver
+    from evolve.search.driver import RaceSettings
     from evolve.storage import RunStorage
 
     if options.vllm:
@@ -62,21 +67,39 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     config, relative_to = preflight.load_run_config(options, resume)
     preflight.check_environment(options)
     preflight.check_task_names(config, tuple(p.resolve() for p in options.task_search_paths))
-    models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
-    genome = Genome(config.genome, models.num_layers)
     storage = RunStorage(options.storage_path)
+    stacked = None
+    if config.stacking is not None:  # the data-flow space: layers re-pointed, nothing merged
+        from evolve.stacking_genome import StackingGenome
+        from evolve.stacking_sources import check_sources
+
+        if options.vllm:
+            raise RecipeError("--vllm", "layer stacking re-points a transformers model's layers in place: it is "
+                                        "evaluated with the HF backend (drop --vllm)")
+        stacked = check_sources(config.stacking, relative_to, options.storage_path)
+        models = preflight.CheckedModels({}, stacked.depth, stacked.refs[0])
+        genome: Any = StackingGenome(stacked.refs, stacked.depth, slots=config.stacking.slots,
+                                     min_layers=config.stacking.min_layers, max_layers=config.stacking.max_layers)
+    else:
+        models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
+        genome = Genome.for_run(config.genome, models.num_layers, storage.read_manifest())
     seed = options.random_seed
     if seed is None:
         seed = int((storage.read_manifest() or {}).get("seed", 0))
     device, workers, threads = _placement(options)
     # The timeout counts from here: worker start-up is part of this session's time.
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    search_config = config.search or SearchConfig()
+    racing = search_config.racing if options.racing is None else options.racing
+    race = RaceSettings(z=search_config.racing_confidence, fractions=tuple(search_config.racing_checks),
+                        level=search_config.racing_level)
     search = {"sigma0": options.sigma0, "popsize": options.force_population_size, "seed": seed,
-              "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule}
+              "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule,
+              "strategy": search_config.strategy, "racing": race if racing else None}
     SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
     with ExitStack() as held:  # the run directory's lock, from its creation to the final model
         with ExitStack() as resources:  # workers and observers, released before the final merge
-            pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed)
+            pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed, racing, stacked)
             resources.callback(pool.close)
             first = preflight.preflight_evaluation(pool, config, models, genome.dtype)
             if not options.quiet:
@@ -85,6 +108,14 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
             options.storage_path.mkdir(parents=True, exist_ok=True)
             held.enter_context(RunLock(options.storage_path))
             preflight.create_run_directory(options, relative_to)
+            if stacked is not None:
+                from evolve.stacking_sources import materialize
+
+                materialize(stacked, relative_to, seed)  # recipe sources, where the recipes name them
+            if options.baselines:  # the parents and the equal merge, scored once (stored: reused)
+                from evolve.baselines import score_baselines
+
+                score_baselines(pool, storage, config, models, genome, first, quiet=options.quiet)
             observers = _observers(options, config, seed)  # W&B writes into the run directory
             for observer in observers:
                 resources.callback(observer.close)
@@ -105,14 +136,18 @@ def _print_preflight(model: str, results: dict[str, Any]) -> None:
 
 
 def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path, device: str,
-               workers: int | None, threads: int, seed: int) -> Any:
+               workers: int | None, threads: int, seed: int, racing: bool, stacked: Any = None) -> Any:
     import numpy as np
 
+    from evolve.config import fewshot_seed_of
     from evolve.evaluation import EvalSettings
+    from evolve.storage import RunStorage
     from evolve.workers import LocalPool, RayPool, WorkerSpec
 
+    # Evaluation is seeded by the few-shot seed (lm-eval's 1234 by default), not the search seed.
+    eval_seed = fewshot_seed_of(config, RunStorage(options.storage_path).read_manifest())
     overrides: dict[str, Any] = {"task_search_paths": tuple(p.resolve() for p in options.task_search_paths),
-                                 "device": device, "dtype": options.eval_dtype, "seed": seed,
+                                 "device": device, "dtype": options.eval_dtype, "seed": eval_seed,
                                  "share_context": options.shared_context,
                                  "trust_remote_code": options.trust_remote_code}
     if options.batch_size is not None:
@@ -129,11 +164,13 @@ def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path,
     merge_device = "cuda" if (options.merge_cuda and device.startswith("cuda")) else "cpu"
     spec = WorkerSpec(template_recipe=template, settings=settings, train_tasks=list(config.tasks),
                       held_out_tasks=list(config.held_out), merge_device=merge_device,
-                      threads=threads, relative_to=relative_to, seed=seed, allow_crimes=options.allow_crimes)
+                      threads=threads, relative_to=relative_to, seed=seed, allow_crimes=options.allow_crimes,
+                      racing=racing, stacking=stacked.spec if stacked is not None else None,
+                      model_dir=stacked.model_dir if stacked is not None else None)
     if options.no_ray:
         pool = LocalPool(spec)
         if not options.quiet:
-            print(f"worker: {pool.worker.merger.memory_report()}", file=sys.stderr)
+            print(f"worker: {pool.worker.memory_report()}", file=sys.stderr)
         return pool
     gpus = 1 if device.startswith("cuda") else 0
     return RayPool(spec, workers, ray_address=options.ray_address, num_gpus_per_worker=gpus,
@@ -141,7 +178,9 @@ def _make_pool(options: RunOptions, config: Any, genome: Any, relative_to: Path,
 
 
 def _observers(options: RunOptions, config: Any, seed: int) -> list[Any]:
-    observers: list[Any] = []
+    from evolve.observers.html_report import HtmlReportObserver
+
+    observers: list[Any] = [HtmlReportObserver(options.storage_path)]  # STORAGE/report.html
     if not options.quiet:
         from evolve.observers.progress import ProgressObserver
 
@@ -165,6 +204,8 @@ def _print_outcome(outcome: Any, storage: Path) -> None:
     print(f"{outcome.evaluations} evaluations, {outcome.generations} generations, "
           f"worker busy fraction {outcome.busy_fraction:.2f}, stopped: {outcome.stop_reason}")
     print(f"best recipe: {storage / 'best_config.yaml'}")
+    if (storage / "report.html").exists():
+        print(f"report: {storage / 'report.html'}")
 
 
 def _save_final_model(recipe: dict, relative_to: Path, storage: Path, options: RunOptions, seed: int) -> Path:

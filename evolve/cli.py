@@ -3,7 +3,7 @@
     merge-evolve CONFIG --storage-path DIR [options]      run (or continue) a search
     merge-evolve run CONFIG --storage-path DIR [options]  the same, spelled out
     merge-evolve resume --storage-path DIR [options]      continue with the stored config
-    merge-evolve report --storage-path DIR [--json]       summarise a run directory
+    merge-evolve report --storage-path DIR [--json] [--html [PATH]]  summarise a run directory
 
 mergekit-evolve's options keep their meaning and defaults.  Heavy modules (ray, lm_eval, wandb,
 torch) are imported only once a command runs, so ``--help`` is instant.  The command line is
@@ -101,10 +101,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                       help="steady state: a freed worker gets a new candidate at once (the default for new runs)")
     when.add_argument("--sync", dest="schedule", action="store_const", const="sync",
                       help="generation barrier: the trajectory does not depend on timing (mergekit-evolve's)")
+    ours.add_argument("--racing", action=argparse.BooleanOptionalAction, default=None,
+                      help="score candidates on growing subsets of the documents and stop those that cannot "
+                           "reach the level set by search.racing_level (default: the config's search.racing, on)")
     ours.add_argument("--num-workers", type=POSITIVE_INT, default=None,
                       help="evaluation workers (default: one per GPU, else 2 on CPU)")
     ours.add_argument("--ray-address", default=None,
-                      help="join this Ray cluster (e.g. auto, ray://host:10001); default: a local one")
+                      help="join this Ray cluster (e.g. auto, ray://host:10001; local: a private Ray); default: "
+                           "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a private one")
     ours.add_argument("--no-ray", action="store_true",
                       help="evaluate in this process with one worker (debugging)")
     ours.add_argument("--device", default=None, help="evaluation device: cpu or cuda (default: auto)")
@@ -116,6 +120,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--eval-timeout", type=POSITIVE, default=None,
                       help="seconds one candidate may take before its worker is restarted")
     ours.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ours.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                      help="score each input model and the equal-weights merge once at the start, so the "
+                           "report shows the best's gain over its parents (default on; stored ones are reused)")
 
 
 def build_parser(verb: str) -> argparse.ArgumentParser:
@@ -131,6 +138,9 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     parser.add_argument("--storage-path", type=Path, required=True, help="run directory")
     if verb == "report":
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+        parser.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                            help="also write the run's HTML report (one self-contained file; default "
+                                 "DIR/report.html, the only file report writes)")
     else:
         _add_run_options(parser)
     return parser
@@ -170,6 +180,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         eval_timeout=args.eval_timeout,
         quiet=args.quiet,
         schedule=args.schedule,
+        baselines=args.baselines,
+        racing=args.racing,
     )
 
 
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb == "report":
             from evolve.report import report
 
-            return report(args.storage_path, as_json=args.json)
+            return report(args.storage_path, as_json=args.json, html=args.html)
         from evolve.app import run_search
 
         return run_search(run_options(args), resume=(verb == "resume"))

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -65,6 +65,10 @@ class GenomeConfig(_Strict):
     allow_negative_weights: bool = False
     filters: Optional[list[str]] = None
     smooth: bool = False
+    # Ours: the search box of each gene, [low, high] (None: the method's default; see
+    # evolve/genome.py). Weights of the task-vector methods may exceed 1.
+    weight_range: Optional[tuple[float, float]] = None
+    density_range: Optional[tuple[float, float]] = None
 
 
 class TaskConfig(_Strict):
@@ -94,10 +98,43 @@ class VllmConfig(_Strict):
     batch_size: Union[int, str] = "auto"  # an int or "auto", checked in _check_semantics
 
 
+class StackingConfig(_Strict):
+    """Layer stacking (ours; the data-flow space, :mod:`evolve.stacking_genome`): which layers,
+    from which source, in which order.
+
+    ``sources``: model references, or recipe files (``.yml``/``.yaml``, e.g. an earlier run's
+    ``best_config.yaml``: merged once, then stacked); ``slots``: the output's layer slots (None:
+    the sources' depth); ``min_layers``/``max_layers``: bounds on the layers used (None: slots).
+    """
+
+    sources: list[str]
+    slots: Optional[int] = None
+    min_layers: int = 1
+    max_layers: Optional[int] = None
+
+
+class SearchConfig(_Strict):
+    """How the genome is searched (ours): the strategy and racing on documents.
+
+    ``strategy``: a name of :data:`evolve.search.strategies.STRATEGIES` (None: the default).
+    ``racing``: score candidates on growing subsets of the documents and stop those that cannot
+    reach ``racing_level`` (:mod:`evolve.racing`): ``incumbent`` (the best so far) or ``cut``
+    (the latest tell's best half); ``racing_confidence``: the z of its upper bound;
+    ``racing_checks``: the fractions of the documents after which it checks.
+    """
+
+    strategy: Optional[str] = None
+    racing: bool = True
+    racing_level: Literal["incumbent", "cut"] = "incumbent"
+    racing_confidence: float = 2.0
+    racing_checks: list[float] = [0.125, 0.25, 0.5]
+
+
 class EvolveConfig(_Strict):
     """A whole evolve config file."""
 
-    genome: GenomeConfig
+    genome: Optional[GenomeConfig] = None  # parameter space; exactly one of genome and stacking
+    stacking: Optional[StackingConfig] = None
     tasks: list[TaskConfig]
     held_out: list[TaskConfig] = []
     limit: Optional[int] = None
@@ -106,7 +143,11 @@ class EvolveConfig(_Strict):
     random_init: bool = False
     apply_chat_template: bool = True
     fewshot_as_multiturn: bool = True
+    # Ours: lm-eval's few-shot sampling seed (None: lm-eval's default, FEWSHOT_SEED); see
+    # fewshot_seed_of. Not the search seed: the objective must not change with --random-seed.
+    fewshot_seed: Optional[int] = None
     vllm: Optional[VllmConfig] = None
+    search: Optional[SearchConfig] = None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -195,16 +236,46 @@ def _one_line(exc: ValidationError) -> RecipeError:
 
 def _check_semantics(config: EvolveConfig) -> None:
     """Cross-field checks pydantic's types cannot express, each with its exact YAML path."""
-    g = config.genome
-    if not g.models:
-        raise RecipeError("genome.models", "at least one model is required")
+    if (config.genome is None) == (config.stacking is None):
+        raise RecipeError("genome", "give exactly one of genome (parameter space) and stacking (layer stacking)")
+    if config.genome is not None:
+        _check_genome(config.genome)
+    else:
+        assert config.stacking is not None
+        _check_stacking(config.stacking)
+    _check_tasks(config)
+
+
+def _check_references(field: str, refs: list[str], what: str) -> None:
+    """At least one, none empty, none twice (a repeated model would be counted twice)."""
+    if not refs:
+        raise RecipeError(field, f"at least one {what} is required")
     seen: dict[str, int] = {}
-    for i, model in enumerate(g.models):
-        if not model.strip():
-            raise RecipeError(f"genome.models[{i}]", "empty model reference")
-        if model in seen:
-            raise RecipeError(f"genome.models[{i}]", f"{model!r} is already genome.models[{seen[model]}]")
-        seen[model] = i
+    for i, ref in enumerate(refs):
+        if not ref.strip():
+            raise RecipeError(f"{field}[{i}]", f"empty {what} reference")
+        if ref in seen:
+            raise RecipeError(f"{field}[{i}]", f"{ref!r} is already {field}[{seen[ref]}]")
+        seen[ref] = i
+
+
+def _check_stacking(s: StackingConfig) -> None:
+    _check_references("stacking.sources", s.sources, "source")
+    if s.slots is not None and s.slots < 1:
+        raise RecipeError("stacking.slots", f"must be >= 1, got {s.slots}")
+    if s.min_layers < 1:
+        raise RecipeError("stacking.min_layers", f"must be >= 1, got {s.min_layers}")
+    if s.max_layers is not None and s.max_layers < s.min_layers:
+        raise RecipeError("stacking.max_layers", f"must be >= min_layers ({s.min_layers}), got {s.max_layers}")
+    if s.slots is not None:
+        for name in ("min_layers", "max_layers"):
+            value = getattr(s, name)
+            if value is not None and value > s.slots:
+                raise RecipeError(f"stacking.{name}", f"must be <= slots ({s.slots}), got {value}")
+
+
+def _check_genome(g: GenomeConfig) -> None:
+    _check_references("genome.models", g.models, "model")
     if g.merge_method not in METHOD_GENES:
         raise RecipeError(
             "genome.merge_method",
@@ -231,7 +302,10 @@ def _check_semantics(config: EvolveConfig) -> None:
             raise RecipeError("genome.filters", "not supported with merge_method slerp")
     if g.tokenizer_source is not None and not g.tokenizer_source.strip():
         raise RecipeError("genome.tokenizer_source", "empty value")
+    _check_ranges(g)
 
+
+def _check_tasks(config: EvolveConfig) -> None:
     if not config.tasks:
         raise RecipeError("tasks", "at least one task is required")
     for key in ("tasks", "held_out"):
@@ -258,6 +332,10 @@ def _check_semantics(config: EvolveConfig) -> None:
         raise RecipeError("limit", f"must be >= 1, got {config.limit}")
     if config.num_fewshot is not None and config.num_fewshot < 0:
         raise RecipeError("num_fewshot", f"must be >= 0, got {config.num_fewshot}")
+    if config.fewshot_seed is not None and not 0 <= config.fewshot_seed < 2**32:  # numpy's seed range
+        raise RecipeError("fewshot_seed", f"must be in [0, 2**32), got {config.fewshot_seed}")
+
+    _check_search(config.search)
 
     v = config.vllm
     if v is not None:
@@ -267,6 +345,9 @@ def _check_semantics(config: EvolveConfig) -> None:
             value = getattr(v, name)
             if value is not None and value < 1:
                 raise RecipeError(f"vllm.{name}", f"must be >= 1, got {value}")
+        if v.tensor_parallel_size != 1:  # refused here, not when the first worker builds its engine
+            raise RecipeError("vllm.tensor_parallel_size", f"must be 1 (got {v.tensor_parallel_size}): candidate "
+                              "weights are pushed into an in-process engine; run one worker per GPU instead")
         if isinstance(v.batch_size, bool) or (isinstance(v.batch_size, int) and v.batch_size < 1) or (
             isinstance(v.batch_size, str) and v.batch_size != "auto"
         ):
@@ -275,9 +356,70 @@ def _check_semantics(config: EvolveConfig) -> None:
             raise RecipeError("vllm.dtype", f"unknown dtype {v.dtype!r}; choose one of {', '.join(VLLM_DTYPES)}")
 
 
+# The search strategies' names (evolve.search.strategies maps them to classes; defined here so
+# that validating a config imports no optimizer).
+STRATEGY_NAMES = ("cmaes", "ipop-cmaes", "tpe")
+
+
+def _check_search(s: SearchConfig | None) -> None:
+    if s is None:
+        return
+    if s.strategy is not None and s.strategy not in STRATEGY_NAMES:
+        raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    if not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
+        raise RecipeError("search.racing_confidence", f"must be a number > 0, got {s.racing_confidence}")
+    checks = list(s.racing_checks)
+    if not checks or any(not 0 < f < 1 for f in checks) or sorted(set(checks)) != checks:
+        raise RecipeError("search.racing_checks", f"must be increasing fractions in (0, 1), got {checks}")
+
+
+def _check_ranges(g: GenomeConfig) -> None:
+    genes = METHOD_GENES[g.merge_method]
+    for name, gene, limits in (("weight_range", "weight", (-math.inf, math.inf)), ("density_range", "density", (0, 1))):
+        value = getattr(g, name)
+        if value is None:
+            continue
+        where = f"genome.{name}"
+        if gene not in genes:
+            raise RecipeError(where, f"merge_method {g.merge_method} has no {gene} gene")
+        lo, hi = value
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            raise RecipeError(where, f"expected [low, high] with low < high, got {list(value)}")
+        if lo < limits[0] or hi > limits[1]:
+            raise RecipeError(where, f"must lie within [{limits[0]}, {limits[1]}], got {list(value)}")
+        if gene == "weight" and lo < 0 and not g.allow_negative_weights:
+            raise RecipeError(where, f"a negative low ({lo}) needs allow_negative_weights: true")
+
+
+# Fields added after 0.1 whose None means "the default": left out of the normalized form when
+# None, so configs written before them hash (and resume) as they did.
+_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"), "": ("search", "fewshot_seed", "stacking")}
+
+FEWSHOT_SEED = 1234
+"""lm-eval's default few-shot (and numpy/torch) seed, which mergekit-evolve runs with too."""
+
+
+def fewshot_seed_of(config: EvolveConfig, manifest: dict[str, Any] | None) -> int:
+    """The seed a run evaluates with (lm-eval's few-shot sampler, numpy, torch, the document
+    shuffle): the config's ``fewshot_seed``, else the stored run's (``manifest``: its run.json),
+    else :data:`FEWSHOT_SEED`.  A run stored before the seed was recorded evaluated with its
+    search seed, and keeps doing so on resume (its scores stay comparable)."""
+    if config.fewshot_seed is not None:
+        return int(config.fewshot_seed)
+    if manifest is not None:
+        return int(manifest.get("fewshot_seed", manifest.get("seed", FEWSHOT_SEED)))
+    return FEWSHOT_SEED
+
+
 def normalized_config(config: EvolveConfig) -> dict[str, Any]:
     """The config as plain JSON data with every default filled in (the hashed form)."""
-    return config.model_dump(mode="json")
+    data = config.model_dump(mode="json")
+    for section, keys in _OPTIONAL_SINCE_0_2.items():
+        where = (data[section] or {}) if section else data
+        for key in keys:
+            if where.get(key, 0) is None:
+                del where[key]
+    return data
 
 
 def canonical_json(data: Any) -> str:

@@ -22,11 +22,19 @@ Layout (the same ordering as mergekit-evolve, so its genotypes mean the same her
 
   dimension = G * M * F * P.
 
-Bounds (CMA-ES runs with them; decode also accepts points outside, with mergekit-evolve's maps):
+Bounds: the search box (CMA-ES runs inside it; decode maps points outside it back in):
 
-- weight: [0, 1], or [-1, 1] with ``allow_negative_weights`` (outside: ``|w|`` unless negatives
-  are allowed, like mergekit-evolve).
-- density: [0, 1] (outside: ``clamp(|d|, 0, 1)``).
+- weight: ``genome.weight_range``; by default [0, 2] for the task-vector methods
+  (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della: a task vector may well
+  be worth more than once; the toy zoo's best global weights are 1.5) and [0, 1] for linear
+  (normalized, so only ratios matter); with ``allow_negative_weights`` the default low is
+  minus the high.  Outside: ``|w|`` unless negatives are allowed (mergekit-evolve's map), then
+  clipped into the box.
+- density: ``genome.density_range``, default [0, 1] (outside: ``clamp(|d|, low, high)``).
+- Runs stored before the box was configurable used [0, 1] ([-1, 1] with negative weights) and
+  are resumed with that box (the run manifest records the box).
+- The step size scales with the box: ``CMA_stds`` is the box's width over the legacy width
+  (1 for [0, 1], 2 for [-1, 1]), so ``sigma0`` (1/6) stays a sixth of a legacy box.
 - slerp t-score: [0, 4]. As in mergekit-evolve, per layer group the two models with the highest
   score are merged (ties broken by model order), the best one is the slice's base, and
   ``t = softmax(top two)[1] = 1 / (1 + exp(s1 - s2))``; so t is in [0.0180, 0.5] (the other
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,7 +70,8 @@ import numpy as np
 from evolve.config import BASE_METHODS, METHOD_GENES, GenomeConfig, canonical_json
 from merge_core.errors import RecipeError
 
-WEIGHT_BOUND = 1.0
+WEIGHT_BOUND = 1.0  # the legacy weight box: [0, 1], or [-1, 1] with negative weights
+TASK_VECTOR_WEIGHT_MAX = 2.0  # the default high of a task-vector method's weight box
 SLERP_SCORE_MAX = 4.0
 DELLA_EPSILON = 0.15
 NORMALIZE_BY_DEFAULT = frozenset({"linear", "ties", "dare_ties", "della"})
@@ -75,7 +85,10 @@ class GenomeError(ValueError):
 class Genome:
     """Maps flat float vectors to mergekit recipe dicts and back for one genome config."""
 
-    def __init__(self, definition: GenomeConfig, num_layers: int, dtype: str = "bfloat16") -> None:
+    def __init__(self, definition: GenomeConfig, num_layers: int, dtype: str = "bfloat16",
+                 box: Mapping[str, Sequence[float]] | None = None) -> None:
+        """``box``: the stored run's box (its manifest's ``genome_box``), used for every gene the
+        config leaves at its default; None: the method's defaults (see the module docstring)."""
         if num_layers < 1:
             raise RecipeError("genome", f"the base model has {num_layers} layers; need at least 1")
         self.definition = definition
@@ -89,6 +102,50 @@ class Genome:
         ]
         self.filters: list[str | None] = list(definition.filters or []) + [None]
         self.shape = (len(self.layer_ranges), len(definition.models), len(self.filters), len(self.genes))
+        self.box = self._resolve_box(box)
+
+    @classmethod
+    def for_run(cls, definition: GenomeConfig, num_layers: int, manifest: Mapping[str, Any] | None) -> "Genome":
+        """The genome of a run: a stored run (``manifest``, its ``run.json``) keeps its box (a
+        manifest without one is from before the box was configurable: the legacy box)."""
+        genome = cls(definition, num_layers)
+        if manifest is None:
+            return genome
+        box = manifest.get("genome_box")
+        return cls(definition, num_layers, box=genome.legacy_box() if box is None else box)
+
+    # -- the search box -----------------------------------------------------------------
+
+    def default_box(self) -> dict[str, tuple[float, float]]:
+        """The method's default box per boxed gene (weight, density)."""
+        high = TASK_VECTOR_WEIGHT_MAX if self.method in BASE_METHODS else WEIGHT_BOUND
+        out = {"weight": (-high if self.definition.allow_negative_weights else 0.0, high)}
+        if "density" in self.genes:
+            out["density"] = (0.0, 1.0)
+        return out if self.method != "slerp" else {}
+
+    def legacy_box(self) -> dict[str, list[float]]:
+        """The box of runs stored before it was configurable (JSON form, as in a manifest)."""
+        if self.method == "slerp":
+            return {}
+        out = {"weight": [-WEIGHT_BOUND if self.definition.allow_negative_weights else 0.0, WEIGHT_BOUND]}
+        if "density" in self.genes:
+            out["density"] = [0.0, 1.0]
+        return out
+
+    def _resolve_box(self, stored: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+        box = self.default_box()
+        for gene in box:
+            given = getattr(self.definition, f"{gene}_range")
+            if given is not None:
+                box[gene] = (float(given[0]), float(given[1]))
+            elif stored is not None and gene in stored:
+                box[gene] = (float(stored[gene][0]), float(stored[gene][1]))
+        return box
+
+    def box_json(self) -> dict[str, list[float]]:
+        """The box as JSON data (recorded in the run manifest)."""
+        return {gene: [lo, hi] for gene, (lo, hi) in self.box.items()}
 
     # -- geometry -----------------------------------------------------------------------
 
@@ -97,12 +154,24 @@ class Genome:
         """Number of genes: groups x models x filter sets x genes per method."""
         return math.prod(self.shape)
 
+    def gene_names(self) -> list[str]:
+        """One readable name per gene, in vector order (logs' and tables' column names):
+        ``g<group>/<model>/<gene>``, e.g. ``g0/spatial/weight``; with ``filters``
+        ``g<group>/<model>/<filter>/<gene>``, ``*`` for the catch-all.  ``<model>`` is the last
+        part of the model reference (``m<i>_`` in front where two models would share one)."""
+        labels = [ref.rstrip("/").rsplit("/", 1)[-1] or ref for ref in self.definition.models]
+        labels = [f"m{i}_{label}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+        filters = [] if len(self.filters) == 1 else [f if f is not None else "*" for f in self.filters]
+        names = []
+        for g in range(self.shape[0]):
+            for label in labels:
+                for f in filters or [None]:
+                    names.extend("/".join(p for p in (f"g{g}", label, f, gene) if p is not None)
+                                 for gene in self.genes)
+        return names
+
     def _gene_bounds(self, gene: str) -> tuple[float, float]:
-        if gene == "weight":
-            return (-WEIGHT_BOUND if self.definition.allow_negative_weights else 0.0, WEIGHT_BOUND)
-        if gene == "density":
-            return (0.0, 1.0)
-        return (0.0, SLERP_SCORE_MAX)
+        return self.box.get(gene, (0.0, SLERP_SCORE_MAX))
 
     @property
     def bounds(self) -> tuple[list[float], list[float]]:
@@ -112,8 +181,13 @@ class Genome:
 
     @property
     def scales(self) -> list[float]:
-        """Per-gene scale of the search step (``CMA_stds``): t-scores span 4x a weight's range."""
-        return [SLERP_SCORE_MAX if self.method == "slerp" else 1.0] * self.dimension
+        """Per-gene scale of the search step (``CMA_stds``): the box's width over the legacy
+        box's (t-scores span 4x a legacy weight's range)."""
+        if self.method == "slerp":
+            return [SLERP_SCORE_MAX] * self.dimension
+        legacy = self.legacy_box()
+        per_gene = [(self.box[g][1] - self.box[g][0]) / (legacy[g][1] - legacy[g][0]) for g in self.genes]
+        return [per_gene[i % len(self.genes)] for i in range(self.dimension)]
 
     def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
         """mergekit-evolve's start: weight 1/M, density 1; or uniform within the bounds."""
@@ -150,11 +224,9 @@ class Genome:
             values = {}
             for p, gene in enumerate(self.genes):
                 v = arr[..., p]
-                if gene == "density":
-                    v = np.clip(np.abs(v), 0.0, 1.0)
-                elif not self.definition.allow_negative_weights:
+                if gene == "density" or not self.definition.allow_negative_weights:
                     v = np.abs(v)
-                values[gene] = v
+                values[gene] = np.clip(v, *self.box[gene])
             if self.method == "della":
                 d = values["density"]
                 values["epsilon"] = np.minimum(DELLA_EPSILON, np.minimum(d, 1.0 - d) / 2.0)

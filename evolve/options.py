@@ -49,3 +49,5 @@ class RunOptions:
     eval_timeout: float | None = None
     quiet: bool = False
     schedule: str | None = None  # "sync", "async", None: the stored run's, else async
+    racing: bool | None = None  # None: the config's search.racing (on by default)
+    baselines: bool = True  # score the input models and the equal merge at start (evolve.baselines)

@@ -35,6 +35,12 @@ class Result:
     worker: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     node: str | None = None  # the machine (Ray node id) that ran it, where the pool knows
+    # Racing (evolve.racing): documents scored of all, every document's value when scored on all
+    # (task -> values in race order), and the race's outcome when the job was raced.
+    documents: int | None = None
+    documents_full: int | None = None
+    per_doc: dict[str, list[float]] | None = None
+    race: dict[str, Any] | None = None
 
 
 class EvaluationPool(Protocol):
@@ -42,8 +48,9 @@ class EvaluationPool(Protocol):
 
     num_workers: int
 
-    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> None:
-        """Start a job; ``task_set`` is :data:`TRAIN` (config.tasks) or :data:`HELD_OUT`."""
+    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str, race: Any = None) -> None:
+        """Start a job; ``task_set`` is :data:`TRAIN` (config.tasks) or :data:`HELD_OUT`;
+        ``race`` an :class:`evolve.racing.RaceJob` to score it chunk by chunk against."""
 
     def wait_any(self) -> list[Result]:
         """Block until at least one submitted job finished; return the finished ones."""

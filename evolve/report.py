@@ -1,11 +1,13 @@
 """``merge-evolve report``: what a run directory holds, for people and for scripts.
 
-Read-only: it never writes into the run directory (a run may be going on in it).
+Read-only: it never writes into the run directory (a run may be going on in it), except the
+HTML report that ``--html`` asks for (:mod:`evolve.html_report`, written atomically).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ from merge_core.errors import RecipeError
 
 
 def summarize(storage_path: Path) -> dict[str, Any]:
-    """Counts, the best candidate (train and held-out) and the top five of a run directory."""
+    """Counts, the best candidate (train and held-out), the top five and the baselines (the
+    input models and the equal merge, :mod:`evolve.baselines`) of a run directory."""
+    from evolve.baselines import baseline_provenance, baseline_summary
     from evolve.storage import RunStorage
 
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
@@ -31,6 +35,9 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         return {"eval_id": r["eval_id"], "fitness": r["fitness"], "scores": r["scores"],
                 "held_out_fitness": h["fitness"] if h else None}
 
+    best_held = held.get(ok[0]["eval_id"]) if ok else None
+    gains = baseline_provenance(records, ok[0]["fitness"] if ok else None,
+                                best_held["fitness"] if best_held and best_held["status"] == "ok" else None)
     return {
         "storage_path": str(storage_path),
         "seed": manifest.get("seed"),
@@ -43,24 +50,62 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "generations": len({r["generation"] for r in train}),
         "best": brief(ok[0]) if ok else None,
         "top": [brief(r) for r in ok[:5]],
+        "baselines": [{k: e[k] for k in ("name", "model", "role", "fitness", "held_out_fitness", "reason")}
+                      for e in baseline_summary(records)],
+        "best_parent": gains["best_parent"],
+        "gain_over_best_parent": gains["gain_over_best_parent"],
+        "held_out_gain_over_best_parent": gains["held_out_gain_over_best_parent"],
         "best_config": str(storage_path / "best_config.yaml") if (storage_path / "best_config.yaml").exists() else None,
     }
 
 
-def report(storage_path: Path, *, as_json: bool = False) -> int:
-    """Print the summary of a run directory; exit code 0."""
+def report(storage_path: Path, *, as_json: bool = False, html: str | None = None) -> int:
+    """Print the summary of a run directory; exit code 0.  ``html``: also write the HTML report
+    there ("" = ``DIR/report.html``)."""
     summary = summarize(storage_path)
+    if html is not None:
+        from evolve.html_report import write_html_report
+
+        written = write_html_report(storage_path, Path(html) if html else None)
     if as_json:
         print(json.dumps(summary, indent=2))
-        return 0
+    else:
+        _print_summary(summary)
+    if html is not None:  # beside JSON on stdout, the path goes to stderr
+        print(f"html report: {written}", file=sys.stderr if as_json else sys.stdout)
+    return 0
+
+
+def _fitness(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _print_baselines(summary: dict[str, Any]) -> None:
+    if not summary["baselines"]:
+        return
+    print(f"baselines{'':<17}{'fitness':>9}{'held-out':>10}")
+    for e in summary["baselines"]:
+        label = e["name"] if e["model"] is None or e["model"] == e["name"] else f"{e['name']} ({e['model']})"
+        failed = f"  failed: {e['reason']}" if e["reason"] else ""
+        print(f"  {label[:24]:<24}{_fitness(e['fitness']):>9}{_fitness(e['held_out_fitness']):>10}{failed}")
+    gain = summary["gain_over_best_parent"]
+    if gain is not None:
+        line = f"best vs best parent ({summary['best_parent']}): {gain:+.4f}"
+        if summary["held_out_gain_over_best_parent"] is not None:
+            line += f", held-out {summary['held_out_gain_over_best_parent']:+.4f}"
+        print(line)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     print(f"run {summary['storage_path']}: {summary['evaluations']} evaluations "
           f"({summary['cache_hits']} cache hits, {summary['failed']} failed) over "
           f"{summary['generations']} generations; budget {summary['budget']}, seed {summary['seed']}")
     for reason in summary["failure_reasons"]:
         print(f"  failure: {reason}")
+    _print_baselines(summary)
     if summary["best"] is None:
         print("no successful candidate yet")
-        return 0
+        return
     print(f"{'eval_id':<14}{'fitness':>9}{'held-out':>10}  scores")
     for r in summary["top"]:
         held = "-" if r["held_out_fitness"] is None else f"{r['held_out_fitness']:.4f}"
@@ -68,4 +113,3 @@ def report(storage_path: Path, *, as_json: bool = False) -> int:
         print(f"{r['eval_id']:<14}{r['fitness']:>9.4f}{held:>10}  {scores}")
     if summary["best_config"]:
         print(f"best recipe: {summary['best_config']}")
-    return 0

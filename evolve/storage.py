@@ -168,7 +168,9 @@ class RunStorage:
         if old is not None:
             old = {**(defaults or {}), **old}
         if old is None:
-            if self.ledger_path.exists():
+            # Baselines (evolve.baselines) are scored before the search opens the run: a ledger
+            # of only those is a run killed before its search started.
+            if any(r.get("kind") != "baseline" for r in self.load_evaluations(repair=False)):
                 raise StorageError(f"{self.path}: has evaluations but no {MANIFEST}; use a new --storage-path")
             return None
         for key in must_match:

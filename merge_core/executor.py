@@ -64,7 +64,7 @@ def merge_tensor(
         inputs = TensorInputs(task.output, tensors, task.base_index, reuse=False)
     generator = None
     if method.randomized:
-        generator = torch.Generator(device=tensors[0].device)
+        generator = torch.Generator()  # on the CPU whatever the device: the same seeds on a GPU
         generator.manual_seed(task.seed if task.seed is not None else 0)
     return method.merge(inputs, task.params, out=out, generator=generator)
 

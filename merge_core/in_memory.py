@@ -4,11 +4,19 @@ Input tensors are loaded once (``InMemoryMerger.__init__``); every candidate rec
 merged straight into a preallocated state dict or ``nn.Module`` that an evaluator holds, with no
 file I/O and no reallocation.  Each output tensor keeps one :class:`TensorInputs` for the whole
 run, so what a method caches there (task vectors, sorted magnitudes) is computed once.
+
+One copy of the inputs per machine: an input kept in CPU memory in its stored dtype (resident
+CPU merges, and inputs streamed to a GPU) is a read-only map of its safetensors file, so its
+pages are the kernel's page cache, shared by every worker on the node (N workers hold about one
+copy, not N) and never copied.  An input cast to another dtype (an fp32 checkpoint merged as
+bf16) is a private copy per worker, as is every input with ``share=False``
+(``MERGE_CORE_SHARE_INPUTS=0``), which also pins streamed inputs for faster copies to the GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,48 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+# Bytes per element and non-base model a method keeps between candidates (the in-memory
+# merger's caches, upper ends): sorted (|d|, index) keys for the magnitude methods, 16-bit draws
+# (plus an int32 copy for the fused kernels) for DARE, DELLA's general form (draw + rank).
+CACHE_BYTES_PER_ELEMENT = {"ties": 8, "breadcrumbs": 8, "breadcrumbs_ties": 8, "dare_ties": 4,
+                           "dare_linear": 4, "della": 10, "della_linear": 10}
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a log line: GiB, MiB or KiB, two decimals."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
+
+
+def _nbytes(value: object, seen: set[int]) -> int:
+    """Bytes held by a cache entry: tensors and arrays, also inside tuples, lists and objects
+    (each storage counted once)."""
+    import numpy as np
+
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(value, np.ndarray):
+        base = value if value.base is None else value.base
+        if id(base) in seen or not isinstance(base, np.ndarray):
+            return 0
+        seen.add(id(base))
+        return int(base.nbytes)
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v, seen) for v in value.values())
+    if hasattr(value, "__dict__"):
+        return sum(_nbytes(v, seen) for v in vars(value).values())
+    return 0
+
+
 @dataclass(frozen=True)
 class MergeStats:
     """What one ``merge_into`` call did (for benchmarks and logs)."""
@@ -66,29 +116,40 @@ class InMemoryMerger:
     ``resident``: inputs live on ``device`` (True), or in CPU memory (False; pinned when
     ``device`` is a GPU) and are copied to ``device`` tensor by tensor for each merge -- for
     inputs that do not fit in GPU memory next to the evaluated model.  None = resident unless
-    ``device`` is a GPU whose free memory, less ``reserve_bytes``, cannot hold the plan's inputs.
-    Streamed merges rebuild methods' derived data each time (nothing is cached on the device).
+    ``device`` is a GPU whose free memory, less ``reserve_bytes``, cannot hold the plan's inputs
+    and the method caches they will grow (:meth:`plan_cache_estimate`), plus the merged state
+    dict when ``state_on_device`` (a caller that allocates :meth:`merged_state_dict` next).  Streamed merges rebuild
+    methods' derived data each time (nothing is cached on the device).  ``share``: inputs kept in
+    CPU memory in their stored dtype are maps of the checkpoint files (the module docstring;
+    None: unless ``MERGE_CORE_SHARE_INPUTS=0``).
     """
 
     def __init__(self, plan: MergePlan | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype | None = None, resident: bool | None = None, reserve_bytes: int = 0):
+                 dtype: torch.dtype | None = None, resident: bool | None = None, reserve_bytes: int = 0,
+                 share: bool | None = None, state_on_device: bool = False):
         self.device = torch.device(device)
         self._dtype = dtype or (plan.dtype if plan is not None else None)
         self._readers: dict[Path, CheckpointReader] = {}
         self._tensors: dict[tuple[Path, str], torch.Tensor] = {}
         self._inputs: dict[tuple, TensorInputs] = {}
         self.input_bytes = 0
+        self.shared_bytes = 0  # of input_bytes: mapped from the page cache (shared by the node)
         self._largest = 0  # elements of the largest input tensor (see TensorInputs.fuse_small)
         self.needed_bytes = self.plan_input_bytes(plan) if plan is not None else 0
+        self.cache_estimate = self.plan_cache_estimate(plan) if plan is not None else (0, "")
+        state = self.plan_output_bytes(plan) if plan is not None and state_on_device else 0
         self.free_bytes: int | None = None
         if resident is None:
             resident = True
             if self.device.type == "cuda":
                 self.free_bytes = int(torch.cuda.mem_get_info(self.device)[0])
-                resident = self.needed_bytes <= self.free_bytes - reserve_bytes
+                resident = self.needed_bytes + self.cache_estimate[0] + state <= self.free_bytes - reserve_bytes
         self.resident = resident
         self._storage = self.device if resident else torch.device("cpu")
-        self._pin = not resident and self.device.type == "cuda"
+        if share is None:
+            share = os.environ.get("MERGE_CORE_SHARE_INPUTS", "1") != "0"
+        self._share = share and self._storage.type == "cpu"
+        self._pin = not resident and self.device.type == "cuda"  # private streamed inputs only
         if plan is not None:
             for task in plan.tasks:
                 self._source_keys(plan, task)
@@ -101,9 +162,15 @@ class InMemoryMerger:
             reader = self._readers.get(path)
             if reader is None:
                 reader = self._readers[path] = CheckpointReader(path)
-            tensor = reader.get(name, dtype=self._dtype, device=str(self._storage))
-            if self._pin:
-                tensor = tensor.pin_memory()  # lets the per-merge copies to the GPU run async
+            if self._share and self._dtype in (None, reader.dtype(name)) and reader.mappable(name):
+                # Read-only use of a copy-on-write map: the page cache's pages, shared by every
+                # process that maps the file (a stray write would copy one page, not corrupt).
+                tensor = reader.map(name)
+                self.shared_bytes += tensor.numel() * tensor.element_size()
+            else:
+                tensor = reader.get(name, dtype=self._dtype, device=str(self._storage))
+                if self._pin:
+                    tensor = tensor.pin_memory()  # lets the per-merge copies to the GPU run async
             self._tensors[key] = tensor
             self.input_bytes += tensor.numel() * tensor.element_size()
             self._largest = max(self._largest, tensor.numel())
@@ -138,13 +205,58 @@ class InMemoryMerger:
                 total += itemsize * int(torch.Size(reader.shape(src.tensor)).numel())
         return total
 
+    def _reader(self, path: Path) -> CheckpointReader:
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = self._readers[path] = CheckpointReader(path)
+        return reader
+
+    def plan_output_bytes(self, plan: MergePlan) -> int:
+        """Bytes of :meth:`merged_state_dict`'s result for ``plan`` (from headers)."""
+        total = 0
+        for task in plan.tasks:
+            first = task.sources[0]
+            reader = self._reader(Path(plan.models[first.model].path))
+            dtype = plan.out_dtype or self._dtype or reader.dtype(first.tensor)
+            total += int(torch.Size(reader.shape(first.tensor)).numel()) * dtype.itemsize
+        return total
+
+    def plan_cache_estimate(self, plan: MergePlan) -> tuple[int, str]:
+        """(bytes, " (what)") the method caches of ``plan``'s method reach once built (the first
+        candidate builds them; :data:`CACHE_BYTES_PER_ELEMENT` per element and non-base model)."""
+        methods = {task.method for task in plan.tasks} & set(CACHE_BYTES_PER_ELEMENT)
+        if not methods:
+            return 0, ""
+        elements = 0
+        for task in plan.tasks:
+            if task.method in methods:
+                first = task.sources[0]
+                reader = self._reader(Path(plan.models[first.model].path))
+                takers = len(task.sources) - (task.base_index is not None)
+                elements += int(torch.Size(reader.shape(first.tensor)).numel()) * takers
+        per = max(CACHE_BYTES_PER_ELEMENT[m] for m in methods)
+        return elements * per, f" ({'/'.join(sorted(methods))}: {per} bytes per element and model)"
+
     def memory_report(self) -> str:
-        """One line for a run's start: where inputs live and how much memory they take."""
-        gib = 1 << 30
+        """One line for a run's start: where inputs live, how much of them this process holds
+        privately, and the method caches the first candidate builds (an estimate until then)."""
         where = f"resident on {self.device}" if self.resident else \
-            f"in {'pinned ' if self._pin else ''}CPU memory, streamed to {self.device} per merge"
-        free = "" if self.free_bytes is None else f" ({self.free_bytes / gib:.2f} GiB free on {self.device})"
-        return f"merge inputs: {self.needed_bytes / gib:.2f} GiB {where}{free}"
+            f"in CPU memory, streamed to {self.device} per merge"
+        free = "" if self.free_bytes is None else f" ({format_bytes(self.free_bytes)} free on {self.device})"
+        if self._storage.type == "cpu":
+            private = self.input_bytes - self.shared_bytes
+            where += (f", {format_bytes(self.shared_bytes)} of it mapped from the page cache (one copy per machine, "
+                      f"shared by its workers), {format_bytes(private)} private{' (pinned)' if self._pin and private else ''}")
+        built = self.cache_bytes()
+        estimate, what = self.cache_estimate
+        caches = format_bytes(built) if built else f"~{format_bytes(estimate)} once built{what}"
+        return f"merge inputs: {format_bytes(self.needed_bytes)} {where}{free}; method caches on {self._storage}: {caches}"
+
+    def cache_bytes(self) -> int:
+        """Bytes of what the methods derived from the inputs and keep between candidates (sorted
+        keys, random fields, ranks...), as held now."""
+        seen: set[int] = set()
+        return sum(_nbytes(value, seen) for inputs in self._inputs.values() for value in inputs.cache.values())
 
     def _inputs_for(self, plan: MergePlan, task: TensorTask, paths: list[Path]) -> TensorInputs:
         keys = self._source_keys(plan, task, paths)

@@ -262,6 +262,13 @@ class CheckpointReader:
                 raise ModelError(f"{file}: cannot read '{name}' ({err.strerror or err})") from None
         return buf.view(entry.dtype).reshape(entry.shape)
 
+    def mappable(self, name: str) -> bool:
+        """Whether :meth:`map` can map tensor ``name`` (not empty, its offset aligned to its dtype)
+        rather than fall back to a copy (it still does for a file cut short since it was opened)."""
+        entry = self._entry(name)
+        offset = self._data_start[self._where[name]] + entry.begin
+        return entry.nbytes > 0 and (offset % mmap.ALLOCATIONGRANULARITY) % entry.dtype.itemsize == 0
+
     def map(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype as a private copy-on-write map of the file.
 
@@ -271,12 +278,12 @@ class CheckpointReader:
         the tensor.  Writes to the tensor stay private.  Falls back to :meth:`read` where a
         map cannot be made (empty or misaligned tensors).
         """
+        if not self.mappable(name):
+            return self.read(name)
         entry = self._entry(name)
         shard = self._where[name]
         offset = self._data_start[shard] + entry.begin
         delta = offset % mmap.ALLOCATIONGRANULARITY
-        if entry.nbytes == 0 or delta % entry.dtype.itemsize:
-            return self.read(name)
         fd = self._fd(shard)
         # Touching a mapped page past the end of a file kills the process (SIGBUS); a file
         # cut short since its header was validated goes through read(), which reports it.

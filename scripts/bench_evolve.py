@@ -54,7 +54,7 @@ def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.exe
     storage = workdir / "runs" / name
     shutil.rmtree(storage, ignore_errors=True)
     cmd = [python, "-m", "evolve.cli", str(TOY), "--storage-path", str(storage), "-q", "--random-seed", "0",
-           "--no-save-final-model", *extra]
+           "--no-save-final-model", "--ray-address", "local", *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -9,8 +9,8 @@
    installed, the whole ``mergekit-yaml`` command on the same recipes (task_arithmetic, ties,
    slerp), and prints wall time, CPU time, peak RSS, the ratios and the load average they were
    measured under.  Target: >= 3x faster wall, RSS no higher.
-3. Times the in-memory API (inputs loaded once, fp32, one merge per method with per-layer
-   gradient parameters into a preallocated state dict) and prints its effective memory traffic
+3. Times the in-memory API (inputs loaded once, fp32 or ``--in-memory-dtype``, one merge per
+   method with per-layer gradient parameters into a preallocated state dict) and prints its effective memory traffic
    (every input byte read once + every output byte written once, per second) as a ratio to a
    preallocated torch copy of the same model (read + write bytes per second), each merge timed
    right after a copy and the median of those paired ratios printed (the bandwidth drifts).
@@ -163,7 +163,7 @@ def bench_commands(
         print(row, flush=True)
 
 
-def bench_in_memory(models: list[Path], only: set[str] | None = None) -> None:
+def bench_in_memory(models: list[Path], only: set[str] | None = None, dtype: str = "float32") -> None:
     from merge_core.in_memory import InMemoryMerger
     from merge_core.planner import plan_merge
     from merge_core.recipe import recipe_from_dict
@@ -182,12 +182,13 @@ def bench_in_memory(models: list[Path], only: set[str] | None = None) -> None:
         recipes[method] = {"merge_method": method, "base_model": b, "models": [
             {"model": m1, "parameters": {"weight": grad, "density": [0.3, 0.7], **extra}},
             {"model": m2, "parameters": {"weight": 0.5, "density": 0.5, **extra}}]}
-    plans = {k: plan_merge(recipe_from_dict({**r, "dtype": "float32"}), seed=0) for k, r in recipes.items()
+    plans = {k: plan_merge(recipe_from_dict({**r, "dtype": dtype}), seed=0) for k, r in recipes.items()
              if only is None or k in only or k in ("linear", "task_arithmetic")}
-    print("\n== in-memory API (fp32, inputs loaded once) ==")
+    print(f"\n== in-memory API ({dtype}, inputs loaded once) ==")
     t = time.perf_counter()
-    merger = InMemoryMerger(plans["task_arithmetic"], dtype=torch.float32)  # loads all three models
-    print(f"load inputs: {time.perf_counter() - t:.1f} s, {merger.input_bytes / 1e9:.2f} GB")
+    merger = InMemoryMerger(plans["task_arithmetic"], dtype=getattr(torch, dtype))  # loads all three models
+    print(f"load inputs: {time.perf_counter() - t:.1f} s, {merger.input_bytes / 1e9:.2f} GB "
+          f"({merger.shared_bytes / 1e9:.2f} GB mapped from the page cache)")
     target = merger.merged_state_dict(plans["linear"])  # preallocated output, reused below
     out_bytes = sum(v.numel() * v.element_size() for v in target.values())
 
@@ -237,6 +238,10 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="in-memory methods to time, comma-separated (default: all)")
     parser.add_argument("--skip-commands", action="store_true", help="skip the whole-command timings")
+    parser.add_argument("--in-memory-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="in-memory merge dtype: float32 casts the bf16 models (private copies), "
+                             "bfloat16 keeps their dtype (inputs mapped from the page cache, unless "
+                             "MERGE_CORE_SHARE_INPUTS=0)")
     args = parser.parse_args()
     target = float(args.params.rstrip("MB")) * (1e9 if args.params.endswith("B") else 1e6)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +257,7 @@ def main() -> None:
     if not args.skip_commands:
         bench_commands(args.workdir, models, mergekit, max(1, args.repeat))
     if not args.skip_in_memory:
-        bench_in_memory(models, set(args.methods.split(",")) if args.methods else None)
+        bench_in_memory(models, set(args.methods.split(",")) if args.methods else None, args.in_memory_dtype)
 
 
 if __name__ == "__main__":

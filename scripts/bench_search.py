@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Search quality on the toy zoo: medians over seeds, never one lucky seed.
 
-    python scripts/bench_search.py [--seeds 0 1 2 3 4] [--budget 100] [--schedules async sync]
-                                   [--workers 2] [--zoo zoo] [--extra "--flag value"]
+    python scripts/bench_search.py [--seeds 0 1 2 3 4] [--budget 100] [--schedules async]
+                                   [--strategies cmaes] [--racing on off] [--workers 2]
+                                   [--zoo zoo] [--extra "--flag value"]
 
-Runs ``merge-evolve configs/toy.yml`` once per schedule and seed (``--budget`` evaluations,
-``--workers`` Ray workers) and reads each ledger: the best train fitness after the first 25%,
-50% and 100% of the budget (in ledger order), the final best's held-out fitness, and the
-documents scored relative to scoring every candidate on every document.  Prints one row per run,
-then medians and worst seeds per schedule, the zoo's parents and grid best (its matrix.json)
-for reference; the last line reads
-``median best at B evaluations: X, worst: Y, documents scored: Z of full`` for the first schedule.
+Runs ``merge-evolve configs/toy.yml`` (with ``search: {strategy: S}``) once per schedule x
+strategy x racing x seed (``--budget`` evaluations, ``--workers`` Ray workers) and reads each
+ledger: the best train fitness after the first 25%, 50% and 100% of the budget (in ledger
+order), the final best's held-out fitness, and the documents scored relative to scoring every
+candidate on every document.  Prints one row per run, then per combination the medians and the
+worst seed, with the zoo's parents and grid best (its matrix.json) for reference; the last line
+reads ``median best at B evaluations: X, worst: Y, documents scored: Z of full`` for the first
+combination (the defaults come first).
 """
 
 from __future__ import annotations
@@ -51,11 +53,22 @@ def read_run(store: Path, budget: int) -> dict:
     return out
 
 
-def run_one(python: str, zoo: Path, store: Path, schedule: str, seed: int, budget: int, workers: int,
-            extra: list[str]) -> dict:
-    cmd = [python, "-m", "evolve.cli", str(TOY), "--storage-path", str(store), "-q", "--no-save-final-model",
+def config_for(strategy: str, work: Path) -> Path:
+    """configs/toy.yml with ``search: {strategy: ...}`` (the zoo paths stay relative)."""
+    import yaml
+
+    data = yaml.safe_load(TOY.read_text())
+    data.setdefault("search", {})["strategy"] = strategy
+    path = work / f"toy-{strategy}.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_one(python: str, zoo: Path, store: Path, config: Path, schedule: str, racing: bool, seed: int,
+            budget: int, workers: int, extra: list[str]) -> dict:
+    cmd = [python, "-m", "evolve.cli", str(config), "--storage-path", str(store), "-q", "--no-save-final-model",
            "--random-seed", str(seed), "--max-fevals", str(budget), "--num-workers", str(workers),
-           f"--{schedule}", *extra]
+           f"--{schedule}", "--racing" if racing else "--no-racing", "--ray-address", "local", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     start = time.perf_counter()
@@ -69,7 +82,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", type=int, default=100)
-    ap.add_argument("--schedules", nargs="+", default=["async", "sync"], choices=("async", "sync"))
+    ap.add_argument("--schedules", nargs="+", default=["async"], choices=("async", "sync"))
+    ap.add_argument("--strategies", nargs="+", default=["cmaes"])
+    ap.add_argument("--racing", nargs="+", default=["on", "off"], choices=("on", "off"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo", help="a built toy zoo (scripts/build_zoo.py)")
     ap.add_argument("--extra", default="", help="more merge-evolve flags for every run")
@@ -83,21 +98,24 @@ def main() -> int:
     say(f"toy config {TOY.name}, budget {args.budget}, {args.workers} workers, seeds {args.seeds}; reference "
         "objective (zoo/matrix.json): " + ", ".join(f"{m} {v:.3f}" for m, v in sorted(reference.items())))
     keys = [f"best@{max(1, round(args.budget * f))}" for f in (0.25, 0.5, 1.0)]
-    say(f"{'schedule':>8} {'seed':>4} " + " ".join(f"{k:>9}" for k in keys) + f" {'held-out':>9} {'docs':>5} {'s':>5}")
+    say(f"{'run':>22} {'seed':>4} " + " ".join(f"{k:>9}" for k in keys) + f" {'held-out':>9} {'docs':>5} {'s':>5}")
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "zoo").symlink_to(zoo, target_is_directory=True)
-        for schedule in args.schedules:
+        combos = [(sc, st, rc) for sc in args.schedules for st in args.strategies for rc in args.racing]
+        for schedule, strategy, racing in combos:
+            label = f"{schedule}/{strategy}/{'race' if racing == 'on' else 'full'}"
+            config = config_for(strategy, work)
             rows = []
             for seed in args.seeds:
-                row = run_one(sys.executable, work / "zoo", work / f"{schedule}-{seed}", schedule, seed,
-                              args.budget, args.workers, shlex.split(args.extra))
+                row = run_one(sys.executable, work / "zoo", work / f"{label.replace('/', '-')}-{seed}", config,
+                              schedule, racing == "on", seed, args.budget, args.workers, shlex.split(args.extra))
                 rows.append(row)
                 held = "-" if row["held_out"] is None else f"{row['held_out']:.4f}"
-                say(f"{schedule:>8} {seed:>4} " + " ".join(f"{row[k]:>9.4f}" for k in keys)
+                say(f"{label:>22} {seed:>4} " + " ".join(f"{row[k]:>9.4f}" for k in keys)
                     + f" {held:>9} {row['documents']:>5.2f} {row['seconds']:>5.0f}")
-            summary[schedule] = rows
+            summary[label] = rows
     for schedule, rows in summary.items():
         finals = [r[keys[-1]] for r in rows]
         helds = [r["held_out"] for r in rows if r["held_out"] is not None]

@@ -2,6 +2,10 @@
 
 Run with the vLLM venv (bash scripts/setup_vllm.sh):
     .venv-vllm/bin/python scripts/bench_vllm.py [--zoo zoo] [--limit N] [--repeats 5] [--threads 1]
+                                                [--device cpu|cuda]
+
+(``--zoo``: any folder with ``base``, ``spatial`` and ``arith`` models that read the toy tasks;
+scripts/gpu_check.sh passes random ones.  ``--device cuda``: both backends on the GPU, fp32.)
 
 Times, after a warm-up evaluation of each backend:
   engine:  importing vllm, then VLLMEvaluator() from zoo/base (engine start + lm-eval wrapper),
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
 
     import torch
@@ -42,12 +47,13 @@ def main() -> None:
     from evolve.evaluation.hf import HFEvaluator
     from evolve.evaluation.vllm import VLLMEvaluator, prepare_environment
 
-    settings = EvalSettings(limit=args.limit, device="cpu", builtin_tasks=False, threads=args.threads,
-                            task_search_paths=(REPO / "tests" / "data" / "vllm_tasks",))
+    settings = EvalSettings(limit=args.limit, device=args.device, dtype="float32", builtin_tasks=False,
+                            threads=args.threads, task_search_paths=(REPO / "tests" / "data" / "vllm_tasks",),
+                            vllm={"gpu_memory_utilization": 0.3} if args.device == "cuda" else None)
     mc = [TaskConfig(name="toy_spatial"), TaskConfig(name="toy_arith"), TaskConfig(name="toy_prompt_format")]
     gen = [TaskConfig(name="toy_arith_gen", metric="exact_match,none")]
 
-    prepare_environment(cpu=True, threads=args.threads, quiet=True)
+    prepare_environment(cpu=args.device == "cpu", threads=args.threads, quiet=True)
     start = time.perf_counter()
     import evolve.evaluation.vllm_lm  # noqa: F401  (vllm and lm-eval's VLLM wrapper: once per process)
 

@@ -45,7 +45,7 @@ def test_search_across_nodes_survives_losing_one(task_models, tmp_path):
         config = {"genome": {"models": [str(task_models["e1"]), str(task_models["e2"])],
                              "merge_method": "task_arithmetic", "base_model": str(task_models["base"]),
                              "layer_granularity": 2},
-                  "tasks": ["toy_arith"], "held_out": ["toy_arith_heldout"], "limit": 6,
+                  "tasks": ["toy_arith"], "held_out": ["toy_arith_heldout"], "limit": 16,
                   "apply_chat_template": False}
         (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
         store = tmp_path / "run"

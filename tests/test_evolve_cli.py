@@ -11,24 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from toy_configs import write_evolve_config
 
 from evolve.cli import main as merge_evolve
 from merge_core.cli import main as merge_yaml
-
-
-def _config(models: dict[str, Path], tmp_path: Path, **extra: object) -> Path:
-    data = {
-        "genome": {"models": [str(models["e1"]), str(models["e2"])], "base_model": str(models["base"]),
-                   "merge_method": "task_arithmetic", "layer_granularity": 2},
-        "tasks": [{"name": "toy_arith", "weight": 0.6}, {"name": "toy_prompt_format", "weight": 0.4}],
-        "held_out": [{"name": "toy_arith_heldout"}],
-        "limit": 12,
-        "apply_chat_template": False,
-    }
-    data.update(extra)
-    path = tmp_path / "evolve.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -45,7 +31,7 @@ def test_help_is_instant_and_imports_nothing_heavy() -> None:
 
 
 def test_missing_model_names_the_field(task_models, tmp_path: Path, capsys) -> None:
-    config = _config(task_models, tmp_path)
+    config = write_evolve_config(task_models, tmp_path)
     data = yaml.safe_load(config.read_text())
     data["genome"]["models"].append(str(tmp_path / "missing"))
     config.write_text(yaml.safe_dump(data))
@@ -54,7 +40,7 @@ def test_missing_model_names_the_field(task_models, tmp_path: Path, capsys) -> N
 
 
 def test_bad_config_field(task_models, tmp_path: Path, capsys) -> None:
-    config = _config(task_models, tmp_path, tasks=[{"name": "toy_arith", "weight": "heavy"}])
+    config = write_evolve_config(task_models, tmp_path, tasks=[{"name": "toy_arith", "weight": "heavy"}])
     err = _error([str(config), "--storage-path", str(tmp_path / "run")], capsys)
     assert "tasks[0].weight" in err
 
@@ -71,7 +57,7 @@ def test_resume_without_a_run(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path, capsys) -> None:
-    config = _config(task_models, tmp_path)
+    config = write_evolve_config(task_models, tmp_path)
     run = tmp_path / "run"
     argv = [str(config), "--storage-path", str(run), "--no-ray", "--max-fevals", "8",
             "--force-population-size", "4", "--random-seed", "3", "-q"]
@@ -116,11 +102,11 @@ def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path
 @pytest.mark.slow
 def test_changed_config_is_refused_on_the_same_storage(task_models, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
-    first = _config(task_models, tmp_path)
+    first = write_evolve_config(task_models, tmp_path)
     assert merge_evolve([str(first), "--storage-path", str(run), "--no-ray", "--max-fevals", "4",
                          "--force-population-size", "4", "-q", "--no-save-final-model"]) == 0
     capsys.readouterr()
-    other = _config(task_models, tmp_path, limit=5)
+    other = write_evolve_config(task_models, tmp_path, limit=5)
     err = _error([str(other), "--storage-path", str(run), "--no-ray", "--max-fevals", "4",
                   "--force-population-size", "4", "-q"], capsys)
     assert "limit" in err

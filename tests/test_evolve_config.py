@@ -131,6 +131,8 @@ def test_all_supported_methods(method):
         (lambda d: d.update(vllm={"dtype": "int4"}), "vllm.dtype: unknown dtype 'int4'"),
         (lambda d: d.update(vllm={"batch_size": "big"}), "vllm.batch_size: "),
         (lambda d: d.update(vllm={"swap_space": 4}), "vllm: unknown key(s) 'swap_space'"),
+        (lambda d: d.update(vllm={"tensor_parallel_size": 2}), "vllm.tensor_parallel_size: must be 1 (got 2)"),
+        (lambda d: d.update(fewshot_seed=-1), "fewshot_seed: must be in [0, 2**32)"),
     ],
 )
 def test_errors_name_the_yaml_path_in_one_line(mutate, expected):

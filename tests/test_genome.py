@@ -51,7 +51,7 @@ def test_example_genome_dimension():
     # Mistral-7B: 32 layers / granularity 8 = 4 groups x 3 models x 1 filter set x 1 gene (weight)
     genome = Genome(config.genome, 32)
     assert genome.shape == (4, 3, 1, 1) and genome.dimension == 12
-    assert genome.bounds == ([-1.0] * 12, [1.0] * 12)  # allow_negative_weights: true
+    assert genome.bounds == ([-2.0] * 12, [2.0] * 12)  # allow_negative_weights: true, task vectors up to 2
     # the same config on a 4-layer toy: granularity 8 > 4 layers -> one group
     assert Genome(config.genome, 4).dimension == 3
 
@@ -83,7 +83,8 @@ def test_layer_groups_cover_every_layer_exactly_once(layers, granularity):
 def test_bounds_and_initial_points():
     genome = make_genome({"merge_method": "ties", "base_model": "base", "layer_granularity": 2}, 4)
     lo, hi = genome.bounds
-    assert lo == [0.0, 0.0] * 6 and hi == [1.0, 1.0] * 6  # (weight, density) per (group, model)
+    assert lo == [0.0, 0.0] * 6 and hi == [2.0, 1.0] * 6  # (weight, density) per (group, model)
+    assert genome.scales == [2.0, 1.0] * 6  # the step scales with the box's width
     x0 = genome.initial_point(False, np.random.default_rng(0))
     assert x0 == [1 / 3, 1.0] * 6  # mergekit-evolve's start: weight 1/M, density 1
     r1 = genome.initial_point(True, np.random.default_rng(5))
@@ -91,8 +92,49 @@ def test_bounds_and_initial_points():
     assert r1 != genome.initial_point(True, np.random.default_rng(6))
     assert all(a <= v <= b for a, v, b in zip(lo, r1, hi))
     neg = make_genome({"merge_method": "task_arithmetic", "base_model": "base", "allow_negative_weights": True}, 4)
-    assert neg.bounds == ([-1.0] * 3, [1.0] * 3)
+    assert neg.bounds == ([-2.0] * 3, [2.0] * 3)
+    assert make_genome({"merge_method": "linear"}, 4).bounds == ([0.0] * 3, [1.0] * 3)  # normalized: ratios
     assert make_genome({"merge_method": "slerp"}, 4).bounds == ([0.0] * 3, [4.0] * 3)
+
+
+def test_the_search_box_is_the_users():
+    boxed = make_genome({"merge_method": "ties", "base_model": "base", "weight_range": [0.5, 3.0],
+                         "density_range": [0.2, 0.9]}, 4, models=("a", "b"))
+    assert boxed.bounds == ([0.5, 0.2] * 2, [3.0, 0.9] * 2)
+    assert boxed.scales == pytest.approx([2.5, 0.7] * 2)
+    params = boxed.decode([4.0, 0.05, 1.2, 0.5])["slices"][0]["sources"]
+    assert params[0]["parameters"] == {"weight": 3.0, "density": 0.2}  # clipped into the box
+    assert params[1]["parameters"] == {"weight": 1.2, "density": 0.5}
+    assert boxed.box_json() == {"weight": [0.5, 3.0], "density": [0.2, 0.9]}
+
+
+def test_a_stored_run_keeps_its_box():
+    from evolve.genome import Genome
+
+    definition = make_genome({"merge_method": "ties", "base_model": "base"}, 4).definition
+    assert Genome.for_run(definition, 4, None).box["weight"] == (0.0, 2.0)  # a new run: the default
+    old = Genome.for_run(definition, 4, {"seed": 0})  # a manifest of 0.1: the box of 0.1
+    assert old.box == {"weight": (0.0, 1.0), "density": (0.0, 1.0)} and old.scales == [1.0] * old.dimension
+    stored = Genome.for_run(definition, 4, {"genome_box": {"weight": [0.0, 1.5], "density": [0.0, 1.0]}})
+    assert stored.box["weight"] == (0.0, 1.5)
+
+
+@pytest.mark.parametrize("genome, message", [
+    ({"merge_method": "ties", "weight_range": [1.0, 1.0]}, "low < high"),
+    ({"merge_method": "ties", "weight_range": [-1.0, 1.0]}, "needs allow_negative_weights"),
+    ({"merge_method": "ties", "density_range": [0.0, 1.5]}, r"within \[0, 1\]"),
+    ({"merge_method": "task_arithmetic", "density_range": [0.1, 0.9]}, "has no density gene"),
+    ({"merge_method": "slerp", "base_model": None, "weight_range": [0.0, 1.0]}, "has no weight gene"),
+    ({"merge_method": "ties", "weight_range": [0.0, float("inf")]}, "low < high"),
+])
+def test_bad_search_boxes_name_the_field(genome, message):
+    from evolve.config import parse_evolve_config
+    from merge_core.errors import RecipeError
+
+    data = {"genome": {"models": ["a", "b"], "base_model": "base", **genome}, "tasks": ["t"]}
+    with pytest.raises(RecipeError, match=message) as info:
+        parse_evolve_config(data)
+    assert str(info.value).startswith("genome.")
 
 
 @pytest.mark.parametrize("overrides, layers", VARIANTS)

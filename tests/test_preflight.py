@@ -61,7 +61,7 @@ def base_config(models: dict[str, Path]) -> dict:
                    "base_model": str(models["base"]), "layer_granularity": 2},
         "tasks": [{"name": "toy_arith"}],
         "held_out": [{"name": "toy_arith_heldout"}],
-        "limit": 4,
+        "limit": 16,
         "apply_chat_template": False,
     }
 
@@ -185,9 +185,10 @@ def run_dir(damage: Callable[[Path], None] | None, verb: str = "resume") -> Setu
 def _foreign_ask(store: Path) -> None:
     """The first ask record's point moved: the ledger no longer replays on these settings."""
     lines = (store / "evaluations.jsonl").read_text().splitlines(keepends=True)
-    first = json.loads(lines[0])
+    at = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "ask")  # after the baselines
+    first = json.loads(lines[at])
     first["x"][0] += 0.3
-    lines[0] = json.dumps(first) + "\n"
+    lines[at] = json.dumps(first) + "\n"
     (store / "evaluations.jsonl").write_text("".join(lines))
 
 
@@ -365,9 +366,9 @@ def test_a_run_without_any_successful_evaluation_exits_1(task_models, tmp_path, 
 
     real_run = worker.CandidateWorker.run
 
-    def out_of_memory(self, eval_id, recipe, task_set):
+    def out_of_memory(self, eval_id, recipe, task_set, race=None):
         if eval_id.startswith("preflight/"):
-            return real_run(self, eval_id, recipe, task_set)
+            return real_run(self, eval_id, recipe, task_set, race)
         return Result(eval_id, status="failed", reason="OutOfMemoryError: CUDA out of memory (fake)")
 
     monkeypatch.setattr(worker.CandidateWorker, "run", out_of_memory)

@@ -27,13 +27,17 @@ from evolve.storage import RunStorage, StorageError
 TARGET = [0.3, -0.2, 0.5, 0.1, 0.4, -0.3]
 
 
-def make_config(**overrides):
+def make_config(box=True, **overrides):
+    """The fake search's config; ``box``: the explicit weight box [-1, 1] (the box of 0.1, so the
+    trajectories these tests pin are those of tests/data/runs/v0_1_killed; False: the default box)."""
     data = {
         "genome": {"models": ["a", "b", "c"], "merge_method": "task_arithmetic", "base_model": "base",
                    "layer_granularity": 2, "allow_negative_weights": True},
         "tasks": [{"name": "t1", "weight": 0.4}, {"name": "t2", "weight": 0.6, "metric": "acc_norm,none"}],
         "held_out": [{"name": "h1"}],
     }
+    if box:
+        data["genome"]["weight_range"] = [-1.0, 1.0]
     data.update(overrides)
     return parse_evolve_config(data)
 
@@ -100,7 +104,7 @@ def make_driver(path, config=None, genome_cls=Genome, **kwargs):
     """A driver on the fake objective; sync unless ``schedule`` says otherwise (these tests compare
     whole ledgers, which only the generation barrier makes independent of completion order)."""
     config = config or make_config()
-    genome = genome_cls(config.genome, 4)
+    genome = genome_cls.for_run(config.genome, 4, RunStorage(path).read_manifest())
     opts = {"sigma0": 0.2, "popsize": 6, "seed": 3, "max_fevals": 36, "versions": {"test": "1"},
             "schedule": "sync"}
     opts.update(kwargs)
@@ -386,7 +390,9 @@ def test_run_directory_of_an_earlier_version_resumes(tmp_path, reference):
     run = tmp_path / "old"
     shutil.copytree(STORED_RUNS / "v0_1_killed", run)
     (run / "search_state.pkl").write_bytes(b"not a pickle: the optimizer is rebuilt from the ledger")
-    make_driver(run, schedule=None).run(FakePool(3))  # its manifest says nothing: a sync run
+    # Its config has no weight_range and its manifest neither a schedule nor a box: a sync run in
+    # the box of 0.1, replayed from its ledger.
+    make_driver(run, config=make_config(box=False), schedule=None).run(FakePool(3))
     legacy = ("worker", "timings", "node", "seq")  # fields records of 0.1 did not have yet
     assert normalized_ledger(run, legacy) == normalized_ledger(reference[0], legacy)
     assert best_of(run) == best_of(reference[0])

@@ -17,7 +17,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,9 +108,15 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def evaluate_lm(
-    lm: Any, task_set: TaskSet, tasks: Sequence[TaskLike], settings: EvalSettings, device: torch.device
+    lm: Any, task_set: TaskSet, tasks: Sequence[TaskLike], settings: EvalSettings, device: torch.device,
+    *, samples: Mapping[str, Sequence[int]] | None = None, per_doc: bool = False,
 ) -> EvalResult:
-    """One lm-eval evaluation loop of a resident lm-eval model (any backend) on ``task_set``."""
+    """One lm-eval evaluation loop of a resident lm-eval model (any backend) on ``task_set``.
+
+    ``samples``: evaluate only these documents (indices into each leaf task's evaluation
+    documents; lm-eval's ``samples``; ``settings.limit`` is then not applied).  ``per_doc``:
+    also return every document's value of each task's metric (``EvalResult.per_doc``).
+    """
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
     start = time.perf_counter()
@@ -123,22 +129,39 @@ def evaluate_lm(
         results = lm_eval_evaluate(
             lm=lm,
             task_dict=task_set.task_dict,
-            limit=s.limit,
+            limit=None if samples is not None else s.limit,
+            samples={name: list(docs) for name, docs in samples.items()} if samples is not None else None,
             bootstrap_iters=0,  # stderr only; the scores do not depend on it
-            log_samples=False,
+            log_samples=per_doc,
             apply_chat_template=s.apply_chat_template,
             fewshot_as_multiturn=s.fewshot_as_multiturn,
         )
     scored = score_tasks(tasks, results["results"])
-    samples = {name: int(count["effective"]) for name, count in results.get("n-samples", {}).items()}
+    counts = {name: int(count["effective"]) for name, count in results.get("n-samples", {}).items()}
     return EvalResult(
         scores=scored.scores,
         fitness=scored.fitness,
         seconds=time.perf_counter() - start,
         error=scored.error,
         metrics=scored.metrics,
-        samples=samples,
+        samples=counts,
+        per_doc=_per_doc(tasks, results.get("samples", {})) if per_doc else {},
     )
+
+
+def _per_doc(tasks: Sequence[TaskLike], logged: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[int, float]]:
+    """Each task's metric per document ({task name: {doc id: value}}), from lm-eval's logged samples.
+
+    A ``metric`` is ``"<name>,<filter>"``; a logged sample holds one filter's values under the
+    metric's name.  A task whose samples are not logged (a group) is left out.
+    """
+    out: dict[str, dict[int, float]] = {}
+    for task in tasks:
+        metric, _, filter_name = task.metric.partition(",")
+        rows = [r for r in logged.get(task.name, []) if r.get("filter", "none") == (filter_name or "none")]
+        if rows:
+            out[task.name] = {int(r["doc_id"]): float(r[metric]) for r in rows if metric in r}
+    return out
 
 
 class ResidentLM:
@@ -195,12 +218,14 @@ class ResidentEvaluator:
         """The configured lm-eval task objects for ``tasks``, built on first use and cached."""
         return cached_task_set(self._task_sets, self.catalog, self.settings, tasks)
 
-    def evaluate(self, tasks: Sequence[TaskLike]) -> Any:
-        """Score the model's current weights on ``tasks`` (an ``EvalResult``); EvalError on a
-        missing task or metric."""
+    def evaluate(self, tasks: Sequence[TaskLike], *, samples: Mapping[str, Sequence[int]] | None = None,
+                 per_doc: bool = False) -> Any:
+        """Score the model's current weights on ``tasks`` (an ``EvalResult``; ``samples`` and
+        ``per_doc`` as in :func:`evaluate_lm`); EvalError on a missing task or metric."""
         if not tasks:
             raise EvalError("no tasks to evaluate")
-        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device)
+        return evaluate_lm(self.lm, self.task_set(tasks), tasks, self.settings, self.device, samples=samples,
+                           per_doc=per_doc)
 
     def close(self) -> None:  # pragma: no cover - every evaluator defines its own
         raise NotImplementedError

@@ -37,8 +37,9 @@ class Evaluator(Protocol):
     def task_set(self, tasks: Sequence[TaskLike]) -> TaskSet:
         """Build (once) and return the configured lm-eval task objects of ``tasks``."""
 
-    def evaluate(self, tasks: Sequence[TaskLike]) -> EvalResult:
-        """Score the current weights on ``tasks``."""
+    def evaluate(self, tasks: Sequence[TaskLike], *, samples: Any = None, per_doc: bool = False) -> EvalResult:
+        """Score the current weights on ``tasks`` (only the ``samples`` documents when given;
+        ``per_doc``: with every document's value)."""
 
     def close(self) -> None:
         """Release the model and everything built for it."""

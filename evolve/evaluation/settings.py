@@ -2,7 +2,9 @@
 and the error an evaluation reports (:class:`EvalError`).
 
 Scores equal ``lm_eval.simple_evaluate``'s for the same model, tasks and options, with
-``random_seed = numpy_random_seed = torch_random_seed = fewshot_random_seed = settings.seed``.
+``numpy_random_seed = torch_random_seed = fewshot_random_seed = settings.seed`` (by default
+1234, lm-eval's own defaults; lm-eval's ``random_seed`` seeds Python's ``random``, which nothing
+on the scoring path reads).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class EvalSettings:
     ``num_fewshot``: overrides the tasks' few-shot counts (None: the tasks' own, else 0).
     ``shuffle``: permute each task's documents once with ``seed`` (``limit`` then takes a seeded
     random subset; every candidate sees the same one).
-    ``seed``: lm-eval's random/numpy/torch/few-shot seeds, reset before every evaluation.
+    ``seed``: lm-eval's random/numpy/torch/few-shot seeds, reset before every evaluation (also
+    the document shuffle's); 1234 by default as lm-eval's and mergekit-evolve's, and never the
+    search seed (a run takes it from its config's ``fewshot_seed``, see
+    :func:`evolve.config.fewshot_seed_of`).
     ``task_search_paths``: extra task folders, searched after ``eval_tasks/`` of the checkout
     (always included; later folders override earlier ones).  ``builtin_tasks``: fall back to
     lm-eval's built-in tasks for names not found there (costs ~11 s the first time).
@@ -75,6 +80,8 @@ class EvalSettings:
         """Settings from an evolve config (any object with mergekit-evolve's option names)."""
         names = ("limit", "num_fewshot", "shuffle", "apply_chat_template", "fewshot_as_multiturn")
         values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+        if getattr(config, "fewshot_seed", None) is not None:
+            values["seed"] = int(config.fewshot_seed)
         engine = getattr(config, "vllm", None)
         if engine is not None:  # a VllmConfig (pydantic) or already a mapping
             values["vllm"] = dict(engine.model_dump() if hasattr(engine, "model_dump") else engine)
@@ -127,6 +134,7 @@ class EvalResult:
     error: Optional[str] = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    per_doc: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> doc id -> metric value
 
     @property
     def ok(self) -> bool:

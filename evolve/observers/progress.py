@@ -6,7 +6,10 @@ a terminal (an overnight job's log file) the bar's carriage-return redraws would
 instead one plain line is written every ``every`` evaluations (default: 5% of the budget) or
 when 60 s passed since the last one, and once at the end::
 
-    progress: 37/100 evaluations, best 0.6123, held-out 0.6011, 12.3 evals/min, ETA 5m07s, busy 0.98
+    progress: 37/100 evaluations, best 0.6123 (+0.1873 over parents), held-out 0.6011, 12.3 evals/min, ETA 5m07s, busy 0.98
+
+The gain over the parents (the best minus the best input model's train fitness) shows once the
+run's baselines are scored (:mod:`evolve.baselines`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from evolve.baselines import parent_best_fitness
 from evolve.observers.summary import best_train_fitness, train_count
 
 __all__ = ["ProgressObserver"]
@@ -43,6 +47,7 @@ class ProgressObserver:
         self.driver: Any = None
         self.best: float | None = None
         self.held_out: float | None = None
+        self.parent: float | None = None  # the best parent's train fitness (baselines)
         self.failed = 0
         self.done = 0
         self.done_this_session = 0
@@ -53,6 +58,7 @@ class ProgressObserver:
         self.driver = driver
         self.done = train_count(driver.records.values())
         self.best = best_train_fitness(driver.records.values())
+        self.parent = parent_best_fitness(driver.records.values())
         self.started = time.monotonic()
         self.last_line = (self.done, self.started)
         if not self.plain:
@@ -94,6 +100,8 @@ class ProgressObserver:
 
     def _refresh(self) -> None:
         postfix = {"best": "-" if self.best is None else f"{self.best:.4f}", "evals/min": f"{self._rate():.1f}"}
+        if self.best is not None and self.parent is not None:
+            postfix["vs parents"] = f"{self.best - self.parent:+.4f}"
         if self.held_out is not None:
             postfix["held-out"] = f"{self.held_out:.4f}"
         if self.failed:
@@ -102,7 +110,10 @@ class ProgressObserver:
 
     def line(self) -> str:
         """The plain progress line for the run as it is now."""
-        parts = [f"{self.done}/{self.budget} evaluations", "best " + ("-" if self.best is None else f"{self.best:.4f}")]
+        best = "best " + ("-" if self.best is None else f"{self.best:.4f}")
+        if self.best is not None and self.parent is not None:
+            best += f" ({self.best - self.parent:+.4f} over parents)"
+        parts = [f"{self.done}/{self.budget} evaluations", best]
         if self.held_out is not None:
             parts.append(f"held-out {self.held_out:.4f}")
         rate = self._rate()

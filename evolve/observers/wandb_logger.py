@@ -2,18 +2,36 @@
 
 Per evaluation: its fitness, per-task scores, timings and the best fitness so far.  Per
 generation: best/mean/std of the fitness and of every task score, CMA-ES sigma, and the
-generation's genomes as a table.  On each new best: ``best_config.yaml`` as an artifact.
+generation's genomes as a table.  On each new best: ``best_config.yaml`` as an artifact.  The
+baselines (:mod:`evolve.baselines`) go to the summary (``baseline/<name>/fitness``,
+``best_parent_fitness``), and the best's gain over the best parent to the summary
+(``best_gain_over_parents``) and the time series (``best/gain_over_parents``).
 ``WANDB_MODE=offline`` (or ``disabled``) works with no key and no network.
+
+One W&B run per storage path: its id is made at the first start from the storage path and a
+random part, and kept in ``STORAGE/wandb_run_id``, so a resumed run continues it and two storage
+paths never share one (``WANDB_RUN_ID`` overrides it).  W&B's environment is honoured where the
+command line says nothing: ``WANDB_PROJECT`` and ``WANDB_ENTITY`` (``--wandb-project`` /
+``--wandb-entity`` win), ``WANDB_RUN_GROUP``, and ``WANDB_DIR`` (default: the run directory).
+The genome table's columns are the genes' names (:meth:`evolve.genome.Genome.gene_names`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import statistics
+import uuid
 from pathlib import Path
 from typing import Any
 
+from evolve.baselines import baseline_summary, best_parent
 from evolve.config import config_hash, normalized_config
 from evolve.observers.summary import best_train_fitness, train_count
+from merge_core.fsutil import atomic_write
+
+RUN_ID_FILE = "wandb_run_id"
+DEFAULT_PROJECT = "merge-evolve"
 
 
 class WandbObserver:
@@ -24,16 +42,33 @@ class WandbObserver:
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=project or "merge-evolve", entity=entity, dir=str(run_dir),
+        env = os.environ
+        self.run = wandb.init(project=project or env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                              entity=entity or env.get("WANDB_ENTITY") or None,
+                              group=env.get("WANDB_RUN_GROUP") or None,
+                              dir=env.get("WANDB_DIR") or str(run_dir),
                               config={"evolve": normalized_config(config), "seed": seed,
                                       "config_hash": config_hash(config)},
-                              resume="allow", id=f"me-{config_hash(config)[:12]}-s{seed}")
+                              resume="allow", id=env.get("WANDB_RUN_ID") or run_id(run_dir))
+        self.gene_names: list[str] | None = None  # from the driver's genome, at on_start
         self.best: float | None = None
+        self.parent: float | None = None  # the best parent's train fitness
         self.evaluations = 0
 
     def on_start(self, driver: Any) -> None:
+        self.gene_names = driver.genome.gene_names()
         self.best = best_train_fitness(driver.records.values())
         self.evaluations = train_count(driver.records.values())
+        summary = baseline_summary(driver.records.values())
+        for entry in summary:
+            for key in ("fitness", "held_out_fitness"):
+                if entry[key] is not None:
+                    self.run.summary[f"baseline/{entry['name']}/{key}"] = entry[key]
+        parent = best_parent(summary)
+        if parent is not None:
+            self.parent = parent["fitness"]
+            self.run.summary["best_parent"] = parent["name"]
+            self.run.summary["best_parent_fitness"] = parent["fitness"]
 
     def on_record(self, record: dict[str, Any]) -> None:
         if record.get("kind") == "held_out":
@@ -49,6 +84,8 @@ class WandbObserver:
                                 "eval/cached": int(record.get("cached_from") is not None)}
         if self.best is not None:
             data["best/fitness"] = self.best
+            if self.parent is not None:
+                data["best/gain_over_parents"] = self.best - self.parent
         data.update({f"eval/{k}": v for k, v in _flat_scores(record).items()})
         data.update({f"timing/{k}": v for k, v in (record.get("timings") or {}).items()})
         self.run.log(data)
@@ -68,7 +105,9 @@ class WandbObserver:
             for k, values in per_task.items():
                 data[f"gen/{k}/mean"] = statistics.fmean(values)
                 data[f"gen/{k}/std"] = statistics.pstdev(values)
-        columns = ["eval_id", "fitness", "status"] + [f"x{i}" for i in range(len(records[0]["x"]))]
+        width = len(records[0]["x"])
+        genes = self.gene_names if self.gene_names and len(self.gene_names) == width else None
+        columns = ["eval_id", "fitness", "status"] + (genes or [f"x{i}" for i in range(width)])
         rows = [[r["eval_id"], r["fitness"], r["status"], *r["x"]] for r in records]
         data["gen/genomes"] = self._wandb.Table(columns=columns, data=rows)
         self.run.log(data)
@@ -76,6 +115,8 @@ class WandbObserver:
     def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:
         self.run.summary["best_fitness"] = record["fitness"]
         self.run.summary["best_eval_id"] = record["eval_id"]
+        if self.parent is not None:
+            self.run.summary["best_gain_over_parents"] = record["fitness"] - self.parent
         if best_config is None:
             return
         artifact = self._wandb.Artifact("best_config", type="merge-recipe",
@@ -86,6 +127,22 @@ class WandbObserver:
     def close(self) -> None:
         """Finish the W&B run."""
         self.run.finish()
+
+
+def run_id(run_dir: Path) -> str:
+    """The W&B run id of the run stored in ``run_dir``: read from ``run_dir/wandb_run_id``, or
+    made at the first start (``me-<hash of the absolute path>-<random>``) and written there
+    atomically (the caller holds the run's lock).  Unique per storage path, kept across resumes;
+    a copied or moved run directory keeps its id (it is the same run)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.exists():
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            return stored
+    place = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    new = f"me-{place}-{uuid.uuid4().hex[:8]}"
+    atomic_write(path, (new + "\n").encode())
+    return new
 
 
 def _flat_scores(record: dict[str, Any]) -> dict[str, float]:

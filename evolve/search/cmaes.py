@@ -71,6 +71,11 @@ class CMAES:
             self.es.tell(list(points), [-f for f in fitness])
 
     @property
+    def popsize(self) -> int:
+        """The population size (lambda)."""
+        return int(self.es.popsize)
+
+    @property
     def sigma(self) -> float:
         """The current overall step size."""
         return float(self.es.sigma)

@@ -43,23 +43,36 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from evolve.config import EvolveConfig, config_hash, normalized_config
+from evolve.baselines import baseline_records
+from evolve.config import EvolveConfig, config_hash, fewshot_seed_of, normalized_config
 from evolve.genome import Genome
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
-from evolve.search.cmaes import CMAES
+from evolve.racing import DEFAULT_FRACTIONS, DEFAULT_Z, RaceJob, decode_values, fitness_interval
 from evolve.search.failures import FailureWatch
 from evolve.search.fitness import default_penalty
 from evolve.search.provenance import best_provenance, package_versions
 from evolve.search.records import ASK, ask_record, cached_record, held_out_record, train_record
+from evolve.search.replay import replay_ledger
+from evolve.search.strategies import DEFAULT_STRATEGY, make_strategy
 from evolve.search.trajectory import ASYNC, SYNC, Candidate, Trajectory, TrajectoryError
 from evolve.storage import RunStorage, StorageError
 from merge_core.errors import RecipeError
 
 # Settings a resumed run must share with the stored one (the budget may grow).
-RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension", "schedule")
+RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension", "schedule",
+               "genome_box", "strategy")
 # What a manifest written before a key existed means by its absence.
-LEGACY_DEFAULTS = {"schedule": SYNC}
+LEGACY_DEFAULTS = {"schedule": SYNC, "strategy": "cmaes"}
 MIN_ASYNC_POPSIZE = 3  # pycma tells at least 3 points (mirrors, which make up the rest in sync, are off)
+
+
+@dataclass(frozen=True)
+class RaceSettings:
+    """Racing on documents (:mod:`evolve.racing`): the confidence ``z`` and the check points."""
+
+    z: float = DEFAULT_Z
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    level: str = "incumbent"  # what a raced candidate must be able to reach: "incumbent" or "cut"
 
 
 @dataclass
@@ -105,7 +118,8 @@ class SearchDriver:
     def __init__(self, genome: Genome, storage: RunStorage, config: EvolveConfig, *, sigma0: float = 1 / 6,
                  popsize: int | None = None, seed: int = 0, max_fevals: int = 100, penalty: float | None = None,
                  versions: dict[str, str] | None = None, observers: Sequence[SearchObserver] = (),
-                 deadline: float | None = None, schedule: str | None = None) -> None:
+                 deadline: float | None = None, schedule: str | None = None,
+                 racing: RaceSettings | None = None, strategy: str | None = None) -> None:
         if sigma0 <= 0 or not math.isfinite(sigma0):
             raise ValueError(f"sigma0 must be a positive number, got {sigma0}")
         if popsize is not None and popsize < 2:
@@ -126,6 +140,9 @@ class SearchDriver:
         self.observers = list(observers)
         self.deadline = deadline
         self.schedule = schedule
+        self.racing = racing
+        self.strategy_name = strategy
+        self._reference: tuple[str, dict[str, list[float]]] | None = None  # decoded per-doc values
         # Run state, filled by run() from the stored ledger, then by the loop.
         self.records: dict[str, dict[str, Any]] = {}  # train and held-out records by id
         self.manifest: dict[str, Any] = {}
@@ -163,19 +180,32 @@ class SearchDriver:
                               "or --sync")
         return popsize, schedule
 
+    def _legacy(self) -> dict[str, Any]:
+        """What a manifest of an earlier version means by the keys it lacks."""
+        return {**LEGACY_DEFAULTS, "genome_box": self.genome.legacy_box()}
+
     def _manifest(self, popsize: int, schedule: str) -> dict[str, Any]:
         config = normalized_config(self.config)
         config.pop("vllm", None)  # engine settings may change between sessions
         return {"config": config, "config_hash": config_hash(self.config), "seed": self.seed, "popsize": popsize,
                 "sigma0": self.sigma0, "penalty": self.penalty, "num_layers": self.genome.num_layers,
                 "dimension": self.genome.dimension, "max_fevals": self.max_fevals, "schedule": schedule,
+                "genome_box": self.genome.box_json(), "strategy": self._strategy_name(),
+                "fewshot_seed": fewshot_seed_of(self.config, self.storage.read_manifest()),
                 "versions": self.versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _strategy_name(self) -> str:
+        """Forced, else the stored run's, else the default."""
+        if self.strategy_name is not None:
+            return self.strategy_name
+        stored = self.storage.read_manifest()
+        return str({**LEGACY_DEFAULTS, **stored}["strategy"]) if stored is not None else DEFAULT_STRATEGY
 
     def _trajectory(self, popsize: int, schedule: str) -> Trajectory:
         x0 = self.genome.initial_point(self.config.random_init, np.random.default_rng(self.seed))
-        strategy = CMAES(x0, self.sigma0, bounds=self.genome.bounds, popsize=popsize, seed=self.seed,
-                         scales=self.genome.scales, mirrors=schedule == SYNC)
-        return Trajectory(strategy, self.genome, schedule=schedule, popsize=popsize, max_fevals=self.max_fevals,
+        strategy = make_strategy(self._strategy_name(), x0, self.sigma0, bounds=self.genome.bounds, popsize=popsize,
+                                 seed=self.seed, scales=self.genome.scales, mirrors=schedule == SYNC)
+        return Trajectory(strategy, self.genome, schedule=schedule, max_fevals=self.max_fevals,
                           held_out=bool(self.config.held_out))
 
     def check_stored_run(self) -> None:
@@ -184,47 +214,17 @@ class SearchDriver:
         popsize, schedule = self._settings(None)
         if popsize is None:
             return  # a new run
-        self.storage.check_resumable(self._manifest(popsize, schedule), RESUME_KEYS, LEGACY_DEFAULTS)
+        self.storage.check_resumable(self._manifest(popsize, schedule), RESUME_KEYS, self._legacy())
         self._replay(self._trajectory(popsize, schedule), self.storage.load_evaluations(repair=False))
 
     # -- replay ---------------------------------------------------------------------------
 
     def _replay(self, traj: Trajectory, ledger: list[dict[str, Any]]) -> None:
-        """Feed the stored events to ``traj`` (see the module docstring)."""
-        asks: dict[int, list[dict[str, Any]]] = {}
-        legacy: dict[int, dict[int, list[float]]] = {}  # sync ledgers without ask records
-        for rec in ledger:
-            if rec.get("kind") == ASK:
-                asks.setdefault(int(rec["call"]), []).append(rec)
-            elif rec.get("kind") == TRAIN and traj.schedule == SYNC:
-                legacy.setdefault(int(rec["generation"]), {})[int(rec["index"])] = rec["x"]
+        """Feed the stored events to ``traj`` (:func:`evolve.search.replay.replay_ledger`)."""
         try:
-            for rec in ledger:
-                kind = rec.get("kind")
-                if kind == ASK:
-                    if int(rec["call"]) == traj.calls:
-                        self._replay_ask(traj, [r["x"] for r in asks[traj.calls]], [r["eval_id"] for r in
-                                                                                   asks[traj.calls]])
-                elif kind == TRAIN:
-                    if rec["eval_id"] not in traj.candidates and traj.schedule == SYNC:
-                        gen = legacy[len(traj.generations)]
-                        self._replay_ask(traj, [gen.get(i) for i in range(traj.popsize)], None)
-                    told = traj.observe(rec)
-                    if told is not None:
-                        traj.consider(told)
-                elif kind == HELD_OUT:
-                    traj.held_out_scored(rec["of"])
-        except (TrajectoryError, KeyError) as exc:
+            replay_ledger(traj, ledger)
+        except TrajectoryError as exc:
             raise StorageError(f"{self.storage.path}: cannot resume: {exc}; use a new --storage-path") from None
-
-    @staticmethod
-    def _replay_ask(traj: Trajectory, points: list[Any], ids: list[str] | None) -> None:
-        asked = traj.ask(expected=points)
-        for cand, recorded in zip(asked, ids or []):
-            if cand.eval_id != recorded:
-                raise TrajectoryError(f"ask call {cand.call} named {recorded}, replay names {cand.eval_id}")
-        for cand in asked:
-            traj.source_of(cand)  # as the live loop registers them, in ask order
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -282,6 +282,7 @@ class SearchDriver:
     def _fill(self, pool: EvaluationPool) -> None:
         """Refill free worker slots: held-out jobs, re-issued candidates, then fresh asks."""
         traj = self._traj
+        race = None
         while len(self.in_flight) < self.num_workers:
             if traj.heldout_queue:
                 train_id = traj.heldout_queue.popleft()
@@ -290,6 +291,7 @@ class SearchDriver:
             elif self.to_submit:
                 cand = self.to_submit.popleft()
                 job_id, recipe, task_set = cand.eval_id, cand.recipe, TRAIN
+                race = self._race_job()
             elif self._may_ask():
                 for cand in traj.ask():
                     self._append(ask_record(cand))
@@ -301,7 +303,32 @@ class SearchDriver:
                 return
             self._account()
             self.in_flight[job_id] = time.monotonic()
-            pool.submit(job_id, recipe, task_set)
+            if task_set == TRAIN and race is not None:
+                pool.submit(job_id, recipe, task_set, race)
+            else:
+                pool.submit(job_id, recipe, task_set)
+            race = None
+
+    def _race_job(self) -> RaceJob | None:
+        """The race a train candidate runs now: paired with the incumbent's per-document values,
+        to the incumbent's fitness or the latest tell's selection cut (``RaceSettings.level``;
+        None: racing off, or no reference or cut yet)."""
+        traj = self._traj
+        cut = traj.selection_cut()
+        if self.racing is None or cut is None or traj.best_id is None:
+            return None
+        best = self.records[traj.best_id]
+        threshold = float(best["fitness"]) if self.racing.level == "incumbent" else cut
+        if "per_doc" not in best:
+            return None
+        if self._reference is None or self._reference[0] != best["eval_id"]:
+            self._reference = (best["eval_id"], {t: decode_values(v) for t, v in best["per_doc"].items()})
+        weights = {t.name: float(t.weight) for t in self.config.tasks}
+        if set(weights) != set(self._reference[1]):
+            return None
+        return RaceJob(threshold=threshold, reference_id=best["eval_id"], reference=self._reference[1],
+                       reference_scores={t: float(best["scores"][t]) for t in weights}, weights=weights,
+                       z=self.racing.z, fractions=self.racing.fractions)
 
     def _held_workers(self) -> int:
         if not self.draining:
@@ -372,7 +399,7 @@ class SearchDriver:
         self.num_workers = max(int(pool.num_workers), 1)
         popsize, schedule = self._settings(self.num_workers)
         assert popsize is not None
-        self.manifest = self.storage.open_run(self._manifest(popsize, schedule), RESUME_KEYS, LEGACY_DEFAULTS)
+        self.manifest = self.storage.open_run(self._manifest(popsize, schedule), RESUME_KEYS, self._legacy())
         ledger = self.storage.load_evaluations()
         self.records = {r["eval_id"]: r for r in ledger if r.get("kind") != ASK}
         self.traj = self._trajectory(popsize, schedule)
@@ -440,11 +467,17 @@ class SearchDriver:
         outcome = self._outcome("", 0.0)
         provenance = best_provenance(
             best, self.records.get(traj.held_out_id(traj.best_id)), config=self.config, seed=self.seed,
-            config_hash=self.manifest["config_hash"],
+            config_hash=self.manifest["config_hash"], fewshot_seed=self.manifest.get("fewshot_seed"),
             evaluations_used={"candidates": outcome.candidates, "train": outcome.evaluations,
                               "held_out": outcome.held_out_evaluations},
             search={"popsize": traj.popsize, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
-                    "generations": outcome.generations, "schedule": traj.schedule},
-            versions=self.versions)
+                    "generations": outcome.generations, "schedule": traj.schedule,
+                    "strategy": self._strategy_name(), "racing": self.racing is not None},
+            versions=self.versions, baselines=baseline_records(self.records.values()))  # scored before run()
+        if "per_doc" in best:  # scored per document (racing): how sure the best's fitness is
+            weights = {t.name: float(t.weight) for t in self.config.tasks}
+            values = {t: decode_values(v) for t, v in best["per_doc"].items()}
+            if set(values) == set(weights):
+                provenance["train_fitness_ci95"] = list(fitness_interval(values, weights))
         recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
         return self.storage.write_best_config(recipe_yaml, provenance)

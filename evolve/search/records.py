@@ -4,7 +4,9 @@
   vector and recipe hash.  Replaying these is how a run rebuilds its optimizer.
 - ``train``: a candidate's result: scores, fitness, status (and the failure reason), worker
   and node, timings, its tell batch and place (``generation``/``index``), or ``cached_from``
-  the earlier candidate with the same recipe.
+  the earlier candidate with the same recipe.  With racing also ``documents``/``documents_full``
+  (scored / all), ``race`` (stopped or not, the interval, the threshold, the reference) and,
+  when every document was scored, ``per_doc`` (each task's values, :func:`evolve.racing.encode_values`).
 - ``held_out``: a held-out re-scoring of an incumbent (``of``: its train id).
 """
 
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 
 from evolve.config import TaskConfig
 from evolve.protocols import HELD_OUT, TRAIN, Result
+from evolve.racing import encode_values
 from evolve.search.fitness import json_scores, weighted_fitness
 from evolve.search.trajectory import Candidate
 
@@ -61,6 +64,12 @@ def train_record(cand: Candidate, position: tuple[int, int], result: Result, tas
     record = _train_base(cand, position)
     record.update(scored(result, tasks, penalty, submitted))
     record["cached_from"] = None
+    if result.documents is not None:  # racing: what was scored, and every value when complete
+        record["documents"], record["documents_full"] = result.documents, result.documents_full
+        if result.race is not None:
+            record["race"] = result.race
+        if result.per_doc is not None and record["status"] == "ok":
+            record["per_doc"] = {task: encode_values(v) for task, v in result.per_doc.items()}
     return record
 
 
@@ -69,6 +78,8 @@ def cached_record(cand: Candidate, position: tuple[int, int], source: dict[str, 
     record = _train_base(cand, position)
     for key in ("status", "reason", "scores", "fitness"):
         record[key] = source[key]
+    if "race" in source:  # an estimate stays an estimate
+        record["race"] = source["race"]
     record.update(cached_from=source["eval_id"], worker=None, node=None, timings={})
     return record
 

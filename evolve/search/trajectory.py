@@ -47,7 +47,15 @@ class TrajectoryError(ValueError):
 
 
 class Strategy(Protocol):
-    """What the trajectory needs of an optimizer (:class:`evolve.search.cmaes.CMAES` is one)."""
+    """What the trajectory needs of an optimizer (:mod:`evolve.search.strategies` has them).
+
+    A strategy's state must follow from its construction and its ask/tell calls alone (no
+    clock, no global RNG): that is what replaying the ledger relies on.
+    """
+
+    @property
+    def popsize(self) -> int:
+        """How many results make one tell (sync: one generation)."""
 
     def ask(self, number: int) -> list[np.ndarray]:
         """``number`` new points."""
@@ -87,14 +95,13 @@ class _Batch:
 class Trajectory:
     """The search state built from events (see the module docstring)."""
 
-    def __init__(self, strategy: Strategy, genome: Genome, *, schedule: str, popsize: int, max_fevals: int,
+    def __init__(self, strategy: Strategy, genome: Genome, *, schedule: str, max_fevals: int,
                  held_out: bool) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         self.strategy = strategy
         self.genome = genome
         self.schedule = schedule
-        self.popsize = popsize
         self.max_fevals = max_fevals
         self.held_out = held_out
         self.candidates: dict[str, Candidate] = {}  # asked, by id, in ask order
@@ -107,9 +114,15 @@ class Trajectory:
         self.pending = _Batch()  # results not told yet
         self.generations: dict[int, list[str]] = {}  # sync: ids of each asked generation
         self.best_id: str | None = None
+        self.last_told: list[str] = []  # the latest tell's ids (racing's selection cut)
         self.heldout_queue: deque[str] = deque()
         self.heldout_done: set[str] = set()
         self.stop_reason: str | None = None
+
+    @property
+    def popsize(self) -> int:
+        """The strategy's population size now (a restart strategy may grow it)."""
+        return int(self.strategy.popsize)
 
     # -- asking -----------------------------------------------------------------------------
 
@@ -119,7 +132,7 @@ class Trajectory:
             return False
         if self.schedule == SYNC:
             open_gen = any(g >= self.tells for g in self.generations)
-            return not open_gen and self.tells * self.popsize < self.max_fevals
+            return not open_gen and len(self.candidates) < self.max_fevals
         return len(self.candidates) < self.max_fevals
 
     def exhausted(self) -> bool:
@@ -128,7 +141,7 @@ class Trajectory:
         if self.stop_reason is not None:
             return True
         if self.schedule == SYNC:
-            return len(self.generations) * self.popsize >= self.max_fevals
+            return len(self.candidates) >= self.max_fevals
         return len(self.candidates) >= self.max_fevals
 
     def ask(self, expected: Sequence[Sequence[float] | None] | None = None) -> list[Candidate]:
@@ -181,7 +194,8 @@ class Trajectory:
         if self.schedule == SYNC:
             assert cand.generation is not None and cand.index is not None
             return cand.generation, cand.index
-        return divmod(self.arrived, self.popsize)
+        pending = len(self.pending.ids)
+        return self.tells + pending // self.popsize, pending % self.popsize
 
     def observe(self, record: dict[str, Any]) -> list[str] | None:
         """Take a train result (ledger order); the ids told when this completed a tell, else None."""
@@ -205,6 +219,7 @@ class Trajectory:
     def _tell(self, ids: list[str]) -> list[str]:
         points = [self.candidates[i].point for i in ids]
         self.strategy.tell(points, [float(self.results[i]["fitness"]) for i in ids])
+        self.last_told = list(ids)
         self.tells += 1
         self.asked_since_tell = False
         told = set(ids)
@@ -221,7 +236,10 @@ class Trajectory:
 
         A new incumbent is queued for held-out scoring unless it was scored already.
         """
-        ok = [self.results[i] for i in ids if self.results[i]["status"] == "ok"]
+        # A raced candidate stopped early has only an estimate: it cannot be the incumbent (and
+        # could not: it stopped below the cut, which is below the incumbent).
+        ok = [self.results[i] for i in ids if self.results[i]["status"] == "ok"
+              and not (self.results[i].get("race") or {}).get("stopped")]
         if not ok:
             return False
         best = max(ok, key=lambda r: (r["fitness"], -r["index"]))
@@ -242,6 +260,14 @@ class Trajectory:
     def held_out_id(train_id: str) -> str:
         """The ledger id of ``train_id``'s held-out scoring."""
         return f"{train_id}/{HELD_OUT}"
+
+    def selection_cut(self) -> float | None:
+        """The fitness a candidate must reach to be among the best half of the latest tell (the
+        level racing stops candidates below); None before the first tell."""
+        if not self.last_told:
+            return None
+        fits = sorted((float(self.results[i]["fitness"]) for i in self.last_told), reverse=True)
+        return fits[max(len(fits) // 2 - 1, 0)]
 
     def untold(self) -> list[str]:
         """Results that arrived but were never told (the end of an async budget)."""

@@ -28,15 +28,15 @@ class LocalPool:
             raise
         except Exception as exc:  # same one line as the Ray pool's (the actor's one_line)
             raise WorkerPoolError(f"local-0 failed to set up: {one_line(exc)}") from None
-        self.queue: deque[tuple[str, dict[str, Any], str]] = deque()
+        self.queue: deque[tuple[str, dict[str, Any], str, Any]] = deque()
         self.first_submit: float | None = None
         self.busy_s = 0.0
 
-    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> None:
+    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str, race: Any = None) -> None:
         """Queue a job; it runs in the next :meth:`wait_any`."""
         if self.first_submit is None:
             self.first_submit = time.monotonic()
-        self.queue.append((eval_id, recipe, task_set))
+        self.queue.append((eval_id, recipe, task_set, race))
 
     def wait_any(self) -> list[Result]:
         """Run the oldest queued job and return its result."""

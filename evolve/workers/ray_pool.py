@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from evolve.protocols import Result, one_line
+from evolve.workers.placement import check_feasible, cluster_address, wait_placed
 from evolve.workers.reaper import start_reaper, stop_reaper
 from evolve.workers.worker import CandidateWorker, WorkerPoolError, WorkerSpec
 from merge_core.errors import MergeError
@@ -47,34 +48,49 @@ class ActorWorker:
     A setup error is kept and reported by :meth:`info` as one line (Ray's own report of a failed
     creation task is a multi-line traceback): a user-input error (MergeError) as its own message,
     which the driver shows exactly as a run without Ray would; anything else with its type.
+
+    The constructor only records where the actor runs, so that :meth:`placed` answers as soon as
+    Ray has placed it (the driver bounds that wait: :mod:`evolve.workers.placement`); the worker
+    itself (model, inputs, tasks: the slow part) is built by the first :meth:`info` call.
     """
 
     def __init__(self, spec: WorkerSpec, name: str) -> None:
         import ray
 
+        self.spec, self.name = spec, name
         self.worker: CandidateWorker | None = None
         self.error: str | None = None
         self.input_error = False
         self.node = ray.get_runtime_context().get_node_id()  # which machine: ledgered with each result
+
+    def placed(self) -> str:
+        """The node this actor runs on (answered at once: the placement probe)."""
+        return self.node
+
+    def _build(self) -> None:
+        if self.worker is not None or self.error is not None:
+            return
         try:
-            self.worker = CandidateWorker(spec, name=name)
+            self.worker = CandidateWorker(self.spec, name=self.name)
         except MergeError as exc:
             self.error, self.input_error = str(exc), True
         except Exception as exc:
             self.error = one_line(exc)
 
     def info(self) -> dict[str, Any]:
-        """Setup seconds, pid and torch threads; or ``{"error", "input_error"}`` when setup failed."""
+        """Setup seconds, pid and torch threads; or ``{"error", "input_error"}`` when setup failed
+        (the first call builds the worker)."""
+        self._build()
         if self.worker is None:
             return {"error": self.error, "input_error": self.input_error, "pid": os.getpid(), "node": self.node}
         return {"setup_s": self.worker.setup_seconds, "pid": os.getpid(), "threads": torch.get_num_threads(),
-                "memory": self.worker.merger.memory_report(), "node": self.node}
+                "memory": self.worker.memory_report(), "node": self.node}
 
-    def run(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> Result:
+    def run(self, eval_id: str, recipe: dict[str, Any], task_set: str, race: Any = None) -> Result:
         """:meth:`CandidateWorker.run` in the actor."""
         if self.worker is None:
             raise RuntimeError(f"worker setup failed: {self.error}")
-        result = self.worker.run(eval_id, recipe, task_set)
+        result = self.worker.run(eval_id, recipe, task_set, race)
         result.node = self.node
         return result
 
@@ -88,6 +104,7 @@ class _Job:
     eval_id: str
     recipe: dict[str, Any]
     task_set: str
+    race: Any = None  # an evolve.racing.RaceJob
     attempts: int = 0  # attempts started so far
     errors: list[str] = field(default_factory=list)
 
@@ -98,6 +115,7 @@ class _Slot:
 
     name: str
     actor: Any = None
+    placed_ref: Any = None  # ``placed()`` of a starting actor: answered once Ray placed it
     ready_ref: Any = None  # pending ``info()`` of a starting actor
     ready: bool = False
     job: _Job | None = None
@@ -157,10 +175,12 @@ class RayPool:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             quiet = {"log_to_driver": False, "logging_level": "ERROR"}
-            if ray_address:
-                ray.init(address=ray_address, **quiet)
-            else:
-                ray.init(num_cpus=max(cores, self.num_workers * threads), include_dashboard=False,
+            address = cluster_address(ray_address)  # found as ray.init finds it (placement.py)
+            if address:  # the cluster's own resources: Ray refuses num_cpus/num_gpus when joining
+                ray.init(address=address, **quiet)
+            else:  # "local", and no RAY_ADDRESS (Ray would read it first): never a running cluster
+                os.environ.pop("RAY_ADDRESS", None)
+                ray.init(address="local", num_cpus=max(cores, self.num_workers * threads), include_dashboard=False,
                          _node_ip_address="127.0.0.1", **quiet)
                 self._reaper = _start_reaper()
             self._owns_ray = True
@@ -184,9 +204,12 @@ class RayPool:
         self.first_submit: float | None = None
         self.restarts = 0
         started = time.monotonic()
-        for slot in self.slots:
-            self._start_actor(slot)
+        need = {"cpus": 0 if num_gpus_per_worker else threads, "gpus": num_gpus_per_worker}
         try:
+            check_feasible(self.num_workers, **need)  # else the actors would wait forever
+            for slot in self.slots:
+                self._start_actor(slot)
+            wait_placed([slot.placed_ref for slot in self.slots], **need)
             for slot in self.slots:
                 self._mark_ready(slot, ray.get(slot.ready_ref))
         except WorkerPoolError:
@@ -201,6 +224,7 @@ class RayPool:
 
     def _start_actor(self, slot: _Slot) -> None:
         slot.actor = self._actor_class.remote(self.spec, slot.name)
+        slot.placed_ref = slot.actor.placed.remote()  # before info(): actor calls run in order
         slot.ready_ref = slot.actor.info.remote()
         slot.ready = False
 
@@ -235,7 +259,7 @@ class RayPool:
     def _launch(self, slot: _Slot, job: _Job) -> None:
         job.attempts += 1
         slot.job = job
-        slot.run_ref = slot.actor.run.remote(job.eval_id, job.recipe, job.task_set)
+        slot.run_ref = slot.actor.run.remote(job.eval_id, job.recipe, job.task_set, job.race)
         slot.started = time.monotonic() if slot.ready else None
 
     def _dispatch(self) -> None:
@@ -263,11 +287,11 @@ class RayPool:
 
     # -- EvaluationPool -------------------------------------------------------------------
 
-    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> None:
+    def submit(self, eval_id: str, recipe: dict[str, Any], task_set: str, race: Any = None) -> None:
         """Queue a job and start it on an idle actor if there is one."""
         if self.first_submit is None:
             self.first_submit = time.monotonic()
-        self.queue.append(_Job(eval_id, recipe, task_set))
+        self.queue.append(_Job(eval_id, recipe, task_set, race))
         self._dispatch()
 
     def wait_any(self) -> list[Result]:

@@ -33,6 +33,8 @@ import torch
 from evolve.evaluation import EvalSettings, Evaluator, evaluator_class
 from evolve.protocols import HELD_OUT, TRAIN, Result, one_line
 from evolve.workers.faults import inject
+from evolve.workers.race_eval import RaceEvaluation, race_plan
+from evolve.workers.stacking import StackedModel, StackingSpec, layer_plan
 from merge_core.errors import MergeError
 
 __all__ = ["CandidateWorker", "WorkerPoolError", "WorkerSpec"]
@@ -73,6 +75,8 @@ class WorkerSpec:
     relative_to: Path | None = None
     allow_crimes: bool = False
     round_to_recipe_dtype: bool = True
+    racing: bool = False  # score train jobs per document, in race order (evolve.racing)
+    stacking: StackingSpec | None = None  # a layer-stacking run: its sources (evolve.workers.stacking)
     fault_injection: dict[str, Any] | None = None
 
     @property
@@ -103,13 +107,37 @@ class CandidateWorker:
 
     def __init__(self, spec: WorkerSpec, name: str = "local-0") -> None:
         start = time.perf_counter()
-        from merge_core.in_memory import InMemoryMerger
-        from merge_core.planner import Planner, torch_dtype
 
         self.spec = spec
         self.name = name
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
+        settings = spec.eval_settings
+        self.backend = settings.backend
+        self.staging: dict[str, torch.Tensor] | None = None
+        self.stacked: StackedModel | None = None
+        if spec.stacking is not None:
+            self._setup_stacking(spec, settings)
+        else:
+            self._setup_merging(spec, settings)
+        for task_set in (TRAIN, HELD_OUT):
+            if spec.tasks(task_set):
+                self.evaluator.task_set(spec.tasks(task_set))
+        self.racer: RaceEvaluation | None = None
+        self.race_off: str | None = None  # why the train tasks cannot be raced
+        if spec.racing and spec.train_tasks:
+            tasks = spec.tasks(TRAIN)
+            orders, self.race_off = race_plan(tasks, self.evaluator.task_set(tasks), settings.limit, spec.seed)
+            if orders is not None:
+                self.racer = RaceEvaluation(self.evaluator, tasks, orders)
+        self.setup_seconds = time.perf_counter() - start
+        self.evaluations = 0
+
+    def _setup_merging(self, spec: WorkerSpec, settings: EvalSettings) -> None:
+        """Parameter space: the evaluator, then the merger that writes candidates into it."""
+        from merge_core.in_memory import InMemoryMerger
+        from merge_core.planner import Planner, torch_dtype
+
         self.planner = Planner(relative_to=spec.relative_to, allow_crimes=spec.allow_crimes)
         load_plan = self._plan(spec.template_recipe)
         if spec.model_dir is not None:
@@ -117,9 +145,6 @@ class CandidateWorker:
         else:
             donor = load_plan.base_model if load_plan.base_model is not None else 0
             model_dir = Path(load_plan.models[donor].path)
-        settings = spec.eval_settings
-        self.backend = settings.backend
-        self.staging: dict[str, torch.Tensor] | None = None
         # The evaluator first: on a GPU the model (or vLLM's engine, which claims
         # gpu_memory_utilization of the device and checks that against what is free) takes its
         # memory, and the merger then sizes its inputs to what is left (resident on the GPU, or
@@ -127,7 +152,7 @@ class CandidateWorker:
         # vLLM's resident merged dict).
         self.evaluator: Evaluator = evaluator_class(self.backend)(model_dir, settings, threads=spec.threads)
         self.merger = InMemoryMerger(load_plan, device=spec.merge_device, dtype=torch_dtype(spec.merge_dtype),
-                                     reserve_bytes=1 << 30)
+                                     reserve_bytes=1 << 30, state_on_device=self.evaluator.model is None)
         self.weights_in_engine = self.evaluator.model is None  # the weights live in an engine: push them
         if self.weights_in_engine:
             # The resident state dict every candidate is merged into and pushed from: allocated
@@ -144,11 +169,35 @@ class CandidateWorker:
             # methods write their output with same-device ops.
             if not _same_device(self.merger.device, next(iter(self.params.values())).device):
                 self._make_staging(load_plan)
-        for task_set in (TRAIN, HELD_OUT):
-            if spec.tasks(task_set):
-                self.evaluator.task_set(spec.tasks(task_set))
-        self.setup_seconds = time.perf_counter() - start
-        self.evaluations = 0
+
+    def _setup_stacking(self, spec: WorkerSpec, settings: EvalSettings) -> None:
+        """Layer stacking: the evaluator, then the resident sources its layers are pointed at."""
+        assert spec.stacking is not None and spec.model_dir is not None
+        if settings.backend != "hf":
+            raise ValueError("layer stacking is evaluated with the HF backend only")
+        self.evaluator = evaluator_class(self.backend)(Path(spec.model_dir), settings, threads=spec.threads)
+        self.weights_in_engine = False
+        from merge_core.planner import torch_dtype
+
+        dtype = torch_dtype(spec.template_recipe.get("dtype")) if spec.round_to_recipe_dtype else None
+        self.stacked = StackedModel(self.evaluator.model, spec.stacking, dtype=dtype, relative_to=spec.relative_to,
+                                    seed=spec.seed)
+        self.params = {}
+
+    def memory_report(self) -> str:
+        """Where this worker's inputs live and what they take; for merging workers also the
+        merged state (the evaluated model's parameters, or the dict pushed into an engine, and
+        any staging copy) and the method caches."""
+        if self.stacked is not None:
+            return self.stacked.memory_report()
+        from merge_core.in_memory import format_bytes
+
+        line = self.merger.memory_report()
+        for what, tensors in (("merged state", self.params), ("staging", self.staging or {})):
+            if tensors:
+                held = sum(t.numel() * t.element_size() for t in tensors.values())
+                line += f"; {what}: {format_bytes(held)} on {next(iter(tensors.values())).device}"
+        return line
 
     # -- planning -------------------------------------------------------------------------
 
@@ -159,8 +208,12 @@ class CandidateWorker:
 
     # -- one candidate --------------------------------------------------------------------
 
-    def run(self, eval_id: str, recipe: dict[str, Any], task_set: str) -> Result:
+    def run(self, eval_id: str, recipe: dict[str, Any], task_set: str, race: Any = None) -> Result:
         """Merge ``recipe`` into the model, check it and score ``task_set``; never raises.
+
+        With racing (``spec.racing`` and raceable train tasks) a train job is scored per document
+        in race order: against ``race`` (an :class:`evolve.racing.RaceJob`) chunk by chunk, else
+        on every document (its values then serve later races).
 
         Returns a :class:`~evolve.protocols.Result`: ``ok`` with the flat ``{task: score}``, or
         ``failed`` with a one-line reason; ``timings`` has ``merge`` (plan + merge + finiteness
@@ -174,6 +227,10 @@ class CandidateWorker:
             if not tasks:
                 raise ValueError(f"task set {task_set!r} has no tasks")
             inject(self.spec.fault_injection, "raise", eval_id)
+            if self.stacked is not None:
+                self.stacked.apply(layer_plan(recipe, self.stacked.refs))
+                timings["merge"] = time.perf_counter() - start
+                return self._score(eval_id, task_set, race, tasks, start, timings)
             plan = self._plan(recipe)
             if self.staging is None:
                 self.merger.merge_into(plan, self.params)
@@ -192,9 +249,24 @@ class CandidateWorker:
             if self.weights_in_engine:
                 pushed = {t.output: self.params[t.output] for t in plan.tasks}
                 timings["push"] = self.evaluator.push_weights(pushed)  # type: ignore[attr-defined]
+            return self._score(eval_id, task_set, race, tasks, start, timings)
+        except Exception as exc:  # one bad candidate must not take the worker down
+            return self._result(eval_id, start, timings, reason=one_line(exc))
+
+    def _score(self, eval_id: str, task_set: str, race: Any, tasks: list[Any], start: float,
+               timings: dict[str, float]) -> Result:
+        """Score the weights the model holds now (raced, per document, or plainly)."""
+        try:
             inject(self.spec.fault_injection, "exit", eval_id)
             inject(self.spec.fault_injection, "hang", eval_id)
             eval_start = time.perf_counter()
+            if task_set == TRAIN and self.racer is not None:
+                outcome = self.racer.race(race) if race is not None else self.racer.full()
+                timings["eval"] = time.perf_counter() - eval_start
+                result = self._result(eval_id, start, timings, scores=outcome.scores)
+                result.documents, result.documents_full = outcome.documents, outcome.documents_full
+                result.per_doc, result.race = outcome.per_doc, outcome.race
+                return result
             scored = self.evaluator.evaluate(tasks)
             timings["eval"] = time.perf_counter() - eval_start
             if scored.error is not None:

@@ -118,8 +118,8 @@ def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     """DELLA's per-element rank of ``|d|`` within its row, scaled to [0, 1]; flat, cached.
 
     Rows are along dim 1 (a 1-D tensor is one row), as in mergekit; equal magnitudes get
-    distinct ranks in an arbitrary order, as there.  A row of one element gets 0.5 (mergekit
-    would fail on it).
+    distinct ranks in index order (a stable sort: mergekit's order is arbitrary; ours is the
+    same on every device and machine).  A row of one element gets 0.5 (mergekit would fail on it).
     """
     return cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
 
@@ -139,11 +139,11 @@ def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
         block = max(1, (1 << 22) // length)
         for start in range(0, rows.shape[0], block):
             part = rows[start : start + block]
-            if part.device.type == "cpu":  # numpy's SIMD argsort is several times faster here
+            if part.device.type == "cpu":  # numpy's argsort is faster than torch's here
                 src = part if part.dtype in NUMPY_DTYPES else part.float()
-                order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1))
+                order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1, kind="stable"))
             else:
-                order = torch.argsort(part, dim=1)
+                order = torch.argsort(part, dim=1, stable=True)
             ranks[start : start + block].scatter_(1, order, positions.expand_as(order))
     return flat(ranks.reshape(moved.shape).movedim(-1, 1).contiguous())
 

@@ -1,7 +1,9 @@
 """The random methods' draws: one uniform 16-bit field per model and call, and its L1 lookup.
 
 Each model gets one uniform int16 field per call, drawn whole from a stream seeded by
-``(seed drawn from the caller's generator, model index)`` (numpy SFC64 on CPU), and an element
+``(seed drawn from the caller's generator, model index)`` (numpy SFC64, on the CPU for every
+device and copied to a GPU: a recipe merged on a GPU keeps exactly the elements a CPU merge of it
+keeps, so an evolve candidate merged on a GPU is the model ``merge-yaml`` exports), and an element
 is kept when its draw is below the keep probability (a multiple of 1/65536).  The in-memory
 merger caches the field (2 bytes per element; the planner's seeds do not change between
 candidates) and, for the rescale, the L1 of ``|d|`` per field value (:func:`cumulative_l1`),
@@ -35,14 +37,12 @@ def random_field(inputs: TensorInputs, i: int, seed: int) -> torch.Tensor:
 
 
 def draw_field(ref: torch.Tensor, i: int, seed: int) -> torch.Tensor:
-    """``ref.numel()`` uniform int16 draws for model ``i`` from the stream of ``seed`` (uncached)."""
+    """``ref.numel()`` uniform int16 draws for model ``i`` from the stream of ``seed`` (uncached),
+    on ``ref``'s device; the same numbers on every device (drawn on the CPU)."""
     n = ref.numel()
-    if ref.device.type == "cpu":
-        bits = np.random.SFC64(np.random.SeedSequence([seed, i]))
-        return torch.from_numpy(bits.random_raw((n + 3) // 4)).view(torch.int16)[:n]
-    gen = torch.Generator(device=ref.device)
-    gen.manual_seed((seed * 1_000_003 + i) % (1 << 63))
-    return torch.randint(-32768, 32768, (n,), dtype=torch.int16, device=ref.device, generator=gen)
+    bits = np.random.SFC64(np.random.SeedSequence([seed, i]))
+    field = torch.from_numpy(bits.random_raw((n + 3) // 4)).view(torch.int16)[:n]
+    return field if ref.device.type == "cpu" else field.to(ref.device)
 
 
 def cumulative_l1(

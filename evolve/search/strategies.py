@@ -1,0 +1,135 @@
+"""The search strategies, by name (the config's ``search: {strategy: ...}``).
+
+Each implements :class:`evolve.search.trajectory.Strategy` (ask/tell/popsize/sigma/stop) and is
+deterministic given its seed and its ask/tell calls, so the ledger's replay rebuilds it:
+
+- ``cmaes``: pycma's CMA-ES in the genome's box (:class:`evolve.search.cmaes.CMAES`).
+- ``ipop-cmaes``: CMA-ES restarted with twice the population each time pycma's own stop
+  criteria fire before the budget is spent (IPOP; on plateaus of discrete metrics, which make
+  plain CMA-ES stop early, it keeps searching).  A restart starts from a seeded uniform point
+  of the box; ``sigma`` is the current run's.
+- ``tpe``: optuna's Tree-structured Parzen Estimator (multivariate, with the constant liar for
+  points still being evaluated), the model-based alternative (the ``[optuna]`` extra).  The
+  start point is its first trial; ``sigma`` is the spread of the last ``popsize`` points.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from evolve.config import STRATEGY_NAMES
+from evolve.search.cmaes import CMAES
+from merge_core.errors import RecipeError
+
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
+
+MAX_RESTARTS = 8
+
+
+class IPOPCMAES:
+    """CMA-ES with restarts of a doubling population (see the module docstring)."""
+
+    def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[list[float], list[float]],
+                 popsize: int, seed: int, scales: Sequence[float], mirrors: bool = True) -> None:
+        self._args = {"sigma0": sigma0, "bounds": bounds, "scales": scales, "mirrors": mirrors}
+        self.seed = seed
+        self.restarts = 0
+        self.inner = CMAES(x0, sigma0, bounds=bounds, popsize=popsize, seed=seed, scales=scales, mirrors=mirrors)
+
+    @property
+    def popsize(self) -> int:
+        return self.inner.popsize
+
+    @property
+    def sigma(self) -> float:
+        return self.inner.sigma
+
+    def ask(self, number: int) -> list[np.ndarray]:
+        return self.inner.ask(number)
+
+    def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
+        self.inner.tell(points, fitness)
+
+    def stop(self) -> dict[str, Any]:
+        """Restart instead of stopping, up to ``MAX_RESTARTS`` times."""
+        stop = self.inner.stop()
+        if not stop or self.restarts >= MAX_RESTARTS:
+            return stop
+        self.restarts += 1
+        lo, hi = (np.asarray(b, dtype=np.float64) for b in self._args["bounds"])
+        x0 = np.random.default_rng([self.seed, self.restarts]).uniform(lo, hi)
+        self.inner = CMAES(x0, self._args["sigma0"], bounds=self._args["bounds"], popsize=2 * self.popsize,
+                           seed=self.seed + 1000 * self.restarts, scales=self._args["scales"],
+                           mirrors=self._args["mirrors"])
+        return {}
+
+
+class OptunaTPE:
+    """optuna's TPE behind the ask/tell interface (see the module docstring)."""
+
+    def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[list[float], list[float]],
+                 popsize: int, seed: int, scales: Sequence[float], mirrors: bool = True) -> None:
+        try:
+            import optuna
+        except ImportError:
+            raise RecipeError("search.strategy", "tpe needs optuna: pip install 'merge-evolve[optuna]'") from None
+        optuna.logging.set_verbosity(logging.WARNING)
+        self._optuna = optuna
+        lo, hi = bounds
+        self.names = [f"x{i:04d}" for i in range(len(lo))]
+        self.distributions = {n: optuna.distributions.FloatDistribution(float(a), float(b))
+                              for n, a, b in zip(self.names, lo, hi)}
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                             n_startup_trials=max(popsize, 10))
+        self.study = optuna.create_study(direction="maximize", sampler=sampler)
+        self.study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
+        self._popsize = popsize
+        self.pending: dict[bytes, Any] = {}
+        self.recent: list[np.ndarray] = []
+
+    @property
+    def popsize(self) -> int:
+        return self._popsize
+
+    @property
+    def sigma(self) -> float:
+        return float(np.mean(np.std(self.recent, axis=0))) if len(self.recent) > 1 else 0.0
+
+    def ask(self, number: int) -> list[np.ndarray]:
+        out = []
+        for _ in range(number):
+            trial = self.study.ask(self.distributions)
+            point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
+            self.pending[point.tobytes()] = trial
+            out.append(point)
+        self.recent = (self.recent + out)[-self._popsize:]
+        return out
+
+    def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
+        for point, value in zip(points, fitness):
+            trial = self.pending.pop(np.asarray(point, dtype=np.float64).tobytes(), None)
+            if trial is None:  # a replayed point with float noise: the nearest pending one
+                key = min(self.pending, key=lambda k: float(np.max(np.abs(np.frombuffer(k) - point))))
+                trial = self.pending.pop(key)
+            self.study.tell(trial, float(value))
+
+    def stop(self) -> dict[str, Any]:
+        return {}
+
+
+# The names are the config's (validated there without importing pycma), in the same order.
+STRATEGIES: dict[str, Callable[..., Any]] = dict(zip(STRATEGY_NAMES, (CMAES, IPOPCMAES, OptunaTPE)))
+DEFAULT_STRATEGY = "cmaes"
+
+
+def make_strategy(name: str, x0: Sequence[float], sigma0: float, **kwargs: Any) -> Any:
+    """The strategy registered as ``name`` (kwargs: bounds, popsize, seed, scales, mirrors)."""
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise RecipeError("search.strategy", f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+                          ) from None
+    return cls(x0, sigma0, **kwargs)

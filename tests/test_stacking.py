@@ -1,0 +1,206 @@
+"""Layer stacking (the data-flow space): the genome, the in-memory stack, the whole run.
+
+The stack a worker evaluates must be the model ``merge-yaml`` writes from the exported
+passthrough recipe (same logits), built without copying a weight; ``configs/toy_stacking.yml``
+runs end to end (search, export, merge-yaml round trip, transformers load, mergekit-yaml's
+tensors); bad sources are one-line errors naming the field; a recipe source (an earlier
+parameter-space run's result) is merged once and stacked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("lm_eval")
+
+from evolve.cli import main as merge_evolve  # noqa: E402
+from evolve.stacking_genome import StackingGenome  # noqa: E402
+from merge_core.cli import main as merge_yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the genome ----------------------------------------------------------------------------------
+
+
+def test_the_start_point_is_the_first_source_itself():
+    genome = StackingGenome(["a", "b", "c"], 4)
+    assert genome.dimension == 4 * 5 and genome.bounds == ([0.0] * 20, [1.0] * 20)
+    recipe = genome.decode(genome.initial_point(False, np.random.default_rng(0)))
+    assert recipe == {"merge_method": "passthrough", "dtype": "bfloat16",
+                      "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}]}
+
+
+def _x(genome, slots):
+    """A vector from (use, layer fraction, source index) per slot."""
+    x = np.zeros(genome.shape)
+    for i, (use, layer, source) in enumerate(slots):
+        x[i, 0], x[i, 1], x[i, 2 + source] = use, layer, 1.0
+    return x.reshape(-1)
+
+
+def test_runs_of_consecutive_layers_become_one_slice_and_skips_drop_out():
+    genome = StackingGenome(["a", "b"], 4, slots=5)
+    x = _x(genome, [(1, 0.0, 1), (1, 1 / 3, 1), (0, 0.0, 0), (1, 1.0, 0), (1, 0.0, 0)])
+    assert genome.layers(x) == [(1, 0), (1, 1), (0, 3), (0, 0)]
+    assert genome.decode(x)["slices"] == [{"sources": [{"model": "b", "layer_range": [0, 2]}]},
+                                          {"sources": [{"model": "a", "layer_range": [3, 4]}]},
+                                          {"sources": [{"model": "a", "layer_range": [0, 1]}]}]
+
+
+def test_the_depth_stays_within_its_bounds():
+    genome = StackingGenome(["a"], 4, slots=6, min_layers=3, max_layers=4)
+    nothing = _x(genome, [(0.1 * i, 0.5, 0) for i in range(6)])
+    assert len(genome.layers(nothing)) == 3  # the three slots that wanted most
+    everything = _x(genome, [(0.5 + 0.05 * i, 0.5, 0) for i in range(6)])
+    assert [i for i in range(6)] and len(genome.layers(everything)) == 4
+
+
+# -- the stack in memory --------------------------------------------------------------------------
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_the_stack_is_merge_yamls_model_and_copies_no_weight(zoo_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evolve.workers.stacking import StackedModel, StackingSource, StackingSpec, layer_plan
+
+    refs = [str(zoo_dir / n) for n in ("spatial", "arith", "format")]
+    genome = StackingGenome(refs, 4, slots=6)
+    x = _x(genome, [(1, 0.0, 2), (1, 0.0, 0), (1, 1 / 3, 2), (1, 1.0, 0), (1, 2 / 3, 1), (1, 1.0, 2)])
+    recipe = genome.decode(x)
+    model = AutoModelForCausalLM.from_pretrained(refs[0], dtype=torch.float32).eval()
+    spec = StackingSpec(tuple(StackingSource(r, path=Path(r)) for r in refs), max_layers=6)
+    stack = StackedModel(model, spec, dtype=torch.bfloat16)
+    plan = layer_plan(recipe, refs)
+    stack.apply(plan)
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    q = model.model.layers[4].self_attn.q_proj.weight
+    assert q.data_ptr() == stack.tensors[1]["model.layers.2.self_attn.q_proj.weight"].data_ptr()
+
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    assert merge_yaml([str(tmp_path / "recipe.yml"), str(tmp_path / "merged"), "-q"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 17, 40, 33, 99, 5, 2]])
+    assert torch.equal(_logits(model, ids), _logits(merged, ids))
+    identity = StackingGenome(refs, 4)  # 4 slots: the start point is the first source itself
+    stack.apply(layer_plan(identity.decode(identity.initial_point(False, np.random.default_rng(0))), refs))
+    spatial = AutoModelForCausalLM.from_pretrained(refs[0], dtype=torch.bfloat16).float().eval()
+    assert torch.equal(_logits(model, ids), _logits(spatial, ids))  # back to the first source (bf16)
+
+
+# -- whole runs ---------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, zoo_dir: Path, **stacking) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "toy_stacking.yml").read_text())
+    data["stacking"]["sources"] = [str(zoo_dir / Path(s).name) for s in data["stacking"]["sources"]]
+    data["stacking"].update(stacking)
+    data["limit"] = 40
+    path = tmp_path / "stacking.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_the_toy_stacking_config_runs_exports_and_round_trips(zoo_dir, tmp_path, capsys, request):
+    from transformers import AutoModelForCausalLM
+
+    store = tmp_path / "run"
+    assert merge_evolve([str(_config(tmp_path, zoo_dir)), "--storage-path", str(store), "--no-ray", "-q",
+                         "--max-fevals", "16", "--no-baselines"]) == 0
+    best = yaml.safe_load((store / "best_config.yaml").read_text())
+    assert best["merge_method"] == "passthrough" and all(len(s["sources"]) == 1 for s in best["slices"])
+    final = AutoModelForCausalLM.from_pretrained(store / "final_model")
+    depth = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in best["slices"])
+    assert final.config.num_hidden_layers == depth
+    assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / "again"), "-q"]) == 0
+    from safetensors.torch import load_file
+
+    ours = load_file(tmp_path / "again" / "model.safetensors")
+    saved = load_file(store / "final_model" / "model.safetensors")
+    assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in ours)
+    ledger = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "train" for r in ledger) == 16
+    assert all(r["status"] == "ok" for r in ledger if r["kind"] == "train")
+    assert all("merge" in r["timings"] and r["timings"]["merge"] < 0.5 for r in ledger
+               if r["kind"] == "train" and not r.get("cached_from"))  # no merge: pointers
+
+    mergekit = request.getfixturevalue("mergekit_py")
+    out = tmp_path / "mergekit"
+    done = subprocess.run([mergekit, "-m", "mergekit.scripts.run_yaml", str(store / "best_config.yaml"), str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = {}
+    for f in out.glob("*.safetensors"):
+        theirs.update(load_file(f))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"max_layers": 9}, "stacking.max_layers"),
+    ({"min_layers": 5, "max_layers": 4}, "stacking.max_layers"),
+    ({"slots": 0}, "stacking.slots"),
+])
+def test_bad_depth_bounds_name_the_field(zoo_dir, tmp_path, capsys, change, field):
+    store = tmp_path / "run"
+    assert merge_evolve([str(_config(tmp_path, zoo_dir, **change)), "--storage-path", str(store), "--no-ray",
+                         "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"merge-evolve: error: {field}") and len(err.splitlines()) == 1
+    assert not store.exists()
+
+
+def test_incompatible_sources_name_the_source(zoo_dir, tmp_path, capsys, tiny_models):
+    other_vocab = tmp_path / "other"
+    shutil.copytree(tiny_models["a"], other_vocab)  # another shape and tokenizer entirely
+    config = _config(tmp_path, zoo_dir)
+    data = yaml.safe_load(config.read_text())
+    data["stacking"]["sources"][1] = str(other_vocab)
+    config.write_text(yaml.safe_dump(data))
+    assert merge_evolve([str(config), "--storage-path", str(tmp_path / "run"), "--no-ray", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("merge-evolve: error: stacking.sources[1]: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_vllm_is_refused_at_config_time(zoo_dir, tmp_path, capsys, monkeypatch):
+    import evolve.evaluation
+
+    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: True)
+    assert merge_evolve([str(_config(tmp_path, zoo_dir)), "--storage-path", str(tmp_path / "run"), "--vllm",
+                         "-q"]) == 2
+    assert "HF backend" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_parameter_space_result_is_a_source(zoo_dir, tmp_path):
+    """PS+DFS: the stack's sources include a recipe (here a task-arithmetic merge of the zoo)."""
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(zoo_dir / "base"), "dtype": "bfloat16",
+              "models": [{"model": str(zoo_dir / n), "parameters": {"weight": 1.0}} for n in ("spatial", "format")]}
+    (tmp_path / "ps.yml").write_text(yaml.safe_dump(recipe))
+    config = _config(tmp_path, zoo_dir)
+    data = yaml.safe_load(config.read_text())
+    data["stacking"]["sources"] = [str(tmp_path / "ps.yml"), str(zoo_dir / "arith")]
+    config.write_text(yaml.safe_dump(data))
+    store = tmp_path / "run"
+    assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "8",
+                         "--no-baselines", "--no-save-final-model"]) == 0
+    written = store / "sources" / "0-ps"
+    assert (written / "config.json").is_file()
+    best = yaml.safe_load((store / "best_config.yaml").read_text())
+    named = {s["sources"][0]["model"] for s in best["slices"]}
+    assert named <= {str(written.resolve()), str(zoo_dir / "arith")}
+    assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / "out"), "-q"]) == 0
