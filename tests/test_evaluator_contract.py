@@ -103,3 +103,37 @@ def test_missing_metric_is_a_one_line_error_naming_the_available_ones(evaluator)
     with pytest.raises(EvalError, match=r"no metric 'bleu,none' \(available: acc,none") as info:
         evaluator.evaluate([TaskConfig(name="toy_arith", metric="bleu,none")])
     assert "\n" not in str(info.value)
+
+
+def test_per_document_values_are_the_scores_and_a_subset_scores_the_same_documents(evaluator):
+    # Racing (evolve/racing.py) scores chunks of documents and pairs them document by document:
+    # each backend must give the same value to a document whether it is scored alone or with all.
+    whole = evaluator.evaluate(TASKS, per_doc=True)
+    for task in TASKS:
+        values = whole.per_doc[task.name]
+        assert sorted(values) == list(range(LIMIT))
+        assert sum(values.values()) / LIMIT == pytest.approx(whole.scores[task.name], abs=1e-12)
+    subset = {t.name: [3, 17, 0, 29] for t in TASKS}
+    part = evaluator.evaluate(TASKS, samples=subset, per_doc=True)
+    for task in TASKS:
+        assert part.per_doc[task.name] == {d: whole.per_doc[task.name][d] for d in subset[task.name]}
+
+
+def test_a_race_runs_on_the_backend_and_stops_a_weak_candidate(evaluator, zoo_dir):
+    from evolve.racing import RaceJob
+    from evolve.workers.race_eval import RaceEvaluation, race_plan
+
+    tasks = TASKS[:2]
+    orders, why = race_plan(tasks, evaluator.task_set(tasks), LIMIT, seed=5)
+    assert why is None
+    racer = RaceEvaluation(evaluator, tasks, orders)
+    full = racer.full()
+    assert full.scores == pytest.approx(evaluator.evaluate(tasks).scores, abs=1e-12)
+    job = RaceJob(threshold=sum(full.scores.values()), reference_id="spatial", reference=full.per_doc,
+                  reference_scores=full.scores, weights={t.name: 1.0 for t in tasks})
+    _write(evaluator, _weights(zoo_dir / "base"))
+    try:
+        weak = racer.race(job)
+    finally:
+        _write(evaluator, _weights(zoo_dir / "spatial"))
+    assert weak.race["stopped"] and weak.documents < 2 * LIMIT and weak.race["high"] < job.threshold
