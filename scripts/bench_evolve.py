@@ -13,7 +13,10 @@
    overhead alone) and with the default shared-context scoring (choices of a document share
    one forward pass; same scores); the same seed must reach the same best in both.
 3. merge-evolve with ``--workers`` workers (Ray): evaluations/hour (steady state, and including
-   start-up), worker busy fraction (target >= 0.95).
+   start-up), worker busy fraction (target >= 0.95).  Runs 1-3 score every candidate on every
+   document and skip the baselines (``--no-racing --no-baselines``: equal fidelity with earlier
+   versions); a last run with the defaults (racing, baselines) prints candidates/hour and the
+   documents it scored.
 4. mergekit-evolve on the same config and budget, when ``--mergekit-python`` names a Python with
    mergekit[evolve] that can run it here; otherwise the reason it could not run is printed.
    Target: ours >= 3x its evaluations/hour.
@@ -65,7 +68,11 @@ def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.exe
     ends = sorted(r["timings"]["done_unix"] for r in train)
     busy = re.search(r"worker busy fraction ([0-9.]+)", proc.stdout)
     best = max(r["fitness"] for r in train)
+    docs = [r.get("documents") for r in train]
+    full = [r.get("documents_full") for r in train]
+    documents = sum(docs) / sum(full) if all(docs) and all(full) else 1.0
     return {"wall": wall, "n": len(train), "steady_per_eval": (ends[-1] - ends[0]) / (len(ends) - 1),
+            "documents": documents,
             "busy": float(busy.group(1)) if busy else float("nan"), "best": best,
             "run_s": statistics.median(r["timings"]["run"] for r in train)}
 
@@ -153,7 +160,9 @@ def main() -> int:
         merged = merge_equal_weights(args.zoo.resolve(), work / "merged")
         plain = plain_lm_eval(merged, cores, batch, args.repeats)
         say(f"plain lm-eval, one merged model, {cores} threads: {plain:.3f} s/evaluation (median of {args.repeats})")
-        common = ["--max-fevals", str(args.max_fevals), "--batch-size", str(batch)]
+        # Equal fidelity: every candidate on every document, no baselines (as before racing and
+        # baselines existed); racing's saving is measured apart, by the last run.
+        common = ["--max-fevals", str(args.max_fevals), "--batch-size", str(batch), "--no-racing", "--no-baselines"]
         # lm-eval's own per-request scoring first: the harness overhead alone, like for like
         own = run_evolve(work, "one-unshared", [*common, "--num-workers", "1", "--no-shared-context"])
         say(f"merge-evolve --no-shared-context, 1 worker x {cores} threads: {own['steady_per_eval']:.3f} "
@@ -169,6 +178,10 @@ def main() -> int:
         say(f"merge-evolve, {args.workers} workers: {3600 / many['steady_per_eval']:.0f} evaluations/hour steady, "
             f"{ours_rate:.0f} including start-up ({many['wall']:.0f} s for {many['n']}); "
             f"busy fraction {many['busy']:.2f} (target >= 0.95); best {many['best']:.4f}")
+        raced = run_evolve(work, "raced", [*common[:-2], "--num-workers", str(args.workers)])
+        say(f"merge-evolve, {args.workers} workers, racing on (the default; baselines too): "
+            f"{3600 * raced['n'] / raced['wall']:.0f} candidates/hour including start-up ({raced['wall']:.0f} s for "
+            f"{raced['n']}), documents scored {raced['documents']:.2f} of full; best {raced['best']:.4f}")
         mk_rate, mk_note = mergekit_evolve(args.mergekit_python, work, args.max_fevals, args.workers, batch)
         if mk_rate is None:
             say(f"mergekit-evolve: {mk_note}")

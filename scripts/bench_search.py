@@ -3,7 +3,7 @@
 
     python scripts/bench_search.py [--seeds 0 1 2 3 4] [--budget 100] [--schedules async]
                                    [--strategies cmaes] [--racing on off] [--workers 2]
-                                   [--zoo zoo] [--extra "--flag value"]
+                                   [--zoo zoo] [--extra "--flag value"] [--search racing_level=cut]
 
 Runs ``merge-evolve configs/toy.yml`` (with ``search: {strategy: S}``) once per schedule x
 strategy x racing x seed (``--budget`` evaluations, ``--workers`` Ray workers) and reads each
@@ -53,12 +53,12 @@ def read_run(store: Path, budget: int) -> dict:
     return out
 
 
-def config_for(strategy: str, work: Path) -> Path:
-    """configs/toy.yml with ``search: {strategy: ...}`` (the zoo paths stay relative)."""
+def config_for(strategy: str, work: Path, search: dict | None = None) -> Path:
+    """configs/toy.yml with ``search: {strategy: ..., **search}`` (the zoo paths stay relative)."""
     import yaml
 
     data = yaml.safe_load(TOY.read_text())
-    data.setdefault("search", {})["strategy"] = strategy
+    data.setdefault("search", {}).update({"strategy": strategy, **(search or {})})
     path = work / f"toy-{strategy}.yml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -88,7 +88,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo", help="a built toy zoo (scripts/build_zoo.py)")
     ap.add_argument("--extra", default="", help="more merge-evolve flags for every run")
+    ap.add_argument("--search", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more keys of the config's search section, YAML values (racing_level=cut)")
     args = ap.parse_args()
+    import yaml
+
+    search = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.search)}
     zoo = args.zoo.resolve()
     if not (zoo / "matrix.json").is_file():
         raise SystemExit(f"no toy zoo at {zoo}: run python scripts/build_zoo.py --out {zoo}")
@@ -106,7 +111,7 @@ def main() -> int:
         combos = [(sc, st, rc) for sc in args.schedules for st in args.strategies for rc in args.racing]
         for schedule, strategy, racing in combos:
             label = f"{schedule}/{strategy}/{'race' if racing == 'on' else 'full'}"
-            config = config_for(strategy, work)
+            config = config_for(strategy, work, search)
             rows = []
             for seed in args.seeds:
                 row = run_one(sys.executable, work / "zoo", work / f"{label.replace('/', '-')}-{seed}", config,
@@ -116,13 +121,13 @@ def main() -> int:
                 say(f"{label:>22} {seed:>4} " + " ".join(f"{row[k]:>9.4f}" for k in keys)
                     + f" {held:>9} {row['documents']:>5.2f} {row['seconds']:>5.0f}")
             summary[label] = rows
-    for schedule, rows in summary.items():
+    for label, rows in summary.items():
         finals = [r[keys[-1]] for r in rows]
         helds = [r["held_out"] for r in rows if r["held_out"] is not None]
-        say(f"{schedule}: median best " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.4f}" for k in keys)
+        say(f"{label}: median best " + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.4f}" for k in keys)
             + f"; worst {min(finals):.4f}; median held-out {statistics.median(helds) if helds else float('nan'):.4f}; "
             f"documents {statistics.median(r['documents'] for r in rows):.2f} of full")
-    first = summary[args.schedules[0]]
+    first = next(iter(summary.values()))
     finals = [r[keys[-1]] for r in first]
     say(f"median best at {args.budget} evaluations: {statistics.median(finals):.4f}, worst: {min(finals):.4f}, "
         f"documents scored: {statistics.median(r['documents'] for r in first):.2f} of full")

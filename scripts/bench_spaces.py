@@ -75,7 +75,8 @@ def main() -> int:
             for name, row in (("parameter space", ps), ("stacking", st), ("both", both)):
                 results[name].append(row)
                 held = "-" if row["held_out"] is None else f"{row['held_out']:.4f}"
-                say(f"seed {seed} {name:>16}: best {row['best']:.4f}, held-out {held}, {row['seconds']:.0f} s")
+                stage = f" (its parameter-space stage {row['stage1']:.4f})" if "stage1" in row else ""
+                say(f"seed {seed} {name:>16}: best {row['best']:.4f}{stage}, held-out {held}, {row['seconds']:.0f} s")
     medians = {name: statistics.median(r["best"] for r in rows) for name, rows in results.items()}
     for name, rows in results.items():
         helds = [r["held_out"] for r in rows if r["held_out"] is not None]
