@@ -18,7 +18,11 @@ list).  The search ignores these records; the progress line, W&B, ``best_config`
 and the reports read them with the functions below (standard library only: ``report`` imports
 this module without the search's dependencies).
 
-"Parents" are the input models (not the equal merge).  The best's gain over the best parent is
+With layer stacking the sources are the parents and the search's start (every slot used, the
+first source's layers in order, :mod:`evolve.stacking_genome`) takes the equal merge's place, as
+``start_stack``.
+
+"Parents" are the input models (not the equal merge or the start stack).  The best's gain over the best parent is
 its train fitness minus the highest train fitness of a parent; the held-out gain compares with
 the highest held-out fitness of a parent.
 """
@@ -38,6 +42,8 @@ __all__ = [
     "BASELINE",
     "EQUAL_MERGE",
     "PARENT_ROLES",
+    "START_ROLES",
+    "START_STACK",
     "BaselineJob",
     "baseline_jobs",
     "baseline_provenance",
@@ -47,12 +53,20 @@ __all__ = [
     "parent_best_fitness",
     "score_baselines",
     "short_name",
+    "start_label",
 ]
 
 BASELINE = "baseline"
 EQUAL_MERGE = "equal_merge"
+START_STACK = "start_stack"  # layer stacking's start point, in the equal merge's place
+START_ROLES = (EQUAL_MERGE, START_STACK)  # the search's start point: scored, never a parent
 PARENT_ROLES = ("base", "model")
-ROLE_ORDER = {"base": 0, "model": 1, EQUAL_MERGE: 2}
+ROLE_ORDER = {"base": 0, "model": 1, EQUAL_MERGE: 2, START_STACK: 2}
+
+
+def start_label(role: str) -> str:
+    """How reports name a start-point baseline of ``role``."""
+    return "start stack" if role == START_STACK else "equal merge"
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ def baseline_jobs(config: Any, models: Any, genome: Any) -> list[BaselineJob]:
         for ref in config.genome.models:
             if ref not in (r for r, _ in refs):
                 refs.append((ref, "model"))
-    taken = {EQUAL_MERGE, HELD_OUT}
+    taken = {EQUAL_MERGE, START_STACK, HELD_OUT}
     jobs = []
     for ref, role in refs:
         name = short_name(ref)
@@ -107,7 +121,8 @@ def baseline_jobs(config: Any, models: Any, genome: Any) -> list[BaselineJob]:
         taken.add(name)
         jobs.append(BaselineJob(name, ref, role, model_recipe(ref, models.num_layers, genome.dtype)))
     x0 = genome.initial_point(False, np.random.default_rng(0))
-    jobs.append(BaselineJob(EQUAL_MERGE, None, EQUAL_MERGE, genome.decode(x0), x=x0))
+    start = EQUAL_MERGE if config.genome is not None else START_STACK
+    jobs.append(BaselineJob(start, None, start, genome.decode(x0), x=x0))
     return jobs
 
 

@@ -149,6 +149,31 @@ def test_the_toy_stacking_config_runs_exports_and_round_trips(zoo_dir, tmp_path,
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
+def test_the_baselines_are_the_sources_and_the_start_stack(zoo_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from evolve.baselines import START_STACK, baseline_jobs, baseline_summary
+    from evolve.config import parse_evolve_config
+    from evolve.html_report.page import headline
+    from evolve.preflight import CheckedModels
+
+    config = parse_evolve_config(yaml.safe_load(_config(tmp_path, zoo_dir).read_text()))
+    refs = config.stacking.sources
+    genome = StackingGenome(refs, 4, slots=config.stacking.slots, min_layers=config.stacking.min_layers)
+    jobs = baseline_jobs(config, CheckedModels({}, 4, refs[0]), genome)
+    assert [(j.name, j.role) for j in jobs] == [("spatial", "model"), ("arith", "model"), ("format", "model"),
+                                                (START_STACK, START_STACK)]
+    assert jobs[-1].recipe == genome.decode(genome.initial_point(False, np.random.default_rng(0)))
+    # The report names it for what it is, never "every model weighted 1/M".
+    records = [{"kind": "baseline", "eval_id": f"baseline/{j.name}", "name": j.name, "model": j.model,
+                "role": j.role, "task_set": "train", "status": "ok", "fitness": f, "scores": {}}
+               for j, f in zip(jobs, (0.49, 0.43, 0.49, 0.46))]
+    data = SimpleNamespace(best=None, best_held_out=None, train=[], manifest={}, baselines=baseline_summary(records))
+    page = headline(data, {"best_parent": "spatial", "gain_over_best_parent": None,
+                           "held_out_gain_over_best_parent": None})
+    assert "start stack" in page and "0.4600" in page and "1/M" not in page
+
+
 @pytest.mark.parametrize("change, field", [
     ({"max_layers": 9}, "stacking.max_layers"),
     ({"min_layers": 5, "max_layers": 4}, "stacking.max_layers"),

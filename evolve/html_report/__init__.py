@@ -26,7 +26,7 @@ REPORT_FILE = "report.html"
 CAPTIONS = {
     "fitness": "Every train evaluation in the order recorded (failed ones as red crosses at the bottom), the best so "
                "far, the held-out scores of the incumbents, and each parent's and the equal merge's train fitness "
-               "as reference lines.",
+               "as reference lines (with layer stacking, the start stack in the equal merge's place).",
     "tasks": "Each task's score of the best candidate beside each input model (the parents) and the equal-weights "
              "merge, on the search documents and on the held-out ones.",
     "genome": "The best recipe's genes per layer group (rows) and model (columns), as merged (weights and, for "

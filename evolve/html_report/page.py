@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from evolve.baselines import START_ROLES, START_STACK, start_label
 from evolve.html_report.series import FailureRow
 
 __all__ = ["FIGURES", "Figure", "render_page", "table"]
@@ -111,7 +112,8 @@ def headline(data: Any, gains: dict[str, Any]) -> str:
     budget = data.manifest.get("max_fevals")
     summary = {e["name"]: e for e in data.baselines}
     parent = summary.get(gains["best_parent"] or "")
-    equal = next((e for e in data.baselines if e["role"] == "equal_merge"), None)
+    equal = next((e for e in data.baselines if e["role"] in START_ROLES), None)
+    stack = equal is not None and equal["role"] == START_STACK
     cards = [
         _card("best fitness", fmt(best["fitness"]) if best else "-", best["eval_id"] if best else "no success yet"),
         _card("held-out of best", fmt(held["fitness"]) if held else "-", "re-scored on other documents"),
@@ -119,7 +121,8 @@ def headline(data: Any, gains: dict[str, Any]) -> str:
               (parent["name"] + (f", held-out {fmt(parent['held_out_fitness'])}" if parent["held_out_fitness"]
                                  is not None else "")) if parent else "baselines not scored"),
         _gain_card("gain over best parent", gains["gain_over_best_parent"], gains["best_parent"]),
-        _card("equal merge", fmt(equal["fitness"]) if equal else "-", "every model weighted 1/M"),
+        _card(start_label(equal["role"]) if equal else "equal merge", fmt(equal["fitness"]) if equal else "-",
+              "the search's start: the first source's layers" if stack else "every model weighted 1/M"),
         _card("evaluations", f"{len(train)}" + (f" / {budget}" if budget else ""),
               f"{failed} failed, {sum(1 for r in train if r.get('cached_from'))} cache hits"),
     ]

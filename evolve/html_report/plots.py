@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from evolve.baselines import START_ROLES, start_label
 from evolve.html_report.compare import HeatPanel, TaskPanel, TradeoffPanel
 from evolve.html_report.series import BatchStat, FitnessTrace, Timeline
 
@@ -39,7 +40,7 @@ def baseline_colors(baselines: Sequence[dict[str, Any]]) -> dict[str, str]:
     for entry in baselines:
         if entry["role"] == "base":
             out[entry["name"]] = BASE_COLOR
-        elif entry["role"] == "equal_merge":
+        elif entry["role"] in START_ROLES:
             out[entry["name"]] = EQUAL_COLOR
         else:
             out[entry["name"]] = PARENT_COLORS[i % len(PARENT_COLORS)]
@@ -126,8 +127,9 @@ def fitness_svg(trace: FitnessTrace, baselines: Sequence[dict[str, Any]], colors
         ax.scatter([n for n, _, _ in trace.held_out], [v for _, v, _ in trace.held_out], marker="D", s=30,
                    color=HELD_COLOR, label="held-out score (incumbents)", zorder=5)
     for entry, value in refs:
-        style = ":" if entry["role"] == "equal_merge" else "--"
-        what = "equal merge" if entry["role"] == "equal_merge" else f"parent {entry['name']}"
+        start = entry["role"] in START_ROLES
+        style = ":" if start else "--"
+        what = start_label(entry["role"]) if start else f"parent {entry['name']}"
         ax.axhline(value, color=colors.get(entry["name"], BASE_COLOR), linestyle=style, linewidth=1.3,
                    label=f"{what} {value:.4f}", zorder=1)
     ax.set_ylim(floor - pad, hi + pad)
@@ -223,7 +225,7 @@ def tradeoff_svg(panels: Sequence[TradeoffPanel], colors: dict[str, str]) -> str
             ax.scatter([panel.best[0]], [panel.best[1]], marker="*", s=160, color="#ffd400", edgecolors="black",
                        linewidths=0.7, label="best (fitness)", zorder=5)
         for label, role, x, y in panel.references:
-            marker = "s" if role == "equal_merge" else "^"
+            marker = "s" if role in START_ROLES else "^"
             ax.scatter([x], [y], marker=marker, s=40, color=colors.get(label, BASE_COLOR), edgecolors="black",
                        linewidths=0.5, zorder=4)
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
