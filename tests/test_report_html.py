@@ -313,3 +313,16 @@ def test_toy_run_report_has_every_figure_and_opens_in_a_browser(toy_zoo, tmp_pat
     shots = Path(os.environ.get("REPORT_SCREENSHOT_DIR") or tmp_path)
     page = open_in_browser(run / "report.html", shots / "toy_report.png")
     assert [f["name"] for f in page["figures"]] == FIGURE_NAMES and page["svgs"] == len(FIGURE_NAMES)
+
+
+def test_dynamics_of_batches_without_a_success_say_so_without_warnings():
+    import warnings
+
+    from evolve.html_report import plots
+    from evolve.html_report.series import BatchStat
+
+    stats = [BatchStat(b, 4, 0.2, {"weight": 0.2}, 0.1 * b, None, None, None) for b in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned of an empty legend here
+        svg = plots.dynamics_svg(stats)
+    assert "no successful candidate yet" in svg

@@ -265,10 +265,12 @@ def dynamics_svg(stats: Sequence[BatchStat]) -> str:
                            label="worst to best")
         right.plot(xs, [s.best for s in have], color=BEST_COLOR, label="best", **dots)
         right.plot(xs, [s.median for s in have], color="#555555", label="median", **dots)
+        right.legend(loc="best")
+    else:  # every candidate failed so far: say so instead of an empty legend
+        right.text(0.5, 0.5, "no successful candidate yet", ha="center", va="center", transform=right.transAxes)
     right.set_xlabel("tell batch")
     right.set_ylabel("train fitness")
     right.set_title("fitness per batch (successful candidates)")
-    right.legend(loc="best")
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
     return _svg(fig, "fig-dynamics")
