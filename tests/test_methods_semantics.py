@@ -374,3 +374,22 @@ def test_della_switches_to_the_general_form_when_epsilon_changes(name):
     reused, caches = check_della_matches_one_shot(name, (120, 80), settings, torch.float32)
     assert ["della_keys:1" in keys for keys in caches] == [True, True, False, False]
     assert "della_keys:2" in reused.cache  # model 2 kept its epsilon: still keyed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_della_ranks_equal_magnitudes_in_index_order(dtype):
+    # The rank of |d| within a row decides DELLA's keep probability; equal magnitudes (common in
+    # bf16 task vectors) must be ranked in index order on every device, so a recipe keeps the same
+    # elements wherever it is merged.
+    from merge_core.kernels.della import rank_norm
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.zeros(64, 333, dtype=dtype)
+    model = (torch.randint(-6, 7, (64, 333), generator=gen).to(torch.float64) / 8).to(dtype)
+    ranks = rank_norm(TensorInputs("w", [base, model], 0), 1).view(64, 333).double()
+    mags = model.double().abs()
+    for row in range(64):
+        want = sorted(range(333), key=lambda j: (mags[row, j].item(), j))
+        got = torch.argsort(ranks[row]).tolist()
+        assert got == want
+    assert torch.allclose(ranks.sort(dim=1).values[0], torch.linspace(0, 1, 333, dtype=torch.float64), atol=1e-6)

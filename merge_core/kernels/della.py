@@ -124,6 +124,20 @@ def rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     return cached(inputs, f"della_rank:{inputs.base_index}:{i}", lambda: _rank_norm(inputs, i))
 
 
+def _index_order(rows: np.ndarray) -> np.ndarray:
+    """Each row's argsort of non-negative magnitudes, equal values in index order.
+
+    For float32 (the usual compute dtype) one unstable sort of ``bits << 32 | column`` keys: the
+    bits of a non-negative float order as the float does, the column breaks ties, and the keys
+    are distinct, so the order is the stable one at the speed of numpy's vectorised sort (about
+    1.7x faster than ``kind="stable"``)."""
+    if rows.dtype != np.float32:
+        return np.argsort(rows, axis=1, kind="stable")
+    keys = (rows.view(np.int32).astype(np.int64) << 32) | np.arange(rows.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    return keys & 0xFFFFFFFF
+
+
 def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     mags = deltas(inputs, i).abs_()
     if mags.dim() < 2:
@@ -139,9 +153,9 @@ def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
         block = max(1, (1 << 22) // length)
         for start in range(0, rows.shape[0], block):
             part = rows[start : start + block]
-            if part.device.type == "cpu":  # numpy's argsort is faster than torch's here
+            if part.device.type == "cpu":  # numpy's sorts are faster than torch's here
                 src = part if part.dtype in NUMPY_DTYPES else part.float()
-                order = torch.from_numpy(np.argsort(src.contiguous().numpy(), axis=1, kind="stable"))
+                order = torch.from_numpy(_index_order(src.contiguous().numpy()))
             else:
                 order = torch.argsort(part, dim=1, stable=True)
             ranks[start : start + block].scatter_(1, order, positions.expand_as(order))
