@@ -22,9 +22,9 @@ With layer stacking the sources are the parents and the search's start (every sl
 first source's layers in order, :mod:`evolve.stacking_genome`) takes the equal merge's place, as
 ``start_stack``.
 
-"Parents" are the input models (not the equal merge or the start stack).  The best's gain over the best parent is
-its train fitness minus the highest train fitness of a parent; the held-out gain compares with
-the highest held-out fitness of a parent.
+"Parents" are the input models (not the equal merge or the start stack).  The best's gain over
+the best parent is its train fitness minus the highest train fitness of a parent; the held-out
+gain compares with the highest held-out fitness of a parent.
 """
 
 from __future__ import annotations
