@@ -54,6 +54,7 @@ __all__ = [
     "score_baselines",
     "short_name",
     "start_label",
+    "task_list",
 ]
 
 BASELINE = "baseline"
@@ -126,7 +127,8 @@ def baseline_jobs(config: Any, models: Any, genome: Any) -> list[BaselineJob]:
     return jobs
 
 
-def _task_list(tasks: Iterable[Any]) -> list[dict[str, Any]]:
+def task_list(tasks: Iterable[Any]) -> list[dict[str, Any]]:
+    """Tasks as recorded in the ledger and the provenance: name, metric, weight."""
     return [{"name": t.name, "metric": t.metric, "weight": t.weight} for t in tasks]
 
 
@@ -160,13 +162,13 @@ def score_baselines(pool: Any, storage: Any, config: Any, models: Any, genome: A
         digest = recipe_hash(job.recipe)
         for task_set, tasks in sets.items():
             eval_id = job.eval_id(task_set)
-            if tasks and not _reusable(stored.get(eval_id), digest, _task_list(tasks)):
+            if tasks and not _reusable(stored.get(eval_id), digest, task_list(tasks)):
                 jobs[eval_id] = (job, task_set, digest)
 
     def record(eval_id: str, result: Any, submitted: float | None) -> None:
         job, task_set, digest = jobs[eval_id]
         rec = {"eval_id": eval_id, "kind": BASELINE, "name": job.name, "model": job.model, "role": job.role,
-               "task_set": task_set, "recipe_hash": digest, "tasks": _task_list(sets[task_set])}
+               "task_set": task_set, "recipe_hash": digest, "tasks": task_list(sets[task_set])}
         if job.x is not None:
             rec["x"] = [float(v) for v in job.x]
         rec.update(scored(result, sets[task_set], penalty, submitted))

@@ -190,14 +190,15 @@ class Genome:
         return [per_gene[i % len(self.genes)] for i in range(self.dimension)]
 
     def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
-        """mergekit-evolve's start: weight 1/M, density 1; or uniform within the bounds."""
+        """mergekit-evolve's start: weight 1/M, density 1, each brought into the user's box (a
+        ``density_range`` of [0.2, 0.9] starts at 0.9); or uniform within the bounds."""
         lo, hi = (np.asarray(b) for b in self.bounds)
         if random_init:
             return [float(v) for v in rng.uniform(lo, hi)]
         x = np.zeros(self.shape)
         x[..., 0] = 1.0 / self.shape[1]
         x[..., 1:] = 1.0
-        return [float(v) for v in x.reshape(-1)]
+        return [float(v) for v in np.clip(x.reshape(-1), lo, hi)]
 
     # -- decode ---------------------------------------------------------------------------
 

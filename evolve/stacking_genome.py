@@ -27,7 +27,6 @@ order), equal source scores (the first population spreads over the sources), or 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Sequence
 
@@ -145,20 +144,9 @@ class StackingGenome:
     def _slice(self, run: list[int]) -> dict[str, Any]:
         return {"sources": [{"model": self.sources[run[0]], "layer_range": [run[1], run[2]]}]}
 
-    @property
-    def definition(self) -> Any:
-        """(What the report labels columns with: the sources.)"""
-        return type("Sources", (), {"models": self.sources})()
-
     def gene_names(self) -> list[str]:
         """One name per gene, in vector order (``slot3/use``, ``slot3/layer``, ``slot3/<source>``)."""
         names = []
         for i in range(self.slots):
             names += [f"slot{i}/use", f"slot{i}/layer"] + [f"slot{i}/{s}" for s in self.sources]
         return names
-
-
-def layer_plan_hash(recipe: dict[str, Any]) -> str:
-    """A short digest of a passthrough recipe's layer plan (for logs and tests)."""
-    plan = [(s["sources"][0]["model"], tuple(s["sources"][0]["layer_range"])) for s in recipe["slices"]]
-    return hashlib.sha256(repr(plan).encode()).hexdigest()[:12]

@@ -106,6 +106,8 @@ def test_the_search_box_is_the_users():
     assert params[0]["parameters"] == {"weight": 3.0, "density": 0.2}  # clipped into the box
     assert params[1]["parameters"] == {"weight": 1.2, "density": 0.5}
     assert boxed.box_json() == {"weight": [0.5, 3.0], "density": [0.2, 0.9]}
+    # The start (weight 1/M, density 1) is brought into the box: CMA-ES starts inside its bounds.
+    assert boxed.initial_point(False, np.random.default_rng(0)) == [0.5, 0.9] * 2
 
 
 def test_a_stored_run_keeps_its_box():

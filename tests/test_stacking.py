@@ -229,3 +229,42 @@ def test_a_parameter_space_result_is_a_source(zoo_dir, tmp_path):
     named = {s["sources"][0]["model"] for s in best["slices"]}
     assert named <= {str(written.resolve()), str(zoo_dir / "arith")}
     assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / "out"), "-q"]) == 0
+
+
+def test_a_deeper_stack_of_an_architecture_with_per_layer_attention_kinds(tmp_path):
+    # Qwen2's decoder looks up config.layer_types[i] for every layer: a stack deeper than its
+    # sources must carry one kind per stacked layer, the kind of the layer it runs.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from evolve.workers.stacking import StackedModel, StackingSource, StackingSpec
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    refs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / f"q{seed}")
+        refs.append(str(tmp_path / f"q{seed}"))
+    model = Qwen2ForCausalLM.from_pretrained(refs[0], dtype=torch.float32).eval()
+    stack = StackedModel(model, StackingSpec(tuple(StackingSource(r, path=Path(r)) for r in refs), max_layers=3),
+                         dtype=None)
+    plan = [(0, 0), (1, 1), (0, 1)]
+    stack.apply(plan)
+    assert model.config.layer_types == ["full_attention"] * 3
+    # The same model built as a plain 3-layer Qwen2 from the sources' tensors gives the same logits.
+    deep = Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "num_hidden_layers": 3,
+                                           "layer_types": None})).eval()
+    from safetensors.torch import load_file
+
+    tensors = [load_file(Path(r) / "model.safetensors") for r in refs]
+    state = {k: v for k, v in tensors[0].items() if not k.startswith("model.layers.")}
+    state["model.norm.weight"], state["lm_head.weight"] = tensors[0]["model.norm.weight"], tensors[0]["lm_head.weight"]
+    for k, (source, layer) in enumerate(plan):
+        prefix = f"model.layers.{layer}."
+        state.update({f"model.layers.{k}." + n[len(prefix):]: t for n, t in tensors[source].items()
+                      if n.startswith(prefix)})
+    missing, unexpected = deep.load_state_dict(state, strict=False)
+    assert not unexpected and all(not k.startswith("model.") for k in missing), (missing, unexpected)
+    ids = torch.tensor([[1, 7, 30, 12, 5]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, deep(ids).logits, atol=1e-5)

@@ -68,7 +68,10 @@ def _figures(data: RunData, gains: dict[str, Any]) -> list[Any]:
         import numpy as np
 
         x0 = genome.initial_point(config.random_init, np.random.default_rng(int(data.manifest.get("seed", 0))))
-    stats = series.batch_spread(data.records, genome.genes if genome is not None else ("gene",), x0)
+    # One kind per position, from the genes' names (``g0/spatial/weight`` -> ``weight``;
+    # stacking's ``slot3/use``, ``slot3/layer``, ``slot3/<source>``).
+    kinds = [name.rsplit("/", 1)[-1] for name in genome.gene_names()] if genome is not None else ["gene"]
+    stats = series.batch_spread(data.records, kinds, x0)
     if stats:
         svgs["dynamics"] = plots.dynamics_svg(stats)
     timeline = series.worker_timeline(data.records)

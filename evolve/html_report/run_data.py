@@ -6,6 +6,7 @@ best recipe and its provenance, and whether a run holds the directory now.  Noth
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -26,14 +27,16 @@ def run_is_live(storage_path: Path) -> bool:
     the file is opened read-only and never created)."""
     import fcntl
 
+    from evolve.lock import LOCK_FILE
+
     try:
-        fd = os.open(storage_path / ".lock", os.O_RDONLY)
+        fd = os.open(storage_path / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
+    except OSError as exc:  # held by a run; any other error (no locks on this file system) is not
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
         os.close(fd)  # closing drops the shared lock if it was taken
     return False
@@ -59,17 +62,17 @@ class RunData:
     live: bool = False  # a run holds the directory now
     generated: float = field(default_factory=time.time)
 
-    @property
+    @cached_property
     def train(self) -> list[dict[str, Any]]:
         """Train records (evaluated and cache hits) in the order they were recorded."""
         return [r for r in self.records if r.get("kind") == TRAIN]
 
-    @property
+    @cached_property
     def held_out(self) -> dict[str, dict[str, Any]]:
         """The latest held-out record per train id it re-scores."""
         return {r["of"]: r for r in self.records if r.get("kind") == HELD_OUT}
 
-    @property
+    @cached_property
     def baselines(self) -> list[dict[str, Any]]:
         """:func:`evolve.baselines.baseline_summary` of the ledger."""
         return baseline_summary(self.records)
@@ -79,7 +82,7 @@ class RunData:
         """Candidates asked so far (ask records)."""
         return sum(1 for r in self.records if r.get("kind") == "ask")
 
-    @property
+    @cached_property
     def best(self) -> dict[str, Any] | None:
         """The incumbent: best_config's record, else the best successful train record (the
         first of equals), else None."""
@@ -90,7 +93,7 @@ class RunData:
                 return rec
         return max(ok, key=lambda r: r["fitness"]) if ok else None
 
-    @property
+    @cached_property
     def best_held_out(self) -> dict[str, Any] | None:
         """The best's held-out record when it was scored successfully."""
         best = self.best
@@ -143,22 +146,22 @@ def load_run(storage_path: Path, *, live: bool | None = None) -> RunData:
 
     Raises :class:`~merge_core.errors.RecipeError` (``--storage-path``) when it holds no run.
     """
-    from evolve.storage import RunStorage
+    from evolve.storage import BEST_CONFIG, BEST_PROVENANCE, LEDGER, MANIFEST, RunStorage
 
     storage_path = Path(storage_path)
-    if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
+    if not (storage_path / LEDGER).exists() and not (storage_path / MANIFEST).exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
     storage = RunStorage(storage_path)
     records = storage.load_evaluations(repair=False)
     manifest = storage.read_manifest() or {}
     provenance = None
-    text = _read_text(storage_path / "best_config.provenance.json")
+    text = _read_text(storage_path / BEST_PROVENANCE)
     if text is not None:
         try:
             provenance = json.loads(text)
         except ValueError:
             provenance = None
     return RunData(path=storage_path, manifest=manifest, records=records, provenance=provenance,
-                   best_recipe_text=_read_text(storage_path / "best_config.yaml"),
+                   best_recipe_text=_read_text(storage_path / BEST_CONFIG),
                    config_text=_read_text(storage_path / "config.yml"),
                    live=run_is_live(storage_path) if live is None else live)

@@ -108,9 +108,12 @@ def batch_spread(records: Sequence[dict[str, Any]], genes: Sequence[str] = ("gen
                  x0: Sequence[float] | None = None) -> list[BatchStat]:
     """Per tell batch (a train record's ``generation``), in batch order (see :class:`BatchStat`).
 
-    ``genes``: the genome's gene names (position i of a vector is gene ``genes[i % len(genes)]``);
-    ``x0``: the search's starting point (None: no drift).
+    ``genes``: the genes' kinds (position i of a vector is gene ``genes[i % len(genes)]``: one
+    kind per position, or a repeating pattern); ``x0``: the search's starting point (None: no
+    drift).
     """
+    import numpy as np
+
     batches: dict[int, list[dict[str, Any]]] = {}
     for rec in records:
         if rec.get("kind") == TRAIN and rec.get("x") is not None:
@@ -118,11 +121,11 @@ def batch_spread(records: Sequence[dict[str, Any]], genes: Sequence[str] = ("gen
     out = []
     for batch in sorted(batches):
         members = batches[batch]
-        xs = [[float(v) for v in r["x"]] for r in members]
-        dim = len(xs[0])
-        stds = [statistics.pstdev(x[i] for x in xs) for i in range(dim)]
+        xs = np.asarray([r["x"] for r in members], dtype=np.float64)  # one vectorised pass per batch
+        dim = xs.shape[1]
+        stds = xs.std(axis=0).tolist()
         by_gene = {g: _rms([s for i, s in enumerate(stds) if genes[i % len(genes)] == g]) for g in dict.fromkeys(genes)}
-        mean = [statistics.fmean(x[i] for x in xs) for i in range(dim)]
+        mean = xs.mean(axis=0).tolist()
         drift = _rms([m - float(s) for m, s in zip(mean, x0)]) if x0 is not None and len(x0) == dim else None
         fit = sorted(float(r["fitness"]) for r in members if r["status"] == "ok")
         out.append(BatchStat(batch, len(members), _rms(stds), by_gene, drift, fit[-1] if fit else None,

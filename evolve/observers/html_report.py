@@ -1,6 +1,6 @@
 """Keeps ``STORAGE/report.html`` (:mod:`evolve.html_report`) current while a run goes.
 
-The report is redrawn in a background thread on each new best (requests that arrive while one
+The report is redrawn in a background thread on each new best and each tell batch (requests that arrive while one
 is being drawn, or in the pause after it, are folded into one more drawing), so the search loop
 never waits for it, and once more, in the foreground, when the run closes (also after an error).
 After each drawing the thread pauses ``PAUSE_FACTOR`` times as long as it took, so that a fast
@@ -66,7 +66,7 @@ class HtmlReportObserver:
         pass
 
     def on_generation(self, number: int, records: list[dict[str, Any]], sigma: float) -> None:
-        pass
+        self._wanted.set()  # the trace, timeline and failures move on after the last new best too
 
     def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:
         self._wanted.set()

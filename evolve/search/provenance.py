@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any, Sequence
 
-from evolve.baselines import baseline_provenance
+from evolve.baselines import baseline_provenance, task_list
 from evolve.config import fewshot_seed_of
 
 __all__ = ["VERSION_PACKAGES", "best_provenance", "package_versions"]
@@ -24,10 +24,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _task_list(tasks: Any) -> list[dict[str, Any]]:
-    return [{"name": t.name, "metric": t.metric, "weight": t.weight} for t in tasks]
-
-
 def best_provenance(best: dict[str, Any], held: dict[str, Any] | None, *, config: Any, seed: int,
                     config_hash: str, evaluations_used: dict[str, int], search: dict[str, Any],
                     versions: dict[str, str], baselines: Sequence[dict[str, Any]] = (),
@@ -44,10 +40,10 @@ def best_provenance(best: dict[str, Any], held: dict[str, Any] | None, *, config
         "seed": seed,
         "fewshot_seed": fewshot_seed if fewshot_seed is not None else fewshot_seed_of(config, None),
         "config_hash": config_hash,
-        "tasks": _task_list(config.tasks),
+        "tasks": task_list(config.tasks),
         "train_fitness": best["fitness"],
         "train_scores": best["scores"],
-        "held_out_tasks": _task_list(config.held_out),
+        "held_out_tasks": task_list(config.held_out),
         "held_out_fitness": held["fitness"] if held and held["status"] == "ok" else None,
         "held_out_scores": held["scores"] if held else None,
         "evaluations_used": evaluations_used,

@@ -109,7 +109,6 @@ class Trajectory:
         self.first_by_hash: dict[str, str] = {}  # recipe hash -> id of the candidate evaluated for it
         self.calls = 0  # ask calls made
         self.tells = 0
-        self.arrived = 0  # train results so far (cache hits included)
         self.asked_since_tell = False
         self.pending = _Batch()  # results not told yet
         self.generations: dict[int, list[str]] = {}  # sync: ids of each asked generation
@@ -205,7 +204,6 @@ class Trajectory:
         if eval_id in self.results:
             raise TrajectoryError(f"result {eval_id} appears twice")
         self.results[eval_id] = record
-        self.arrived += 1
         self.pending.ids.append(eval_id)
         if self.schedule == SYNC:
             gen = self.generations.get(self.tells, [])

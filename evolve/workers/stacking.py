@@ -98,6 +98,9 @@ class StackedModel:
         while len(layers) < spec.max_layers:  # more slots than the sources have layers
             layers.append(copy.deepcopy(layers[-1]))
         self.pool = layers
+        # Per-layer attention kinds (Qwen2/3, Gemma...: the decoder looks each layer's up by
+        # position): a stacked layer keeps the kind of the source layer it runs.
+        self.layer_types = list(getattr(model.config, "layer_types", None) or [])
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self.bytes = sum(t.numel() * t.element_size() for d in self.tensors for t in d.values())
 
@@ -116,6 +119,13 @@ class StackedModel:
                 attention.layer_idx = k  # the KV cache is indexed by position in the stack
         decoder.layers = torch.nn.ModuleList(self.pool[: len(plan)])
         model.config.num_hidden_layers = len(plan)
+        if self.layer_types:
+            model.config.layer_types = [self.layer_types[layer] for _, layer in plan]
+            for module, kind in zip(decoder.layers, model.config.layer_types):
+                for part in (module, getattr(module, "self_attn", None)):
+                    for attr in ("layer_type", "attention_type"):
+                        if part is not None and hasattr(part, attr):
+                            setattr(part, attr, kind)
         first, last = self.tensors[plan[0][0]], self.tensors[plan[-1][0]]
         decoder.embed_tokens.weight.data = first["model.embed_tokens.weight"]
         decoder.norm.weight.data = last["model.norm.weight"]

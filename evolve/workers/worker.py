@@ -303,7 +303,8 @@ class CandidateWorker:
                       reason=reason, worker=self.name, timings=timings)
 
     def close(self) -> None:
-        """Release the model and the loaded inputs."""
+        """Release the model and the loaded inputs (a stacking run's sources too)."""
+        self.stacked = None
         self.evaluator.close()
         self.merger = None  # type: ignore[assignment]
         self.params = {}
