@@ -52,7 +52,7 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     the run directory is created only once the workers have scored the starting model.
     """
     from evolve import preflight
-    from evolve.config import SearchConfig
+    from evolve.config import SearchConfig, racing_confidence_of
     from evolve.genome import Genome
     from evolve.search import SearchDriver
     from evolve.search.driver import RaceSettings
@@ -91,7 +91,7 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     search_config = config.search or SearchConfig()
     racing = search_config.racing if options.racing is None else options.racing
-    race = RaceSettings(z=search_config.racing_confidence, fractions=tuple(search_config.racing_checks),
+    race = RaceSettings(z=racing_confidence_of(config, storage.read_manifest()), fractions=tuple(search_config.racing_checks),
                         level=search_config.racing_level)
     search = {"sigma0": options.sigma0, "popsize": options.force_population_size, "seed": seed,
               "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule,

@@ -119,14 +119,19 @@ class SearchConfig(_Strict):
     ``strategy``: a name of :data:`evolve.search.strategies.STRATEGIES` (None: the default).
     ``racing``: score candidates on growing subsets of the documents and stop those that cannot
     reach ``racing_level`` (:mod:`evolve.racing`): ``incumbent`` (the best so far) or ``cut``
-    (the latest tell's best half); ``racing_confidence``: the z of its upper bound;
+    (the latest tell's best half); ``racing_confidence``: the z of its upper bound (None:
+    :func:`racing_confidence_of`);
     ``racing_checks``: the fractions of the documents after which it checks.
+    ``initial_design``: evaluations of the space-filling start before CMA-ES
+    (:mod:`evolve.search.design`); None: two populations for the CMA-ES strategies on a
+    parameter space, none for tpe and for stacking; 0: off.
     """
 
     strategy: Optional[str] = None
+    initial_design: Optional[int] = None
     racing: bool = True
     racing_level: Literal["incumbent", "cut"] = "incumbent"
-    racing_confidence: float = 2.0
+    racing_confidence: Optional[float] = None  # None: racing_confidence_of
     racing_checks: list[float] = [0.125, 0.25, 0.5]
 
 
@@ -366,7 +371,12 @@ def _check_search(s: SearchConfig | None) -> None:
         return
     if s.strategy is not None and s.strategy not in STRATEGY_NAMES:
         raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
-    if not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
+    if s.initial_design is not None and s.initial_design < 0:
+        raise RecipeError("search.initial_design", f"must be a number of evaluations >= 0, got {s.initial_design}")
+    if s.initial_design and s.strategy == "tpe":
+        raise RecipeError("search.initial_design", "tpe takes no initial design (its first trials are its own "
+                          "random design): leave it out or set 0")
+    if s.racing_confidence is not None and not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
         raise RecipeError("search.racing_confidence", f"must be a number > 0, got {s.racing_confidence}")
     checks = list(s.racing_checks)
     if not checks or any(not 0 < f < 1 for f in checks) or sorted(set(checks)) != checks:
@@ -393,7 +403,8 @@ def _check_ranges(g: GenomeConfig) -> None:
 
 # Fields added after 0.1 whose None means "the default": left out of the normalized form when
 # None, so configs written before them hash (and resume) as they did.
-_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"), "": ("search", "fewshot_seed", "stacking")}
+_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"), "search": ("initial_design", "racing_confidence"),
+                       "": ("search", "fewshot_seed", "stacking")}
 
 FEWSHOT_SEED = 1234
 """lm-eval's default few-shot (and numpy/torch) seed, which mergekit-evolve runs with too."""
@@ -411,11 +422,24 @@ def fewshot_seed_of(config: EvolveConfig, manifest: dict[str, Any] | None) -> in
     return FEWSHOT_SEED
 
 
+def racing_confidence_of(config: EvolveConfig, manifest: dict[str, Any] | None) -> float:
+    """Racing's z: the config's ``search.racing_confidence``, else the stored run's (``manifest``:
+    its run.json), else :data:`evolve.racing.DEFAULT_Z`.  A run stored before the value was
+    recorded raced at :data:`evolve.racing.LEGACY_Z` (the default then) and keeps it on resume."""
+    from evolve.racing import DEFAULT_Z, LEGACY_Z
+
+    if config.search is not None and config.search.racing_confidence is not None:
+        return float(config.search.racing_confidence)
+    if manifest is not None:
+        return float(manifest.get("racing_confidence", LEGACY_Z))
+    return DEFAULT_Z
+
+
 def normalized_config(config: EvolveConfig) -> dict[str, Any]:
     """The config as plain JSON data with every default filled in (the hashed form)."""
     data = config.model_dump(mode="json")
     for section, keys in _OPTIONAL_SINCE_0_2.items():
-        where = (data[section] or {}) if section else data
+        where = (data.get(section) or {}) if section else data
         for key in keys:
             if where.get(key, 0) is None:
                 del where[key]

@@ -48,6 +48,8 @@ layers) in a ``models:`` section instead of one slice per group.
 
 Initial point (mergekit-evolve's): weight = 1/M, density = 1 (t-scores = 1/M, i.e. equal), or
 uniform in the bounds with ``random_init`` (mergekit-evolve drew U[0, 1)).
+The search scores it first, then (by default) a space-filling design of whole-model merges
+(:meth:`Genome.design_point`, :mod:`evolve.search.design`) before CMA-ES starts from the best.
 
 Recipe parameters besides the genes: ``normalize`` (explicit value, else True for linear, ties,
 dare_ties, della), ``int8_mask: true`` for the task-vector methods, ``dtype: bfloat16``,
@@ -84,6 +86,9 @@ class GenomeError(ValueError):
 
 class Genome:
     """Maps flat float vectors to mergekit recipe dicts and back for one genome config."""
+
+    # CMA-ES starts with a space-filling design by default (evolve.search.design).
+    design_by_default = True
 
     def __init__(self, definition: GenomeConfig, num_layers: int, dtype: str = "bfloat16",
                  box: Mapping[str, Sequence[float]] | None = None) -> None:
@@ -188,6 +193,19 @@ class Genome:
         legacy = self.legacy_box()
         per_gene = [(self.box[g][1] - self.box[g][0]) / (legacy[g][1] - legacy[g][0]) for g in self.genes]
         return [per_gene[i % len(self.genes)] for i in range(self.dimension)]
+
+    @property
+    def design_dimension(self) -> int:
+        """The dimensions of :meth:`design_point`'s unit cube: models x filter sets x genes."""
+        return math.prod(self.shape[1:])
+
+    def design_point(self, u: Sequence[float]) -> np.ndarray:
+        """The genome vector of a point ``u`` of the unit cube (the space-filling start of
+        :mod:`evolve.search.design`): each model's, filter set's and gene's value shared by every
+        layer group (a whole-model merge, where practice starts), placed in the box."""
+        tied = np.broadcast_to(np.asarray(u, dtype=np.float64).reshape(self.shape[1:]), self.shape)
+        lo, hi = (np.asarray(b, dtype=np.float64) for b in self.bounds)
+        return lo + tied.reshape(-1) * (hi - lo)
 
     def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
         """mergekit-evolve's start: weight 1/M, density 1, each brought into the user's box (a

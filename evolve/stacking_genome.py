@@ -49,6 +49,8 @@ class StackingGenome:
 
     method = "passthrough"
     genes = ("use", "layer")
+    # No space-filling start by default: a uniform point of this box is a random stack.
+    design_by_default = False
 
     def __init__(self, sources: Sequence[str], source_layers: int, *, slots: int | None = None,
                  min_layers: int = 1, max_layers: int | None = None, dtype: str = "bfloat16") -> None:
@@ -87,6 +89,15 @@ class StackingGenome:
     def legacy_box(self) -> dict[str, list[float]]:
         """No run of an earlier version stacked layers: the box is always the unit box."""
         return self.box_json()
+
+    @property
+    def design_dimension(self) -> int:
+        """A space-filling start (:mod:`evolve.search.design`) covers every gene."""
+        return self.dimension
+
+    def design_point(self, u: Sequence[float]) -> np.ndarray:
+        """The genome vector of a point of the unit cube: the box is the unit cube."""
+        return np.array(u, dtype=np.float64)
 
     def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
         """Every slot used, in the sources' own layer order, equal source scores; or uniform."""

@@ -9,6 +9,7 @@ with a probability given by their distance to a target (so a race has something 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from evolve.racing import (
     paired_bound,
 )
 from evolve.search.driver import RaceSettings
-from evolve.storage import RunStorage
+from evolve.storage import RunStorage, StorageError
 from evolve.workers.race_eval import RaceEvaluation
 
 # -- the math ------------------------------------------------------------------------------
@@ -249,3 +250,50 @@ def test_the_level_a_race_must_reach(tmp_path, level):
             assert r["race"]["threshold"] == reference["fitness"]
         else:
             assert r["race"]["threshold"] <= reference["fitness"]
+
+
+def test_racing_confidence_comes_from_the_config_else_the_stored_run_else_the_default(tmp_path):
+    from test_search import make_config
+
+    from evolve.config import racing_confidence_of
+    from evolve.racing import DEFAULT_Z, LEGACY_Z
+
+    plain, explicit = make_config(), make_config(search={"racing_confidence": 3.0})
+    assert racing_confidence_of(plain, None) == DEFAULT_Z == 1.0
+    assert racing_confidence_of(explicit, {"racing_confidence": 1.0}) == 3.0
+    assert racing_confidence_of(plain, {"racing_confidence": 1.5}) == 1.5
+    assert racing_confidence_of(plain, {"seed": 0}) == LEGACY_Z == 2.0  # stored before it was recorded
+    make_driver(tmp_path, config=make_config(search={"strategy": "cmaes"}), schedule="async",
+                racing=RaceSettings(), max_fevals=6).run(RacingPool())
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["racing_confidence"] == 1.0 and manifest["config"]["search"]["racing_confidence"] == 1.0
+
+
+def test_a_run_stored_before_the_default_changed_resumes_at_its_confidence(tmp_path):
+    """A manifest of the previous version: no racing_confidence, no initial_design (it had no
+    design), and its config's search section recorded the default of then (2.0).  Resumed with the
+    same config file, it passes the resume check and keeps racing at 2.0, also on later resumes."""
+    from test_search import make_config
+
+    from evolve.config import racing_confidence_of
+
+    old = make_config(search={"strategy": "cmaes", "initial_design": 0})
+    with pytest.raises(Killed):
+        make_driver(tmp_path, config=old, schedule="async", racing=RaceSettings(z=2.0), max_fevals=30,
+                    ).run(RacingPool(num_workers=3, order_seed=2, kill_after_results=8))
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    del manifest["racing_confidence"], manifest["initial_design"], manifest["config"]["search"]["initial_design"]
+    manifest["config"]["search"]["racing_confidence"] = 2.0
+    (tmp_path / "run.json").write_text(json.dumps(manifest))
+    config = make_config(search={"strategy": "cmaes"})  # the user's file, unchanged
+    z = racing_confidence_of(config, manifest)
+    assert z == 2.0
+    driver = make_driver(tmp_path, config=config, schedule="async", racing=RaceSettings(z=z), max_fevals=30)
+    driver.check_stored_run()
+    assert driver.run(RacingPool(num_workers=3, order_seed=3)).candidates == 30
+    resumed = json.loads((tmp_path / "run.json").read_text())
+    assert resumed["racing_confidence"] == 2.0 and resumed["initial_design"] == 0
+    assert racing_confidence_of(config, resumed) == 2.0
+    with pytest.raises(StorageError, match="racing_confidence differs"):
+        make_driver(tmp_path, config=make_config(search={"strategy": "cmaes", "racing_confidence": 1.0}),
+                    schedule="async", max_fevals=40).check_stored_run()

@@ -216,7 +216,8 @@ class CoarseGenome(Genome):
 
 def test_cache_avoids_reevaluation(tmp_path):
     pool = FakePool(num_workers=3, order_seed=5)
-    outcome = make_driver(tmp_path, genome_cls=CoarseGenome, max_fevals=60).run(pool)
+    config = make_config(search={"initial_design": 0})  # CMA-ES from the start: its points repeat
+    outcome = make_driver(tmp_path, config=config, genome_cls=CoarseGenome, max_fevals=60).run(pool)
     ledger = {r["eval_id"]: r for r in normalized_ledger(tmp_path)}
     train = [r for r in ledger.values() if r["kind"] == TRAIN]
     cached = [r for r in train if r["cached_from"]]
@@ -231,11 +232,12 @@ def test_cache_avoids_reevaluation(tmp_path):
     assert any(ledger[r["cached_from"]]["generation"] == r["generation"] for r in cached)  # waited in-gen
     # and the cache behaves the same when resumed mid-run
     try:
-        make_driver(tmp_path / "resumed", genome_cls=CoarseGenome, max_fevals=60).run(
+        make_driver(tmp_path / "resumed", config=config, genome_cls=CoarseGenome, max_fevals=60).run(
             FakePool(num_workers=3, order_seed=6, kill_after_results=17))
     except Killed:
         pass
-    make_driver(tmp_path / "resumed", genome_cls=CoarseGenome, max_fevals=60).run(FakePool(order_seed=7))
+    make_driver(tmp_path / "resumed", config=config, genome_cls=CoarseGenome, max_fevals=60).run(
+        FakePool(order_seed=7))
     assert normalized_ledger(tmp_path / "resumed") == list(sorted(ledger.values(), key=lambda r: r["eval_id"]))
 
 
@@ -381,7 +383,7 @@ def test_no_pickle_is_read_or_written(tmp_path, reference):
 STORED_RUNS = Path(__file__).parent / "data" / "runs"
 
 
-def test_run_directory_of_an_earlier_version_resumes(tmp_path, reference):
+def test_run_directory_of_an_earlier_version_resumes(tmp_path):
     """``tests/data/runs/v0_1_killed``: this test's make_driver() settings, run with the flat
     ``evolve/search.py`` of merge-evolve 0.1 (before the package split) and killed after 14
     results. Resumed now, it completes exactly as an uninterrupted run of today's code."""
@@ -393,9 +395,12 @@ def test_run_directory_of_an_earlier_version_resumes(tmp_path, reference):
     # Its config has no weight_range and its manifest neither a schedule nor a box: a sync run in
     # the box of 0.1, replayed from its ledger.
     make_driver(run, config=make_config(box=False), schedule=None).run(FakePool(3))
+    # ... and without the initial design (which 0.1 had not), as its manifest tells
+    ref = tmp_path / "ref"
+    make_driver(ref, config=make_config(search={"initial_design": 0})).run(FakePool())
     legacy = ("worker", "timings", "node", "seq")  # fields records of 0.1 did not have yet
-    assert normalized_ledger(run, legacy) == normalized_ledger(reference[0], legacy)
-    assert best_of(run) == best_of(reference[0])
+    assert normalized_ledger(run, legacy) == normalized_ledger(ref, legacy)
+    assert best_of(run) == best_of(ref)
 
 
 def test_torn_ledger_line_then_resume(tmp_path, reference):

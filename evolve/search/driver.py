@@ -44,25 +44,22 @@ import numpy as np
 import yaml
 
 from evolve.baselines import baseline_records
-from evolve.config import EvolveConfig, config_hash, fewshot_seed_of, normalized_config
+from evolve.config import EvolveConfig, config_hash, fewshot_seed_of, racing_confidence_of
 from evolve.genome import Genome
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
 from evolve.racing import DEFAULT_FRACTIONS, DEFAULT_Z, RaceJob, decode_values, fitness_interval
+from evolve.search.compat import LEGACY_DEFAULTS, RESUME_KEYS, manifest_config, stored_value
+from evolve.search.design import default_design_size
 from evolve.search.failures import FailureWatch
 from evolve.search.fitness import default_penalty
 from evolve.search.provenance import best_provenance, package_versions
 from evolve.search.records import ASK, ask_record, cached_record, held_out_record, train_record
 from evolve.search.replay import replay_ledger
-from evolve.search.strategies import DEFAULT_STRATEGY, make_strategy
+from evolve.search.strategies import DEFAULT_STRATEGY, DESIGN_STRATEGIES, make_strategy
 from evolve.search.trajectory import ASYNC, SYNC, Candidate, Trajectory, TrajectoryError
 from evolve.storage import RunStorage, StorageError
 from merge_core.errors import RecipeError
 
-# Settings a resumed run must share with the stored one (the budget may grow).
-RESUME_KEYS = ("config", "seed", "popsize", "sigma0", "penalty", "num_layers", "dimension", "schedule",
-               "genome_box", "strategy")
-# What a manifest written before a key existed means by its absence.
-LEGACY_DEFAULTS = {"schedule": SYNC, "strategy": "cmaes"}
 MIN_ASYNC_POPSIZE = 3  # pycma tells at least 3 points (mirrors, which make up the rest in sync, are off)
 
 
@@ -185,26 +182,38 @@ class SearchDriver:
         return {**LEGACY_DEFAULTS, "genome_box": self.genome.legacy_box()}
 
     def _manifest(self, popsize: int, schedule: str) -> dict[str, Any]:
-        config = normalized_config(self.config)
+        stored = self.storage.read_manifest()
+        config = manifest_config(self.config, stored)
         config.pop("vllm", None)  # engine settings may change between sessions
         return {"config": config, "config_hash": config_hash(self.config), "seed": self.seed, "popsize": popsize,
                 "sigma0": self.sigma0, "penalty": self.penalty, "num_layers": self.genome.num_layers,
                 "dimension": self.genome.dimension, "max_fevals": self.max_fevals, "schedule": schedule,
                 "genome_box": self.genome.box_json(), "strategy": self._strategy_name(),
-                "fewshot_seed": fewshot_seed_of(self.config, self.storage.read_manifest()),
+                "initial_design": self._design_size(popsize),
+                "racing_confidence": racing_confidence_of(self.config, stored),
+                "fewshot_seed": fewshot_seed_of(self.config, stored),
                 "versions": self.versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _strategy_name(self) -> str:
         """Forced, else the stored run's, else the default."""
         if self.strategy_name is not None:
             return self.strategy_name
-        stored = self.storage.read_manifest()
-        return str({**LEGACY_DEFAULTS, **stored}["strategy"]) if stored is not None else DEFAULT_STRATEGY
+        return str(stored_value(self.storage.read_manifest(), "strategy", DEFAULT_STRATEGY))
+
+    def _design_size(self, popsize: int) -> int:
+        """Evaluations of the space-filling start: the config's, else the stored run's, else the
+        default (:func:`default_design_size` for CMA-ES on a genome that takes one by default)."""
+        if self.config.search is not None and self.config.search.initial_design is not None:
+            return self.config.search.initial_design
+        use = self._strategy_name() in DESIGN_STRATEGIES and self.genome.design_by_default
+        return int(stored_value(self.storage.read_manifest(), "initial_design",
+                                default_design_size(popsize) if use else 0))
 
     def _trajectory(self, popsize: int, schedule: str) -> Trajectory:
         x0 = self.genome.initial_point(self.config.random_init, np.random.default_rng(self.seed))
         strategy = make_strategy(self._strategy_name(), x0, self.sigma0, bounds=self.genome.bounds, popsize=popsize,
-                                 seed=self.seed, scales=self.genome.scales, mirrors=schedule == SYNC)
+                                 seed=self.seed, scales=self.genome.scales, mirrors=schedule == SYNC,
+                                 design_size=self._design_size(popsize), design_space=self.genome)
         return Trajectory(strategy, self.genome, schedule=schedule, max_fevals=self.max_fevals,
                           held_out=bool(self.config.held_out))
 
@@ -472,7 +481,8 @@ class SearchDriver:
                               "held_out": outcome.held_out_evaluations},
             search={"popsize": traj.popsize, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
                     "generations": outcome.generations, "schedule": traj.schedule,
-                    "strategy": self._strategy_name(), "racing": self.racing is not None},
+                    "strategy": self._strategy_name(), "initial_design": self.manifest.get("initial_design", 0),
+                    "racing": self.racing is not None},
             versions=self.versions, baselines=baseline_records(self.records.values()))  # scored before run()
         if "per_doc" in best:  # scored per document (racing): how sure the best's fitness is
             weights = {t.name: float(t.weight) for t in self.config.tasks}

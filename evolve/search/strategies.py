@@ -11,6 +11,9 @@ deterministic given its seed and its ask/tell calls, so the ledger's replay rebu
 - ``tpe``: optuna's Tree-structured Parzen Estimator (multivariate, with the constant liar for
   points still being evaluated), the model-based alternative (the ``[optuna]`` extra).  The
   start point is its first trial; ``sigma`` is the spread of the last ``popsize`` points.
+
+``cmaes`` and ``ipop-cmaes`` start with a space-filling design (:mod:`evolve.search.design`)
+when ``design_size`` > 0; ``tpe``'s first trials are its own random design, so it takes none.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import numpy as np
 
 from evolve.config import STRATEGY_NAMES
 from evolve.search.cmaes import CMAES
+from evolve.search.design import DesignSpace, InitialDesign
 from merge_core.errors import RecipeError
 
-__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "DESIGN_STRATEGIES", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
 
 MAX_RESTARTS = 8
 
@@ -125,11 +129,23 @@ STRATEGIES: dict[str, Callable[..., Any]] = dict(zip(STRATEGY_NAMES, (CMAES, IPO
 DEFAULT_STRATEGY = "cmaes"
 
 
-def make_strategy(name: str, x0: Sequence[float], sigma0: float, **kwargs: Any) -> Any:
-    """The strategy registered as ``name`` (kwargs: bounds, popsize, seed, scales, mirrors)."""
+# Strategies that take a space-filling start (a design_size > 0).
+DESIGN_STRATEGIES = ("cmaes", "ipop-cmaes")
+
+
+def make_strategy(name: str, x0: Sequence[float], sigma0: float, *, design_size: int = 0,
+                  design_space: DesignSpace | None = None, **kwargs: Any) -> Any:
+    """The strategy registered as ``name`` (kwargs: bounds, popsize, seed, scales, mirrors),
+    after a design of ``design_size`` points of ``design_space`` (the genome) when > 0."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise RecipeError("search.strategy", f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
                           ) from None
-    return cls(x0, sigma0, **kwargs)
+    if design_size <= 0:
+        return cls(x0, sigma0, **kwargs)
+    if name not in DESIGN_STRATEGIES or design_space is None:
+        raise RecipeError("search.initial_design", f"{name} takes no initial design (its first trials are its own)")
+    return InitialDesign(x0, size=design_size, popsize=kwargs["popsize"], seed=kwargs["seed"], sigma0=sigma0,
+                         design_dimension=design_space.design_dimension, design_point=design_space.design_point,
+                         make_inner=lambda start: cls(start, sigma0, **kwargs))
