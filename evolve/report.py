@@ -14,11 +14,21 @@ from typing import Any
 from merge_core.errors import RecipeError
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing or damaged (a report never fails on it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def summarize(storage_path: Path) -> dict[str, Any]:
-    """Counts, the best candidate (train and held-out), the top five and the baselines (the
+    """Counts, the best candidate (train and held-out; :func:`evolve.storage.best_record`, the
+    one ``best_config.yaml`` holds), the top five scored in full and the baselines (the
     input models and the equal merge, :mod:`evolve.baselines`) of a run directory."""
     from evolve.baselines import baseline_provenance, baseline_summary
-    from evolve.storage import RunStorage
+    from evolve.storage import BEST_PROVENANCE, RunStorage, best_record
 
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
@@ -27,7 +37,9 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     manifest = storage.read_manifest() or {}
     train = [r for r in records if r.get("kind") == "train"]
     held = {r["of"]: r for r in records if r.get("kind") == "held_out"}
-    ok = sorted((r for r in train if r["status"] == "ok"), key=lambda r: -r["fitness"])
+    # Ranked: successful candidates scored on every document (a raced one stopped early has an estimate).
+    ok = sorted((r for r in train if r["status"] == "ok" and not (r.get("race") or {}).get("stopped")),
+                key=lambda r: -r["fitness"])
     failed = [r for r in train if r["status"] == "failed"]
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -35,8 +47,9 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         return {"eval_id": r["eval_id"], "fitness": r["fitness"], "scores": r["scores"],
                 "held_out_fitness": h["fitness"] if h else None}
 
-    best_held = held.get(ok[0]["eval_id"]) if ok else None
-    gains = baseline_provenance(records, ok[0]["fitness"] if ok else None,
+    best = best_record(train, _read_json(storage_path / BEST_PROVENANCE))
+    best_held = held.get(best["eval_id"]) if best else None
+    gains = baseline_provenance(records, best["fitness"] if best else None,
                                 best_held["fitness"] if best_held and best_held["status"] == "ok" else None)
     return {
         "storage_path": str(storage_path),
@@ -48,7 +61,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "failed": len(failed),
         "failure_reasons": sorted({r.get("reason") or "" for r in failed})[:5],
         "generations": len({r["generation"] for r in train}),
-        "best": brief(ok[0]) if ok else None,
+        "best": brief(best) if best else None,
         "top": [brief(r) for r in ok[:5]],
         "baselines": [{k: e[k] for k in ("name", "model", "role", "fitness", "held_out_fitness", "reason")}
                       for e in baseline_summary(records)],

@@ -27,6 +27,21 @@ BEST_CONFIG = "best_config.yaml"
 BEST_PROVENANCE = "best_config.provenance.json"
 
 
+def best_record(train: Iterable[dict[str, Any]], provenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's best train record as the reports name it: the one ``best_config`` was written
+    for (the search's incumbent, ``provenance``: its provenance JSON), else the best successful
+    record scored on every document (a raced candidate stopped early has only an estimate; the
+    first of equals), else None.  During an asynchronous run the ledger may hold a better result
+    not yet told to the search: it becomes the incumbent at its tell."""
+    ok = [r for r in train if r.get("status") == "ok"]
+    chosen = (provenance or {}).get("eval_id")
+    for rec in ok:
+        if rec["eval_id"] == chosen:
+            return rec
+    full = [r for r in ok if not (r.get("race") or {}).get("stopped")]
+    return max(full, key=lambda r: r["fitness"]) if full else None
+
+
 class StorageError(MergeError):
     """The storage directory holds something we cannot continue from (one line)."""
 

@@ -141,3 +141,32 @@ def test_best_config_has_provenance_comments_and_sidecar(tmp_path):
     assert yaml.safe_load(text) == recipe  # comments do not change what mergekit-yaml reads
     assert yaml.safe_load("\n".join(header[1:])) == provenance
     assert json.loads((tmp_path / "best_config.provenance.json").read_text()) == provenance
+
+
+def _train(eval_id, fitness, *, stopped=False, status="ok"):
+    rec = {"eval_id": eval_id, "kind": "train", "status": status, "fitness": fitness, "scores": {"t": fitness},
+           "generation": 0, "index": 0, "cached_from": None}
+    if stopped:
+        rec["race"] = {"stopped": True, "high": fitness + 0.01, "threshold": 0.8}
+    return rec
+
+
+def test_both_reports_name_the_best_that_best_config_holds(tmp_path):
+    """The incumbent best_config names, not a later untold result nor a raced estimate; without a
+    best_config yet, the best result scored on every document."""
+    from evolve.html_report.run_data import load_run
+    from evolve.report import summarize
+    from evolve.storage import BEST_PROVENANCE, best_record
+
+    st = RunStorage(tmp_path)
+    records = [_train("c0", 0.6), _train("c1", 0.7), _train("c2", 0.95, stopped=True), _train("c3", 0.9),
+               _train("c4", -2.0, status="failed")]
+    for rec in records:
+        st.append_evaluation(rec)
+    assert best_record(records, None)["eval_id"] == "c3"  # not the estimate c2
+    (tmp_path / BEST_PROVENANCE).write_text(json.dumps({"eval_id": "c1", "train_fitness": 0.7}))
+    summary = summarize(tmp_path)
+    assert summary["best"]["eval_id"] == "c1" == load_run(tmp_path, live=False).best["eval_id"]
+    assert [r["eval_id"] for r in summary["top"]] == ["c3", "c1", "c0"]  # scored in full, best first
+    (tmp_path / BEST_PROVENANCE).write_text("{torn")
+    assert summarize(tmp_path)["best"]["eval_id"] == "c3" == load_run(tmp_path, live=False).best["eval_id"]

@@ -84,14 +84,10 @@ class RunData:
 
     @cached_property
     def best(self) -> dict[str, Any] | None:
-        """The incumbent: best_config's record, else the best successful train record (the
-        first of equals), else None."""
-        ok = [r for r in self.train if r.get("status") == "ok"]
-        chosen = (self.provenance or {}).get("eval_id")
-        for rec in ok:
-            if rec["eval_id"] == chosen:
-                return rec
-        return max(ok, key=lambda r: r["fitness"]) if ok else None
+        """The incumbent (:func:`evolve.storage.best_record`)."""
+        from evolve.storage import best_record
+
+        return best_record(self.train, self.provenance)
 
     @cached_property
     def best_held_out(self) -> dict[str, Any] | None:
