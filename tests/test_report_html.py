@@ -60,6 +60,19 @@ def test_fitness_trace_best_so_far_skips_failures_and_estimates():
         ("failed", False, False), ("ok", False, True), ("ok", True, False)]
     assert trace.best == [(1, 0.3), (2, 0.3), (3, 0.3), (4, 0.5), (5, 0.5)]
     assert trace.held_out == [(5, 0.38, "c000004/held_out")]
+    assert not any(p.design for p in trace.points)  # a run without a start design
+
+
+def test_fitness_trace_marks_the_start_design_by_ask_order():
+    from evolve.html_report import plots
+
+    records = [_train(0, 0.3, seq=0), _train(2, 0.5, seq=2), _train(1, 0.4, seq=1), _train(3, 0.6, seq=3),
+               _train(4, 0.6)]  # a record of 0.1 has no seq: never the design's
+    trace = fitness_trace(records, design=2)
+    assert [p.design for p in trace.points] == [True, False, True, False, False]
+    svg = plots.fitness_svg(trace, [], {})
+    assert "start design (space-filling)" in svg
+    assert "start design" not in plots.fitness_svg(fitness_trace(records), [], {})
 
 
 def test_batch_spread_per_tell_batch():

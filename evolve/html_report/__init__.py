@@ -24,7 +24,8 @@ __all__ = ["REPORT_FILE", "RunData", "build_report", "load_run", "run_is_live", 
 REPORT_FILE = "report.html"
 
 CAPTIONS = {
-    "fitness": "Every train evaluation in the order recorded (failed ones as red crosses at the bottom), the best so "
+    "fitness": "Every train evaluation in the order recorded (failed ones as red crosses at the bottom; triangles: "
+               "the start design's whole-model merges, scored before CMA-ES starts from their best), the best so "
                "far, the held-out scores of the incumbents, and each parent's and the equal merge's train fitness "
                "as reference lines (with layer stacking, the start stack in the equal merge's place).",
     "tasks": "Each task's score of the best candidate beside each input model (the parents) and the equal-weights "
@@ -50,7 +51,7 @@ def _figures(data: RunData, gains: dict[str, Any]) -> list[Any]:
     config, genome, baselines, best = data.config, data.genome, data.baselines, data.best
     colors = plots.baseline_colors(baselines)
     svgs: dict[str, str] = {}
-    trace = series.fitness_trace(data.records)
+    trace = series.fitness_trace(data.records, design=int(data.manifest.get("initial_design") or 0))
     if trace.points or any(e["fitness"] is not None for e in baselines):
         svgs["fitness"] = plots.fitness_svg(trace, baselines, colors)
     if config is not None:

@@ -101,6 +101,7 @@ def fitness_svg(trace: FitnessTrace, baselines: Sequence[dict[str, Any]], colors
     fig = _figure(11, 4.2)
     ax = fig.add_subplot()
     ok = [p for p in trace.points if p.status == "ok" and not p.cached and not p.estimate]
+    design = [p for p in ok if p.design]
     cached = [p for p in trace.points if p.status == "ok" and p.cached]
     estimates = [p for p in trace.points if p.status == "ok" and p.estimate and not p.cached]
     failed = [p for p in trace.points if p.status != "ok"]
@@ -109,8 +110,12 @@ def fitness_svg(trace: FitnessTrace, baselines: Sequence[dict[str, Any]], colors
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     pad = max(hi - lo, 0.05) * 0.08
     floor = lo - 2 * pad
-    ax.scatter([p.n for p in ok], [p.fitness for p in ok], s=16, color=BEST_COLOR, alpha=0.65, label="evaluation",
-               zorder=3)
+    searched = [p for p in ok if not p.design]
+    ax.scatter([p.n for p in searched], [p.fitness for p in searched], s=16, color=BEST_COLOR, alpha=0.65,
+               label="evaluation", zorder=3)
+    if design:
+        ax.scatter([p.n for p in design], [p.fitness for p in design], s=24, marker="^", color=BEST_COLOR,
+                   alpha=0.45, label="start design (space-filling)", zorder=3)
     if cached:
         ax.scatter([p.n for p in cached], [p.fitness for p in cached], s=16, facecolors="none",
                    edgecolors=BEST_COLOR, label="cache hit (same recipe)", zorder=3)

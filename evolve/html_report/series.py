@@ -44,6 +44,7 @@ class TracePoint:
     status: str  # "ok" or "failed"
     cached: bool  # a cache hit (the recipe was evaluated before)
     estimate: bool  # raced and stopped early: the fitness is an estimate
+    design: bool = False  # among the first ``initial_design`` asked: the search's start design
 
 
 @dataclass
@@ -60,9 +61,11 @@ def _is_estimate(rec: dict[str, Any]) -> bool:
     return isinstance(race, dict) and bool(race.get("stopped"))
 
 
-def fitness_trace(records: Sequence[dict[str, Any]]) -> FitnessTrace:
+def fitness_trace(records: Sequence[dict[str, Any]], design: int = 0) -> FitnessTrace:
     """The fitness of every train record in ledger order, the best so far (over successful,
-    fully scored ones) and the successful held-out scores at the number of what they re-score."""
+    fully scored ones) and the successful held-out scores at the number of what they re-score.
+    ``design``: the run's ``initial_design`` (its manifest's): records of the first that many
+    asked (by ``seq``) are marked as the start design's (:mod:`evolve.search.design`)."""
     trace = FitnessTrace()
     number: dict[str, int] = {}
     best: float | None = None
@@ -71,8 +74,10 @@ def fitness_trace(records: Sequence[dict[str, Any]]) -> FitnessTrace:
             continue
         n = len(trace.points) + 1
         number[rec["eval_id"]] = n
+        seq = rec.get("seq")
         point = TracePoint(n, rec["eval_id"], float(rec["fitness"]), rec["status"],
-                           rec.get("cached_from") is not None, _is_estimate(rec))
+                           rec.get("cached_from") is not None, _is_estimate(rec),
+                           isinstance(seq, int) and seq < design)
         trace.points.append(point)
         if point.status == "ok" and not point.estimate and (best is None or point.fitness > best):
             best = point.fitness
