@@ -25,7 +25,7 @@ import math
 import random
 import struct
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +41,7 @@ __all__ = [
     "encode_values",
     "fitness_interval",
     "paired_bound",
+    "stopped_early",
 ]
 
 DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
@@ -50,6 +51,13 @@ DEFAULT_FRACTIONS = (0.125, 0.25, 0.5)
 DEFAULT_Z = 1.0
 # Runs stored before the confidence was recorded in their manifest raced at this (the old default).
 LEGACY_Z = 2.0
+
+
+def stopped_early(record: Mapping[str, Any]) -> bool:
+    """Whether a ledger record is a raced candidate stopped before its last document: its fitness
+    is an estimate (it never becomes the incumbent and the reports do not rank it)."""
+    race = record.get("race")
+    return isinstance(race, dict) and bool(race.get("stopped"))
 
 
 @dataclass(frozen=True)

@@ -14,21 +14,13 @@ from typing import Any
 from merge_core.errors import RecipeError
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing or damaged (a report never fails on it)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def summarize(storage_path: Path) -> dict[str, Any]:
     """Counts, the best candidate (train and held-out; :func:`evolve.storage.best_record`, the
     one ``best_config.yaml`` holds), the top five scored in full and the baselines (the
     input models and the equal merge, :mod:`evolve.baselines`) of a run directory."""
     from evolve.baselines import baseline_provenance, baseline_summary
-    from evolve.storage import BEST_PROVENANCE, RunStorage, best_record
+    from evolve.racing import stopped_early
+    from evolve.storage import RunStorage, best_record
 
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
@@ -38,8 +30,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     train = [r for r in records if r.get("kind") == "train"]
     held = {r["of"]: r for r in records if r.get("kind") == "held_out"}
     # Ranked: successful candidates scored on every document (a raced one stopped early has an estimate).
-    ok = sorted((r for r in train if r["status"] == "ok" and not (r.get("race") or {}).get("stopped")),
-                key=lambda r: -r["fitness"])
+    ok = sorted((r for r in train if r["status"] == "ok" and not stopped_early(r)), key=lambda r: -r["fitness"])
     failed = [r for r in train if r["status"] == "failed"]
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         return {"eval_id": r["eval_id"], "fitness": r["fitness"], "scores": r["scores"],
                 "held_out_fitness": h["fitness"] if h else None}
 
-    best = best_record(train, _read_json(storage_path / BEST_PROVENANCE))
+    best = best_record(train, storage.read_provenance())
     best_held = held.get(best["eval_id"]) if best else None
     gains = baseline_provenance(records, best["fitness"] if best else None,
                                 best_held["fitness"] if best_held and best_held["status"] == "ok" else None)

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from evolve.racing import stopped_early
 from merge_core.errors import MergeError
 from merge_core.fsutil import atomic_write
 
@@ -38,7 +39,7 @@ def best_record(train: Iterable[dict[str, Any]], provenance: dict[str, Any] | No
     for rec in ok:
         if rec["eval_id"] == chosen:
             return rec
-    full = [r for r in ok if not (r.get("race") or {}).get("stopped")]
+    full = [r for r in ok if not stopped_early(r)]
     return max(full, key=lambda r: r["fitness"]) if full else None
 
 
@@ -152,6 +153,15 @@ class RunStorage:
             os.fsync(fh.fileno())
 
     # -- manifest -------------------------------------------------------------------------
+
+    def read_provenance(self) -> dict[str, Any] | None:
+        """``best_config``'s provenance, or None when there is none yet or it cannot be read (the
+        reports show a run whatever state its files are in)."""
+        try:
+            data = json.loads((self.path / BEST_PROVENANCE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def read_manifest(self) -> dict[str, Any] | None:
         """The stored run manifest, or None for a new run; StorageError when it is damaged."""

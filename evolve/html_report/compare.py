@@ -16,6 +16,7 @@ from typing import Any
 
 from evolve.baselines import short_name
 from evolve.protocols import TRAIN
+from evolve.racing import stopped_early
 
 __all__ = [
     "HeatPanel",
@@ -164,7 +165,7 @@ def tradeoff_pairs(records: Sequence[dict[str, Any]], tasks: Sequence[Any], base
     ranked = sorted(tasks, key=lambda t: -abs(float(t.weight)))
     pairs = list(combinations(ranked, 2))[:max_pairs]
     ok = [r for r in records if r.get("kind") == TRAIN and r.get("status") == "ok" and r.get("cached_from") is None
-          and not (isinstance(r.get("race"), dict) and r["race"].get("stopped"))]
+          and not stopped_early(r)]
     panels = []
     for a, b in pairs:
         panel = TradeoffPanel(a.name, b.name)

@@ -7,7 +7,6 @@ best recipe and its provenance, and whether a run holds the directory now.  Noth
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -142,7 +141,7 @@ def load_run(storage_path: Path, *, live: bool | None = None) -> RunData:
 
     Raises :class:`~merge_core.errors.RecipeError` (``--storage-path``) when it holds no run.
     """
-    from evolve.storage import BEST_CONFIG, BEST_PROVENANCE, LEDGER, MANIFEST, RunStorage
+    from evolve.storage import BEST_CONFIG, LEDGER, MANIFEST, RunStorage
 
     storage_path = Path(storage_path)
     if not (storage_path / LEDGER).exists() and not (storage_path / MANIFEST).exists():
@@ -150,14 +149,7 @@ def load_run(storage_path: Path, *, live: bool | None = None) -> RunData:
     storage = RunStorage(storage_path)
     records = storage.load_evaluations(repair=False)
     manifest = storage.read_manifest() or {}
-    provenance = None
-    text = _read_text(storage_path / BEST_PROVENANCE)
-    if text is not None:
-        try:
-            provenance = json.loads(text)
-        except ValueError:
-            provenance = None
-    return RunData(path=storage_path, manifest=manifest, records=records, provenance=provenance,
+    return RunData(path=storage_path, manifest=manifest, records=records, provenance=storage.read_provenance(),
                    best_recipe_text=_read_text(storage_path / BEST_CONFIG),
                    config_text=_read_text(storage_path / "config.yml"),
                    live=run_is_live(storage_path) if live is None else live)

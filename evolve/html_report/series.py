@@ -19,6 +19,7 @@ from typing import Any
 
 from evolve.baselines import BASELINE
 from evolve.protocols import HELD_OUT, TRAIN
+from evolve.racing import stopped_early
 
 __all__ = [
     "Bar",
@@ -56,11 +57,6 @@ class FitnessTrace:
     held_out: list[tuple[int, float, str]] = field(default_factory=list)  # (n of its train record, fitness, id)
 
 
-def _is_estimate(rec: dict[str, Any]) -> bool:
-    race = rec.get("race")
-    return isinstance(race, dict) and bool(race.get("stopped"))
-
-
 def fitness_trace(records: Sequence[dict[str, Any]], design: int = 0) -> FitnessTrace:
     """The fitness of every train record in ledger order, the best so far (over successful,
     fully scored ones) and the successful held-out scores at the number of what they re-score.
@@ -76,7 +72,7 @@ def fitness_trace(records: Sequence[dict[str, Any]], design: int = 0) -> Fitness
         number[rec["eval_id"]] = n
         seq = rec.get("seq")
         point = TracePoint(n, rec["eval_id"], float(rec["fitness"]), rec["status"],
-                           rec.get("cached_from") is not None, _is_estimate(rec),
+                           rec.get("cached_from") is not None, stopped_early(rec),
                            isinstance(seq, int) and seq < design)
         trace.points.append(point)
         if point.status == "ok" and not point.estimate and (best is None or point.fitness > best):

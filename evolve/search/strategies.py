@@ -144,8 +144,9 @@ def make_strategy(name: str, x0: Sequence[float], sigma0: float, *, design_size:
                           ) from None
     if design_size <= 0:
         return cls(x0, sigma0, **kwargs)
-    if name not in DESIGN_STRATEGIES or design_space is None:
+    if name not in DESIGN_STRATEGIES:
         raise RecipeError("search.initial_design", f"{name} takes no initial design (its first trials are its own)")
+    assert design_space is not None, "a design needs the genome's design space"
     return InitialDesign(x0, size=design_size, popsize=kwargs["popsize"], seed=kwargs["seed"], sigma0=sigma0,
                          design_dimension=design_space.design_dimension, design_point=design_space.design_point,
                          make_inner=lambda start: cls(start, sigma0, **kwargs))

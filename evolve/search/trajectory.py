@@ -32,6 +32,7 @@ import numpy as np
 
 from evolve.genome import Genome, recipe_hash
 from evolve.protocols import HELD_OUT
+from evolve.racing import stopped_early
 
 __all__ = ["ASYNC", "SCHEDULES", "SYNC", "Candidate", "Strategy", "Trajectory", "TrajectoryError"]
 
@@ -237,7 +238,7 @@ class Trajectory:
         # A raced candidate stopped early has only an estimate: it cannot be the incumbent (and
         # could not: it stopped below the cut, which is below the incumbent).
         ok = [self.results[i] for i in ids if self.results[i]["status"] == "ok"
-              and not (self.results[i].get("race") or {}).get("stopped")]
+              and not stopped_early(self.results[i])]
         if not ok:
             return False
         best = max(ok, key=lambda r: (r["fitness"], -r["index"]))
