@@ -14,9 +14,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from evolve.lock import RunLock
+from evolve import signals
+from evolve.lock import StorageClaim
 from evolve.options import RunOptions
+from evolve.storage import FINAL_MODEL
 from merge_core.errors import ModelError, RecipeError
+from merge_core.fsutil import refuse_overwrite
 
 EXIT_NO_RESULT = 1  # the search ran but no candidate was scored successfully
 
@@ -52,11 +55,6 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     the run directory is created only once the workers have scored the starting model.
     """
     from evolve import preflight
-    from evolve.config import SearchConfig, racing_confidence_of
-    from evolve.genome import Genome
-    from evolve.search import SearchDriver
-    from evolve.search.driver import RaceSettings
-    from evolve.storage import RunStorage
 
     if options.vllm:
         from evolve.evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
@@ -64,6 +62,20 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
         if not vllm_available():
             raise RecipeError("--vllm", VLLM_MISSING)
     preflight.check_storage_path(options.storage_path, resume=resume)
+    # The lock first: a second run on a busy storage path is refused before it starts anything.
+    with StorageClaim(options.storage_path) as claim:
+        return _run_claimed(options, resume, claim)
+
+
+def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
+    """:func:`run_search` once the storage path is locked (``claim``)."""
+    from evolve import preflight
+    from evolve.config import SearchConfig, racing_confidence_of
+    from evolve.genome import Genome
+    from evolve.search import SearchDriver
+    from evolve.search.driver import RaceSettings
+    from evolve.storage import RunStorage
+
     config, relative_to = preflight.load_run_config(options, resume)
     preflight.check_environment(options)
     preflight.check_task_names(config, tuple(p.resolve() for p in options.task_search_paths))
@@ -82,6 +94,10 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
                                      min_layers=config.stacking.min_layers, max_layers=config.stacking.max_layers)
     else:
         models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
+        # The run writes its files and STORAGE/final_model there: never over an input model.
+        refuse_overwrite(options.storage_path / FINAL_MODEL, [(f"the input model '{ref}'", info.path)
+                                                                for ref, info in models.infos.items()],
+                         "--storage-path's final model folder")
         genome = Genome.for_run(config.genome, models.num_layers, storage.read_manifest())
     seed = options.random_seed
     if seed is None:
@@ -97,35 +113,34 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
               "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule,
               "strategy": search_config.strategy, "racing": race if racing else None}
     SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
-    with ExitStack() as held:  # the run directory's lock, from its creation to the final model
-        with ExitStack() as resources:  # workers and observers, released before the final merge
-            pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed, racing, stacked)
-            resources.callback(pool.close)
-            first = preflight.preflight_evaluation(pool, config, models, genome.dtype)
-            if not options.quiet:
-                _print_preflight(models.evaluated, first)
-            # From here on the run owns its directory: created, locked, then written.
-            options.storage_path.mkdir(parents=True, exist_ok=True)
-            held.enter_context(RunLock(options.storage_path))
-            preflight.create_run_directory(options, relative_to)
-            if stacked is not None:
-                from evolve.stacking_sources import materialize
+    with ExitStack() as resources:  # workers and observers, released before the final merge
+        pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed, racing, stacked)
+        resources.callback(pool.close)
+        signals.install()  # again: ray.init replaced the SIGTERM handler with its own
+        first = preflight.preflight_evaluation(pool, config, models, genome.dtype)
+        if not options.quiet:
+            _print_preflight(models.evaluated, first)
+        # From here on the run owns its directory (locked since the start): then written.
+        preflight.create_run_directory(options, relative_to)
+        claim.keep()
+        if stacked is not None:
+            from evolve.stacking_sources import materialize
 
-                materialize(stacked, relative_to, seed)  # recipe sources, where the recipes name them
-            if options.baselines:  # the parents and the equal merge, scored once (stored: reused)
-                from evolve.baselines import score_baselines
+            materialize(stacked, relative_to, seed)  # recipe sources, where the recipes name them
+        if options.baselines:  # the parents and the equal merge, scored once (stored: reused)
+            from evolve.baselines import score_baselines
 
-                score_baselines(pool, storage, config, models, genome, first, quiet=options.quiet)
-            observers = _observers(options, config, seed)  # W&B writes into the run directory
-            for observer in observers:
-                resources.callback(observer.close)
-            outcome = SearchDriver(genome, storage, config, observers=observers, **search).run(pool)
-        _print_outcome(outcome, storage.path)
-        if outcome.best_recipe is None:
-            return EXIT_NO_RESULT
-        if options.save_final_model:
-            final = _save_final_model(outcome.best_recipe, relative_to, storage.path, options, seed)
-            print(f"final model: {final}")
+            score_baselines(pool, storage, config, models, genome, first, quiet=options.quiet)
+        observers = _observers(options, config, seed)  # W&B writes into the run directory
+        for observer in observers:
+            resources.callback(observer.close)
+        outcome = SearchDriver(genome, storage, config, observers=observers, **search).run(pool)
+    _print_outcome(outcome, storage.path)
+    if outcome.best_recipe is None:
+        return EXIT_NO_RESULT
+    if options.save_final_model:
+        final = _save_final_model(outcome.best_recipe, relative_to, storage.path, options, seed)
+        print(f"final model: {final}")
     return 0
 
 
@@ -217,7 +232,7 @@ def _save_final_model(recipe: dict, relative_to: Path, storage: Path, options: R
     parsed = recipe_from_dict(recipe)
     plan = plan_merge(parsed, seed=seed, relative_to=relative_to,
                       allow_crimes=options.allow_crimes, trust_remote_code=options.trust_remote_code)
-    out = storage / "final_model"
+    out = storage / FINAL_MODEL
     try:
         run_merge(plan, out, (storage / "best_config.yaml").read_text(), MergeOptions())
     except OSError as err:

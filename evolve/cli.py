@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return report(args.storage_path, as_json=args.json, html=args.html)
         from evolve.app import run_search
+        from evolve.signals import stop_on_signals
 
-        return run_search(run_options(args), resume=(verb == "resume"))
+        with stop_on_signals():
+            return run_search(run_options(args), resume=(verb == "resume"))
     except MergeError as err:
         print(f"merge-evolve: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -210,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge-evolve: error: cannot write {where}: {err.strerror}; what was recorded so far is "
               "intact: fix that, then run the same command again to resume", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("merge-evolve: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (evolve.signals)
+        from evolve.signals import exit_status, signal_name
+
+        status = exit_status(exc)
+        why = "interrupted" if status == 130 else f"stopped by {signal_name(status)}"
+        print(f"merge-evolve: {why}; what was recorded is intact: run the same command again to resume",
+              file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from merge_core.errors import RecipeError
+from merge_core.yaml_io import BoundedLoader, load_yaml_file, short_repr
 
 # Genes per (layer group, model, filter set), in gene order; "weight"/"t" always first.
 # mergekit-evolve supports the first five; the others are ours (same gene layout as ties).
@@ -155,9 +156,10 @@ class EvolveConfig(_Strict):
     search: Optional[SearchConfig] = None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a mapping with a repeated key (plain YAML keeps the last one,
-    so a duplicated ``tasks:`` or ``limit:`` would silently replace the first)."""
+class UniqueKeyLoader(BoundedLoader):
+    """A bounded SafeLoader (:mod:`merge_core.yaml_io`: no alias bombs, no huge files) that
+    refuses a mapping with a repeated key (plain YAML keeps the last one, so a duplicated
+    ``tasks:`` or ``limit:`` would silently replace the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -169,26 +171,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if first != key_node.start_mark.line + 1:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {first})", key_node.start_mark)
+                    None, None, f"duplicate key {short_repr(key)} (first at line {first})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """The YAML mapping in ``path``; a one-line RecipeError naming the file (and the line) when it
-    cannot be read, is not text, is not YAML, repeats a key or is not a mapping."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(str(path), f"cannot read {what}: not a UTF-8 text file") from None
-    except OSError as exc:
-        raise RecipeError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise RecipeError(str(path), f"invalid YAML{where}: {problem}") from None
+    cannot be read, is not text, is too large, is not YAML, repeats a key or is not a mapping."""
+    data = load_yaml_file(path, what, UniqueKeyLoader)
     if not isinstance(data, dict):
         raise RecipeError(str(path), f"{what} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -235,7 +225,7 @@ def _one_line(exc: ValidationError) -> RecipeError:
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or "-" in p)))
     msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if "input" in first and first["type"] not in ("missing",):
-        msg += f" (got {first['input']!r:.60})"
+        msg += f" (got {short_repr(first['input'])})"
     return RecipeError(_yaml_path(loc), msg)
 
 
@@ -260,7 +250,7 @@ def _check_references(field: str, refs: list[str], what: str) -> None:
         if not ref.strip():
             raise RecipeError(f"{field}[{i}]", f"empty {what} reference")
         if ref in seen:
-            raise RecipeError(f"{field}[{i}]", f"{ref!r} is already {field}[{seen[ref]}]")
+            raise RecipeError(f"{field}[{i}]", f"{short_repr(ref)} is already {field}[{seen[ref]}]")
         seen[ref] = i
 
 

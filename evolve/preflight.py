@@ -172,7 +172,7 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
 
     from evolve.genome import Genome
     from merge_core.architecture import architecture_for
-    from merge_core.model_ref import load_model_info, resolve_model_ref
+    from merge_core.model_ref import load_model, refuse_same_model_twice
     from merge_core.planner import Planner
     from merge_core.recipe import recipe_from_dict
 
@@ -181,13 +181,14 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     depth: dict[str, int] = {}
     for where, ref in refs:
         try:
-            path = resolve_model_ref(ref, relative_to=relative_to)
-            info = load_model_info(ref, path)
+            info = load_model(ref, relative_to=relative_to)
             arch = architecture_for(info.config, ref)
         except ModelError as err:
             raise RecipeError(where, str(err)) from None
         infos[ref] = info
         depth[ref] = arch.num_layers(info.config)
+    genome_models = [(f"genome.models[{i}]", m) for i, m in enumerate(config.genome.models)]
+    refuse_same_model_twice([(where, ref, infos[ref].identity) for where, ref in genome_models])
     first_where, first = refs[0]
     for where, ref in refs[1:]:
         if depth[ref] != depth[first]:

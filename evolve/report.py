@@ -19,13 +19,15 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     one ``best_config.yaml`` holds), the top five scored in full and the baselines (the
     input models and the equal merge, :mod:`evolve.baselines`) of a run directory."""
     from evolve.baselines import baseline_provenance, baseline_summary
+    from evolve.ledger_check import readable_records
     from evolve.racing import stopped_early
     from evolve.storage import RunStorage, best_record
 
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
     storage = RunStorage(storage_path)
-    records = storage.load_evaluations(repair=False)  # read-only: a torn last line is skipped, not cut
+    # Read-only: a torn last line is skipped, not cut; records the report cannot read are named once.
+    records, problems = readable_records(storage.load_evaluations(repair=False))
     manifest = storage.read_manifest() or {}
     train = [r for r in records if r.get("kind") == "train"]
     held = {r["of"]: r for r in records if r.get("kind") == "held_out"}
@@ -60,13 +62,19 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "gain_over_best_parent": gains["gain_over_best_parent"],
         "held_out_gain_over_best_parent": gains["held_out_gain_over_best_parent"],
         "best_config": str(storage_path / "best_config.yaml") if (storage_path / "best_config.yaml").exists() else None,
+        "ledger_problems": problems,
     }
 
 
 def report(storage_path: Path, *, as_json: bool = False, html: str | None = None) -> int:
     """Print the summary of a run directory; exit code 0.  ``html``: also write the HTML report
     there ("" = ``DIR/report.html``)."""
+    from evolve.ledger_check import ledger_warning
+
     summary = summarize(storage_path)
+    warning = ledger_warning(summary["ledger_problems"])
+    if warning is not None:
+        print(f"merge-evolve report: {warning}", file=sys.stderr)
     if html is not None:
         from evolve.html_report import write_html_report
 

@@ -14,15 +14,16 @@ with ``merge-yaml`` and ``mergekit-yaml``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evolve.config import StackingConfig
+from evolve.storage import FINAL_MODEL
 from evolve.workers.stacking import StackingSource, StackingSpec
 from merge_core.errors import ModelError, RecipeError
+from merge_core.yaml_io import load_yaml_file
 
 __all__ = ["CheckedSources", "check_sources", "is_recipe", "materialize"]
 
@@ -68,15 +69,17 @@ def _read(where: str, ref: str, relative_to: Path) -> tuple[Any, dict[str, Any] 
     try:
         if is_recipe(ref):
             path = Path(ref) if Path(ref).is_absolute() else relative_to / ref
-            try:
-                recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-                raise ModelError(f"cannot read recipe {path}: {exc}") from None
+            recipe = load_yaml_file(path, "recipe")
+            if not isinstance(recipe, dict):
+                raise ModelError(f"{path}: a recipe is a YAML mapping, got {type(recipe).__name__}")
             planner = Planner(relative_to=relative_to)
             plan = planner.plan(recipe_from_dict(recipe))
             donor = plan.models[plan.base_model if plan.base_model is not None else 0]
             info = planner.models[donor.reference]
             return info, {**recipe, "_depth": int(plan.out_config["num_hidden_layers"])}, Path(donor.path)
+        if "+" in ref:
+            raise ModelError(f"'{ref}': a LoRA reference ('base+adapter') cannot be a stacking source; merge it "
+                             "first (`merge-yaml`, or a recipe file as the source)")
         folder = resolve_model_ref(ref, relative_to=relative_to)
         return load_model_info(ref, folder), None, folder
     except (ModelError, RecipeError) as err:
@@ -86,6 +89,8 @@ def _read(where: str, ref: str, relative_to: Path) -> tuple[Any, dict[str, Any] 
 def check_sources(stacking: StackingConfig, relative_to: Path, storage: Path) -> CheckedSources:
     """Read and check every source (see the module docstring); nothing is merged or written."""
     from merge_core.architecture import architecture_for
+    from merge_core.fsutil import refuse_overwrite
+    from merge_core.model_ref import refuse_same_model_twice
 
     rows = []
     for i, ref in enumerate(stacking.sources):
@@ -112,6 +117,10 @@ def check_sources(stacking: StackingConfig, relative_to: Path, storage: Path) ->
         if _tokenizer_digest(folder) != _tokenizer_digest(first[4]):
             raise RecipeError(where, f"the tokenizer of '{ref}' differs from stacking.sources[0]'s: stacked "
                                      "layers must read the same token ids")
+    models = [(where, ref, folder) for where, ref, _, recipe, folder, *_ in rows if recipe is None]
+    refuse_same_model_twice([(where, ref, os.path.realpath(folder)) for where, ref, folder in models])
+    refuse_overwrite(storage / FINAL_MODEL, [(f"{where} '{ref}'", folder) for where, ref, folder in models],
+                     "--storage-path's final model folder")
     depth = first[6]
     slots = stacking.slots or depth
     for name in ("min_layers", "max_layers"):
@@ -139,7 +148,7 @@ def materialize(checked: CheckedSources, relative_to: Path, seed: int) -> None:
     for target, recipe_file in checked.recipes.items():
         if (Path(target) / "config.json").is_file():
             continue  # written by an earlier session of this run
-        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        recipe = load_yaml_file(recipe_file, "recipe")
         plan = plan_merge(recipe_from_dict(recipe), seed=seed, relative_to=relative_to)
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         run_merge(plan, Path(target), recipe_file.read_text(encoding="utf-8"), MergeOptions())

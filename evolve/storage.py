@@ -26,6 +26,7 @@ LEDGER = "evaluations.jsonl"
 MANIFEST = "run.json"
 BEST_CONFIG = "best_config.yaml"
 BEST_PROVENANCE = "best_config.provenance.json"
+FINAL_MODEL = "final_model"  # the best recipe merged at the end of a run
 
 
 def best_record(train: Iterable[dict[str, Any]], provenance: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--low-cpu-memory", "--lazy-unpickle", "--gpu-rich", "--clone-tensors",
                  "--lazy-loader", "--safe-serialization", "--verbose", "-v"):
         parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
+                        help="dtype of the tensors a 'base+adapter' input's adapter changes (computed in "
+                             "float32; default: the base tensor's dtype)")
     parser.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
+    # mergekit writes base+adapter merges to this cache; here adapters are merged when read.
     parser.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> Path:
     try:
         from merge_core.errors import RecipeError
         from merge_core.executor import MergeOptions, run_merge
-        from merge_core.planner import plan_merge
+        from merge_core.fsutil import refuse_overwrite
+        from merge_core.planner import plan_merge, torch_dtype
         from merge_core.recipe import load_recipe
         from merge_core.writer import parse_size
     finally:
@@ -90,13 +95,20 @@ def run(args: argparse.Namespace) -> Path:
         shard_size = parse_size(args.out_shard_size)
     except ValueError as err:
         raise RecipeError("--out-shard-size", str(err)) from None
+    try:
+        lora_merge_dtype = torch_dtype(args.lora_merge_dtype, aliases=True)
+    except KeyError:
+        raise RecipeError("--lora-merge-dtype", f"unknown dtype {args.lora_merge_dtype!r}") from None
     recipe = load_recipe(args.config)
+    # The output folder is replaced whole: never where the recipe lies (the models: run_merge).
+    refuse_overwrite(args.out_path, [("the recipe", args.config)], "OUT_DIR")
     plan = plan_merge(
         recipe,
         seed=args.random_seed,
         relative_to=args.config.parent,
         allow_crimes=args.allow_crimes,
         trust_remote_code=args.trust_remote_code,
+        lora_merge_dtype=lora_merge_dtype,
     )
     options = MergeOptions(
         device=device,

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import ModelError
+from merge_core.fsutil import refuse_overwrite
 from merge_core.kernels.inputs import TensorInputs
+from merge_core.lora import open_checkpoint
 from merge_core.methods import get_method
 from merge_core.model_card import render_model_card
 from merge_core.plan_types import MergePlan, TensorTask
@@ -217,10 +219,17 @@ def iter_merged_tensors(
 
 
 def run_merge(plan: MergePlan, out_dir: Path, recipe_yaml: str, options: MergeOptions) -> Path:
-    """Merge ``plan`` into ``out_dir`` (written to a temp dir, renamed into place at the end)."""
+    """Merge ``plan`` into ``out_dir`` (written to a temp dir, renamed into place at the end).
+
+    ``out_dir`` is replaced whole: a MergeError, before anything is written, when it is, is
+    inside or contains an input model's folder (the tokenizer source is one of them).
+    """
+    protected = [(f"the input model '{m.reference}'", m.path) for m in plan.models]
+    protected += [(f"the adapter of '{m.reference}'", m.adapter.path) for m in plan.models if m.adapter is not None]
+    refuse_overwrite(out_dir, protected, "the output directory")
     with ExitStack() as stack:
         readers = {
-            i: stack.enter_context(CheckpointReader(model.path)) for i, model in enumerate(plan.models)
+            i: stack.enter_context(open_checkpoint(*model.source)) for i, model in enumerate(plan.models)
         }
         writer = stack.enter_context(ShardedModelWriter(out_dir, options.out_shard_size, fsync=options.fsync))
         # Announcing every output tensor lets the writer stream each one to its final place

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -48,3 +49,33 @@ def atomic_write(path: Path | str, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def real_path(path: Path | str) -> Path:
+    """``path`` absolute, with every symlink and ``..`` resolved (it need not exist)."""
+    return Path(os.path.realpath(path))
+
+
+def overlap(a: Path | str, b: Path | str) -> str | None:
+    """How ``a`` and ``b`` share files once resolved: "is", "is inside", "contains", or None."""
+    ra, rb = real_path(a), real_path(b)
+    if ra == rb:
+        return "is"
+    if rb in ra.parents:
+        return "is inside"
+    if ra in rb.parents:
+        return "contains"
+    return None
+
+
+def refuse_overwrite(out: Path | str, protected: Iterable[tuple[str, Path | str]], what: str) -> None:
+    """A MergeError when the output ``out`` (a file or a folder that is replaced whole) is, is
+    inside, or contains a ``protected`` path, given as (its description, its path): writing there
+    would destroy an input.  ``what`` names the output in the message (a flag or an argument)."""
+    from merge_core.errors import MergeError
+
+    for name, path in protected:
+        how = overlap(out, path)
+        if how is not None:
+            raise MergeError(f"{what} '{out}' {how} {name} ({real_path(path)}): writing there would destroy it; "
+                             "choose another output path")

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,8 +28,10 @@ from merge_core.errors import ModelError
 from merge_core.executor import merge_tensor
 from merge_core.kernels import fused
 from merge_core.kernels.inputs import TensorInputs
+from merge_core.lora import open_checkpoint
 from merge_core.plan_types import MergePlan, TensorTask
-from merge_core.tensor_io import CheckpointReader
+
+Source = tuple[Path, Any]  # an input's folder and LoRA adapter (InputModel.source)
 
 
 def _return_freed_memory() -> None:
@@ -129,8 +132,8 @@ class InMemoryMerger:
                  share: bool | None = None, state_on_device: bool = False):
         self.device = torch.device(device)
         self._dtype = dtype or (plan.dtype if plan is not None else None)
-        self._readers: dict[Path, CheckpointReader] = {}
-        self._tensors: dict[tuple[Path, str], torch.Tensor] = {}
+        self._readers: dict[Source, Any] = {}  # CheckpointReader or LoraReader
+        self._tensors: dict[tuple[Source, str], torch.Tensor] = {}
         self._inputs: dict[tuple, TensorInputs] = {}
         self.input_bytes = 0
         self.shared_bytes = 0  # of input_bytes: mapped from the page cache (shared by the node)
@@ -155,13 +158,11 @@ class InMemoryMerger:
                 self._source_keys(plan, task)
             self._close_readers()
 
-    def _tensor(self, key: tuple[Path, str]) -> torch.Tensor:
+    def _tensor(self, key: tuple[Source, str]) -> torch.Tensor:
         tensor = self._tensors.get(key)
         if tensor is None:
             path, name = key
-            reader = self._readers.get(path)
-            if reader is None:
-                reader = self._readers[path] = CheckpointReader(path)
+            reader = self._reader(path)
             if self._share and self._dtype in (None, reader.dtype(name)) and reader.mappable(name):
                 # Read-only use of a copy-on-write map: the page cache's pages, shared by every
                 # process that maps the file (a stray write would copy one page, not corrupt).
@@ -177,8 +178,8 @@ class InMemoryMerger:
         return tensor
 
     def _source_keys(self, plan: MergePlan, task: TensorTask,
-                     paths: list[Path] | None = None) -> tuple[tuple[Path, str], ...]:
-        paths = paths or [Path(m.path) for m in plan.models]
+                     paths: list[Source] | None = None) -> tuple[tuple[Source, str], ...]:
+        paths = paths or [m.source for m in plan.models]
         keys = tuple((paths[s.model], s.tensor) for s in task.sources)
         for key in keys:
             self._tensor(key)
@@ -194,21 +195,20 @@ class InMemoryMerger:
         total, seen = 0, set()
         for task in plan.tasks:
             for src in task.sources:
-                key = (Path(plan.models[src.model].path), src.tensor)
+                key = (plan.models[src.model].source, src.tensor)
                 if key in seen:
                     continue
                 seen.add(key)
-                reader = self._readers.get(key[0])
-                if reader is None:
-                    reader = self._readers[key[0]] = CheckpointReader(key[0])
+                reader = self._reader(key[0])
                 itemsize = self._dtype.itemsize if self._dtype is not None else reader.dtype(src.tensor).itemsize
                 total += itemsize * int(torch.Size(reader.shape(src.tensor)).numel())
         return total
 
-    def _reader(self, path: Path) -> CheckpointReader:
-        reader = self._readers.get(path)
+    def _reader(self, source: Source) -> Any:
+        """The reader of ``source`` (an input's folder and adapter), opened once."""
+        reader = self._readers.get(source)
         if reader is None:
-            reader = self._readers[path] = CheckpointReader(path)
+            reader = self._readers[source] = open_checkpoint(*source)
         return reader
 
     def plan_output_bytes(self, plan: MergePlan) -> int:
@@ -216,7 +216,7 @@ class InMemoryMerger:
         total = 0
         for task in plan.tasks:
             first = task.sources[0]
-            reader = self._reader(Path(plan.models[first.model].path))
+            reader = self._reader(plan.models[first.model].source)
             dtype = plan.out_dtype or self._dtype or reader.dtype(first.tensor)
             total += int(torch.Size(reader.shape(first.tensor)).numel()) * dtype.itemsize
         return total
@@ -231,7 +231,7 @@ class InMemoryMerger:
         for task in plan.tasks:
             if task.method in methods:
                 first = task.sources[0]
-                reader = self._reader(Path(plan.models[first.model].path))
+                reader = self._reader(plan.models[first.model].source)
                 takers = len(task.sources) - (task.base_index is not None)
                 elements += int(torch.Size(reader.shape(first.tensor)).numel()) * takers
         per = max(CACHE_BYTES_PER_ELEMENT[m] for m in methods)
@@ -258,7 +258,7 @@ class InMemoryMerger:
         seen: set[int] = set()
         return sum(_nbytes(value, seen) for inputs in self._inputs.values() for value in inputs.cache.values())
 
-    def _inputs_for(self, plan: MergePlan, task: TensorTask, paths: list[Path]) -> TensorInputs:
+    def _inputs_for(self, plan: MergePlan, task: TensorTask, paths: list[Source]) -> TensorInputs:
         keys = self._source_keys(plan, task, paths)
         if not self.resident:  # one-shot copies on the compute device, freed after the merge
             tensors = [self._tensors[k].to(self.device, non_blocking=True) for k in keys]
@@ -280,7 +280,7 @@ class InMemoryMerger:
 
         start = time.perf_counter()
         params = target.state_dict() if isinstance(target, torch.nn.Module) else target
-        paths = [Path(m.path) for m in plan.models]  # once per plan: Path() per tensor showed in profiles
+        paths = [m.source for m in plan.models]  # once per plan: Path() per tensor showed in profiles
         for task in plan.tasks:
             out = params.get(task.output)
             if out is None:

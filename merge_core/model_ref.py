@@ -20,7 +20,7 @@ from typing import Any
 
 from merge_core.checkpoint_files import INDEX_FILE, SINGLE_FILE, load_config, read_weight_map
 from merge_core.dtypes import safetensors_codes
-from merge_core.errors import ModelError
+from merge_core.errors import ModelError, RecipeError
 
 _REPO_ID_RE = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -182,11 +182,53 @@ class ModelInfo:
     """What the planner knows about one input model (read once, cached by the Planner)."""
 
     reference: str
-    path: Path
+    path: Path  # the model's folder (the base model's, for a 'base+adapter' reference)
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
+    adapter: Any = None  # merge_core.lora.LoraAdapter merged into it when read, or None
+
+    @property
+    def source(self) -> tuple[Path, Any]:
+        """What its tensors are read from: (folder, adapter), for :func:`merge_core.lora.open_checkpoint`."""
+        return self.path, self.adapter
+
+    @property
+    def identity(self) -> str:
+        """The real path of its folder (and adapter): two spellings of one model have one identity."""
+        real = os.path.realpath(self.path)
+        return real if self.adapter is None else f"{real}+{os.path.realpath(self.adapter.path)}"
 
 
 def load_model_info(reference: str, path: Path) -> ModelInfo:
     """Read config.json and the tensor headers of the model ``reference`` resolved to ``path``."""
     return ModelInfo(reference, path, load_config(path, reference), read_tensor_index(path, reference))
+
+
+def load_model(ref: str, *, relative_to: Path | None = None, download: bool = False,
+               lora_merge_dtype: Any = None) -> ModelInfo:
+    """Resolve and read model reference ``ref``; ``base+adapter`` is the base with the LoRA
+    adapter merged when read (:mod:`merge_core.lora`; both parts resolved like models, the
+    adapter matched against the base's tensors).  Raises ModelError naming ``ref``."""
+    from merge_core.lora import load_adapter, split_lora_ref
+
+    base_ref, adapter_ref = split_lora_ref(ref)
+    info = load_model_info(ref, resolve_model_ref(base_ref, relative_to=relative_to, download=download))
+    if adapter_ref is None:
+        return info
+    adapter_dir = resolve_model_ref(adapter_ref, relative_to=relative_to, download=download)
+    shapes = {name: t.shape for name, t in info.tensors.items()}
+    return ModelInfo(ref, info.path, info.config, info.tensors,
+                     load_adapter(ref, adapter_dir, shapes, lora_merge_dtype))
+
+
+def refuse_same_model_twice(entries: list[tuple[str, str, str]]) -> None:
+    """(field, reference, identity: :attr:`ModelInfo.identity` or a real path) of a list of models:
+    a RecipeError naming both fields when two references name the same model under other
+    spellings (``zoo/a``, ``./zoo/a/``, a symlink to it, a hub id and its cache folder), which
+    would count one model twice."""
+    seen: dict[str, tuple[str, str]] = {}
+    for where, ref, identity in entries:
+        if identity in seen and seen[identity][1] != ref:
+            first_where, first_ref = seen[identity]
+            raise RecipeError(where, f"'{ref}' is the same model as {first_where} '{first_ref}' (both are {identity})")
+        seen.setdefault(identity, (where, ref))

@@ -23,6 +23,7 @@ from typing import Any
 
 from merge_core.errors import MethodError, RecipeError
 from merge_core.methods.base import ParamSpec, ParamValue
+from merge_core.yaml_io import short_repr
 
 Scalar = bool | int | float | str
 _SCALARS = (bool, int, float, str)
@@ -40,8 +41,7 @@ class SettingError(ValueError):
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value)
 
 
 def _check_value(raw: Any, subpath: str) -> Any:

@@ -23,8 +23,14 @@ class InputModel:
     """One input model as the recipe names it, and where it lives on disk."""
 
     reference: str  # as written in the recipe (hub id, maybe with @revision, or a path)
-    path: Path  # resolved local directory
+    path: Path  # resolved local directory (of the base model, for a 'base+adapter' reference)
     config: dict[str, Any]  # its config.json
+    adapter: Any = None  # merge_core.lora.LoraAdapter merged into it when read ('base+adapter'), or None
+
+    @property
+    def source(self) -> tuple[Path, Any]:
+        """What its tensors are read from: (folder, adapter), for :func:`merge_core.lora.open_checkpoint`."""
+        return Path(self.path), self.adapter
 
 
 @dataclass(frozen=True)

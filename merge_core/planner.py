@@ -34,7 +34,7 @@ from merge_core.errors import MethodError, ModelError, RecipeError
 from merge_core.kernels.inputs import TensorParams
 from merge_core.methods import get_method
 from merge_core.methods.base import MergeMethod
-from merge_core.model_ref import ModelInfo, load_model_info, resolve_model_ref
+from merge_core.model_ref import ModelInfo, load_model, refuse_same_model_twice
 from merge_core.params import Scope, resolve_param
 from merge_core.plan_types import InputModel, MergePlan, TensorSource, TensorTask
 from merge_core.recipe import Module, Recipe
@@ -155,11 +155,13 @@ class Planner:
         relative_to: Path | None = None,
         allow_crimes: bool = False,
         download: bool = False,
+        lora_merge_dtype: Any = None,
     ) -> None:
         self.models: dict[str, ModelInfo] = dict(models or {})
         self.relative_to = relative_to
         self.allow_crimes = allow_crimes
         self.download = download
+        self.lora_merge_dtype = lora_merge_dtype  # dtype of the tensors a 'base+adapter' input changes
         self._structures: dict[Any, _Structure] = {}
 
     # -- models ---------------------------------------------------------------------------
@@ -168,12 +170,23 @@ class Planner:
         info = self.models.get(ref)
         if info is None:
             try:
-                path = resolve_model_ref(ref, relative_to=self.relative_to, download=self.download)
+                info = load_model(ref, relative_to=self.relative_to, download=self.download,
+                                  lora_merge_dtype=self.lora_merge_dtype)
             except ModelError as err:
                 raise RecipeError(f"{yaml_path}", str(err)) from None
-            info = load_model_info(ref, path)
             self.models[ref] = info
         return info
+
+    def _refuse_same_model_twice(self, recipe: Recipe) -> None:
+        """Within one ``models:`` list or one slice's ``sources:``, two spellings of one folder
+        would count one model twice (the recipe's own check compares strings only)."""
+        for prefix, section in recipe.input_sections():
+            groups = [(f"{prefix}models", [m.model for m in section.models or ()])]
+            groups += [(f"{prefix}slices[{i}].sources", [s.model for s in sl.sources])
+                       for i, sl in enumerate(section.slices or ())]
+            for where, refs in groups:
+                refuse_same_model_twice([(f"{where}[{i}].model", ref, self.models[ref].identity)
+                                         for i, ref in enumerate(refs) if ref in self.models])
 
     # -- structure ------------------------------------------------------------------------
     @staticmethod
@@ -334,6 +347,7 @@ class Planner:
         except MethodError as err:
             raise RecipeError("merge_method", str(err)) from None
         st = self._structure(recipe, method)
+        self._refuse_same_model_twice(recipe)
         tokenizer_source = self._tokenizer_source(recipe, st.models)
         # Parameters come from THIS recipe (the cached structure may stem from another one).
         slices, module_params = _normalize(recipe)
@@ -373,7 +387,8 @@ class Planner:
                 seed=tensor_seed(seed, sk.output) if method.randomized else None,
             ))
         return MergePlan(
-            models=[InputModel(ref, self.models[ref].path, self.models[ref].config) for ref in st.models],
+            models=[InputModel(ref, self.models[ref].path, self.models[ref].config, self.models[ref].adapter)
+                    for ref in st.models],
             tasks=tasks,
             out_config=copy.deepcopy(st.out_config),
             dtype=torch_dtype(recipe.dtype),
@@ -423,12 +438,16 @@ def plan_merge(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     download: bool = False,
+    lora_merge_dtype: Any = None,
 ) -> MergePlan:
     """Plan ``recipe`` (resolving and reading its models).  ``seed`` seeds the randomized
     methods per tensor (0 when None).  ``trust_remote_code`` is accepted for mergekit CLI
-    parity: planning reads config.json as data and never runs model code."""
+    parity: planning reads config.json as data and never runs model code.  ``lora_merge_dtype``:
+    the dtype of the tensors a ``base+adapter`` input changes (default: the base tensor's)."""
     del trust_remote_code
-    return Planner(relative_to=relative_to, allow_crimes=allow_crimes, download=download).plan(recipe, seed=seed)
+    planner = Planner(relative_to=relative_to, allow_crimes=allow_crimes, download=download,
+                      lora_merge_dtype=lora_merge_dtype)
+    return planner.plan(recipe, seed=seed)
 
 
 __all__ = ["Planner", "plan_merge", "tensor_seed", "torch_dtype"]

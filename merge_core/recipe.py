@@ -23,8 +23,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, mo
 from pydantic_core import PydanticCustomError
 
 from merge_core.dtypes import RECIPE_DTYPES
-from merge_core.errors import MethodError, RecipeError, first_line
+from merge_core.errors import MethodError, RecipeError
 from merge_core.params import SettingError, check_setting, coerce_value, iter_values
+from merge_core.yaml_io import load_yaml_file, load_yaml_text, short_repr
 
 
 def _fail(subpath: str, message: str) -> PydanticCustomError:
@@ -33,15 +34,14 @@ def _fail(subpath: str, message: str) -> PydanticCustomError:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value)
 
 
 def _model_ref(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail("", f"expected a model reference (hub id or directory), got {_short(value)}")
-    if "+" in value:
-        raise _fail("", f"LoRA references ('model+lora') are not supported, got '{value}'")
+    if "+" in value and not all(part.strip() for part in value.split("+", 1)):
+        raise _fail("", f"expected 'base_model+adapter' (both parts non-empty), got '{value}'")
     if value.count("@") > 1:
         raise _fail("", f"at most one '@' (before the revision), got '{value}'")
     return value
@@ -309,13 +309,7 @@ def parse_recipe(data: str | dict[str, Any], *, source: str = "recipe") -> Recip
     ``source`` names the file in YAML syntax errors.  Raises RecipeError (one line).
     """
     if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or first_line(str(err))
-            raise RecipeError("", f"{source}: invalid YAML{where}: {problem}") from None
+        data = load_yaml_text(data, source)
     if not isinstance(data, dict):
         raise RecipeError("", f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:
@@ -332,11 +326,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate the recipe file ``path``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError("", f"cannot read recipe {path}: {err.strerror or err}") from None
-    return parse_recipe(text, source=str(path))
+    return parse_recipe(load_yaml_file(path, "recipe"), source=str(path))
 
 
 def _parameter_scopes(recipe: Recipe) -> list[tuple[str, dict[str, Any] | None, bool]]:

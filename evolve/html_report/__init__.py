@@ -138,7 +138,7 @@ def write_html_report(storage_path: Path, out: Path | None = None, *, live: bool
     ``report.html``) atomically; returns the path.  A place that cannot be written is a
     :class:`~merge_core.errors.RecipeError` naming ``--html``."""
     from merge_core.errors import RecipeError
-    from merge_core.fsutil import atomic_write
+    from merge_core.fsutil import atomic_write, overlap, real_path
 
     storage_path = Path(storage_path)
     target = storage_path / REPORT_FILE if out is None else Path(out)
@@ -146,6 +146,11 @@ def write_html_report(storage_path: Path, out: Path | None = None, *, live: bool
         target = target / REPORT_FILE
     if not target.parent.is_dir():
         raise RecipeError("--html", f"'{target.parent}' is not a directory")
+    own = storage_path / REPORT_FILE
+    if real_path(target) != real_path(own) and overlap(target, storage_path) is not None:
+        # The ledger, run.json, config.yml, best_config.yaml... a report must never replace them.
+        raise RecipeError("--html", f"'{target}' is inside the run directory '{storage_path}', where only "
+                                    f"'{own}' may be written (the run's own files would be lost)")
     text = build_report(storage_path, live=live)
     try:
         atomic_write(target, text.encode("utf-8"))

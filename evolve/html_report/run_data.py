@@ -141,13 +141,14 @@ def load_run(storage_path: Path, *, live: bool | None = None) -> RunData:
 
     Raises :class:`~merge_core.errors.RecipeError` (``--storage-path``) when it holds no run.
     """
+    from evolve.ledger_check import readable_records
     from evolve.storage import BEST_CONFIG, LEDGER, MANIFEST, RunStorage
 
     storage_path = Path(storage_path)
     if not (storage_path / LEDGER).exists() and not (storage_path / MANIFEST).exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
     storage = RunStorage(storage_path)
-    records = storage.load_evaluations(repair=False)
+    records, _ = readable_records(storage.load_evaluations(repair=False))  # `report` warns about the rest
     manifest = storage.read_manifest() or {}
     return RunData(path=storage_path, manifest=manifest, records=records, provenance=storage.read_provenance(),
                    best_recipe_text=_read_text(storage_path / BEST_CONFIG),
