@@ -208,11 +208,26 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     genome = Genome(config.genome, depth[first])
     template = genome.decode(genome.initial_point(False, np.random.default_rng(0)))
     try:
-        Planner(infos, relative_to=relative_to, allow_crimes=allow_crimes).plan(recipe_from_dict(template))
+        plan = Planner(infos, relative_to=relative_to, allow_crimes=allow_crimes).plan(recipe_from_dict(template))
     except (RecipeError, ModelError) as err:
         message = err.message if isinstance(err, RecipeError) and not err.path else str(err)
         raise RecipeError("genome", f"the genome's models cannot be merged: {message}") from None
+    _refuse_a_vocabulary_the_workers_cannot_hold(plan, evaluated)
     return CheckedModels(infos, depth[first], evaluated)
+
+
+def _refuse_a_vocabulary_the_workers_cannot_hold(plan: Any, evaluated: str) -> None:
+    """The workers write each candidate into the evaluated model as it is loaded (its rows, its
+    tokenizer): a merged vocabulary must be that model's own, same tokens, same ids."""
+    vocab = plan.vocabulary
+    if vocab is None:
+        return
+    rows = vocab.rows.get(evaluated, [])
+    if vocab.size != len(rows) or rows != list(range(len(rows))):
+        raise RecipeError("genome.tokenizer_source", f"the models' merged vocabulary ({len(vocab.tokens)} tokens) "
+                                                     f"is not '{evaluated}''s own; merge-evolve evaluates candidates "
+                                                     "in that model's vocabulary and cannot evaluate a merged one yet: "
+                                                     "give the models one tokenizer, or merge them with merge-yaml")
 
 
 # -- tasks --------------------------------------------------------------------------------

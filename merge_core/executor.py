@@ -19,6 +19,7 @@ from collections.abc import Generator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +84,16 @@ def _tokenizer_dir(plan: MergePlan) -> Path | None:
     raise ModelError(f"tokenizer_source: '{source}' is not one of the merged models")
 
 
+def _write_tokenizer(tokenizer: Any, writer: ShardedModelWriter) -> None:
+    """Save a transformers tokenizer into the output (through a scratch folder: the writer
+    places every file itself)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        copy_tokenizer_files(scratch, writer)
+
+
 def _written_dtype(plan: MergePlan, readers: dict[int, CheckpointReader], task: TensorTask) -> torch.dtype:
     """The dtype ``task``'s result is stored in: recipe ``out_dtype``, else ``dtype``, else the
     first input's own dtype."""
@@ -93,10 +104,11 @@ def _written_dtype(plan: MergePlan, readers: dict[int, CheckpointReader], task: 
 def _read_inputs(
     plan: MergePlan, readers: dict[int, CheckpointReader], task: TensorTask, device: str
 ) -> list[torch.Tensor]:
-    return [
+    tensors = [
         readers[s.model].get(s.tensor, dtype=plan.dtype, device=device, mapped=True)
         for s in task.sources
     ]
+    return plan.aligned(task, tensors)  # token-indexed rows onto a merged vocabulary
 
 
 class _ReadAhead:
@@ -235,7 +247,8 @@ def run_merge(plan: MergePlan, out_dir: Path, recipe_yaml: str, options: MergeOp
         # Announcing every output tensor lets the writer stream each one to its final place
         # in its shard instead of holding a whole shard (up to 5 GB) in memory.
         writer.declare(
-            (t.output, _written_dtype(plan, readers, t), _source_shape(readers, t)) for t in plan.tasks
+            (t.output, _written_dtype(plan, readers, t), plan.output_shape(t, _source_shape(readers, t)))
+            for t in plan.tasks
         )
         # Closed (stopping the read-ahead thread) before the readers' files, even on errors.
         merged = stack.enter_context(closing(iter_merged_tensors(plan, readers, options.device)))
@@ -253,7 +266,9 @@ def run_merge(plan: MergePlan, out_dir: Path, recipe_yaml: str, options: MergeOp
             config["torch_dtype"] = str(written).removeprefix("torch.")
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
         tokenizer_dir = _tokenizer_dir(plan)
-        if options.copy_tokenizer and tokenizer_dir is not None:
+        if plan.vocabulary is not None:  # the merged vocabulary's tokenizer, always (as mergekit)
+            _write_tokenizer(plan.vocabulary.tokenizer, writer)
+        elif options.copy_tokenizer and tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, writer)
         if plan.chat_template:
             _write_chat_template(writer, plan.chat_template)

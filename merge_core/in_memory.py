@@ -181,9 +181,28 @@ class InMemoryMerger:
                      paths: list[Source] | None = None) -> tuple[tuple[Source, str], ...]:
         paths = paths or [m.source for m in plan.models]
         keys = tuple((paths[s.model], s.tensor) for s in task.sources)
+        if plan.vocabulary is not None and task.vocab_axis is not None:
+            return self._aligned_keys(plan, task, keys)
         for key in keys:
             self._tensor(key)
         return keys
+
+    def _aligned_keys(self, plan: MergePlan, task: TensorTask,
+                      keys: tuple[tuple[Source, str], ...]) -> tuple[tuple[Source, str], ...]:
+        """Keys of ``task``'s inputs re-indexed to the plan's merged vocabulary, computed once
+        (then resident like any input: never per candidate)."""
+        aligned = tuple((source, f"{name}|vocabulary") for source, name in keys)
+        if any(key not in self._tensors for key in aligned):
+            raw = [self._tensor(key).to(self._storage) for key in keys]
+            for key in keys:  # only the aligned rows are kept
+                dropped = self._tensors.pop(key, None)
+                if dropped is not None:
+                    self.input_bytes -= dropped.numel() * dropped.element_size()
+            for key, tensor in zip(aligned, plan.aligned(task, raw)):
+                self._tensors[key] = tensor.contiguous()
+                self.input_bytes += tensor.numel() * tensor.element_size()
+                self._largest = max(self._largest, tensor.numel())
+        return aligned
 
     def _close_readers(self) -> None:
         for reader in self._readers.values():
@@ -218,7 +237,7 @@ class InMemoryMerger:
             first = task.sources[0]
             reader = self._reader(plan.models[first.model].source)
             dtype = plan.out_dtype or self._dtype or reader.dtype(first.tensor)
-            total += int(torch.Size(reader.shape(first.tensor)).numel()) * dtype.itemsize
+            total += int(torch.Size(plan.output_shape(task, reader.shape(first.tensor))).numel()) * dtype.itemsize
         return total
 
     def plan_cache_estimate(self, plan: MergePlan) -> tuple[int, str]:

@@ -57,6 +57,9 @@ class TensorTask:
     method: str
     params: TensorParams
     seed: int | None = None
+    # The axis indexed by token ids, when the inputs are first re-indexed to the plan's output
+    # vocabulary (MergePlan.vocabulary; merge_core.vocabulary.align_rows), else None.
+    vocab_axis: int | None = None
 
 
 @dataclass
@@ -72,3 +75,23 @@ class MergePlan:
     chat_template: str | None = None
     base_model: int | None = None  # index into ``models``
     extra: dict[str, Any] = field(default_factory=dict)
+    vocabulary: Any = None  # merge_core.vocabulary.OutputVocabulary of a merged tokenizer, or None
+
+    def aligned(self, task: TensorTask, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``task``'s inputs re-indexed to the output vocabulary when it has one and the task
+        is token-indexed; else ``tensors`` as they are."""
+        if self.vocabulary is None or task.vocab_axis is None:
+            return tensors
+        from merge_core.vocabulary import align_rows
+
+        refs = [self.models[s.model].reference for s in task.sources]
+        done = align_rows(self.vocabulary, dict(zip(refs, tensors)), task.vocab_axis)
+        return [done[ref] for ref in refs]
+
+    def output_shape(self, task: TensorTask, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``task``'s result, given its first input's ``shape``."""
+        if self.vocabulary is None or task.vocab_axis is None:
+            return tuple(shape)
+        out = list(shape)
+        out[task.vocab_axis] = self.vocabulary.size
+        return tuple(out)

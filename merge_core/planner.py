@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from merge_core.model_ref import ModelInfo, load_model, refuse_same_model_twice
 from merge_core.params import Scope, resolve_param
 from merge_core.plan_types import InputModel, MergePlan, TensorSource, TensorTask
 from merge_core.recipe import Module, Recipe
+from merge_core.vocabulary import output_vocabulary, tokenizer_settings
 
 
 def tensor_seed(run_seed: int | None, output: str) -> int:
@@ -73,6 +75,7 @@ class _Skeleton:
     slice_index: int
     t: float
     base_index: int | None
+    vocab_axis: int | None = None  # token-indexed (re-indexed when the recipe merges vocabularies)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class _Structure:
     out_config: dict[str, Any]
     base_model: str | None
     dropped: list[str]
+    vocabulary: Any = None  # merge_core.vocabulary.OutputVocabulary when the recipe merges vocabularies
 
 
 def _normalize(recipe: Recipe) -> tuple[list[_Slice], Scope | None]:
@@ -163,6 +167,7 @@ class Planner:
         self.download = download
         self.lora_merge_dtype = lora_merge_dtype  # dtype of the tensors a 'base+adapter' input changes
         self._structures: dict[Any, _Structure] = {}
+        self._merging_vocabulary = False  # of the structure being built
 
     # -- models ---------------------------------------------------------------------------
     def model_info(self, ref: str, yaml_path: str) -> ModelInfo:
@@ -199,7 +204,8 @@ class Planner:
             return prefix, models, slices
 
         return (recipe.merge_method, recipe.base_model,
-                tuple(src_key(p, s) for p, s in recipe.input_sections()), recipe.dtype, recipe.out_dtype)
+                tuple(src_key(p, s) for p, s in recipe.input_sections()), recipe.dtype, recipe.out_dtype,
+                json.dumps(tokenizer_settings(recipe), sort_keys=True, default=str))
 
     def _structure(self, recipe: Recipe, method: MergeMethod) -> _Structure:
         key = self._structure_key(recipe)
@@ -225,6 +231,7 @@ class Planner:
         infos = {ref: self.model_info(ref, first_path[ref]) for ref in order}
         donor = recipe.base_model or order[0]
         arch = architecture_for(infos[donor].config, donor)
+        self._merging_vocabulary = tokenizer_settings(recipe) is not None
         self._check_models(arch, infos, donor)
         slices = self._fill_ranges(arch, slices, infos)
         index = {ref: i for i, ref in enumerate(order)}
@@ -240,7 +247,11 @@ class Planner:
             out_config["torch_dtype"] = out_name.removeprefix("torch.")
             if "dtype" in out_config:
                 out_config["dtype"] = out_config["torch_dtype"]
-        return _Structure(order, slices, skeletons, out_config, recipe.base_model, dropped)
+        vocabulary = None
+        if self._merging_vocabulary:  # the token-indexed rows are re-indexed onto one vocabulary
+            vocabulary = output_vocabulary(recipe, infos, arch, order)
+            out_config["vocab_size"] = vocabulary.size
+        return _Structure(order, slices, skeletons, out_config, recipe.base_model, dropped, vocabulary)
 
     def _check_models(self, arch: Architecture, infos: dict[str, ModelInfo], donor: str) -> None:
         for ref, info in infos.items():
@@ -250,6 +261,8 @@ class Planner:
                     f"architecture mismatch: '{ref}' is {info.config['architectures'][0]} but '{donor}' is "
                     f"{infos[donor].config['architectures'][0]} (allow_crimes to merge anyway)"
                 )
+        if self._merging_vocabulary:
+            return  # vocabularies may differ: the token-indexed rows are re-indexed by token
         vocab = {}
         for ref, info in infos.items():
             embed = info.tensors.get(arch.pre[0].name)
@@ -259,8 +272,9 @@ class Planner:
             if vocab[ref] != vocab[refs[0]]:
                 raise ModelError(
                     f"vocab-size mismatch: '{refs[0]}' has {vocab[refs[0]]} tokens but '{ref}' has {vocab[ref]}; "
-                    "merging different vocabularies is not supported"
+                    "set tokenizer_source: union (or base, or a model) to merge them by token"
                 )
+        _refuse_renumbered_tokens(infos, vocab)
 
     @staticmethod
     def _fill_ranges(arch: Architecture, slices: list[_Slice], infos: dict[str, ModelInfo]) -> list[_Slice]:
@@ -304,8 +318,9 @@ class Planner:
                 if found is None:
                     raise ModelError(f"'{s.model}' has no tensor {name} (needed by {s.path or 'models'})")
                 sources.append(TensorSource(index[s.model], found))
-            self._check_shapes(output, sl, sources, infos)
-            skeletons.append(_Skeleton(output, tuple(sources), tuple(names), slice_index, t, _base_index(method, sl)))
+            self._check_shapes(output, sl, sources, infos, spec.vocab_axis if self._merging_vocabulary else None)
+            skeletons.append(_Skeleton(output, tuple(sources), tuple(names), slice_index, t, _base_index(method, sl),
+                                       spec.vocab_axis))
 
         first, last = 0, len(slices) - 1
         for spec in arch.pre:
@@ -330,13 +345,17 @@ class Planner:
         return skeletons, dropped
 
     @staticmethod
-    def _check_shapes(output: str, sl: _Slice, sources: list[TensorSource], infos: dict[str, ModelInfo]) -> None:
-        shapes = [infos[s.model].tensors[src.tensor].shape for s, src in zip(sl.sources, sources)]
+    def _check_shapes(output: str, sl: _Slice, sources: list[TensorSource], infos: dict[str, ModelInfo],
+                      vocab_axis: int | None = None) -> None:
+        """The sources of one output agree in shape (along ``vocab_axis`` they may differ: the
+        rows are re-indexed to the merged vocabulary)."""
+        shapes = [list(infos[s.model].tensors[src.tensor].shape) for s, src in zip(sl.sources, sources)]
+        if vocab_axis is not None:
+            shapes = [shape[:vocab_axis] + shape[vocab_axis + 1:] for shape in shapes]
         for s, shape in zip(sl.sources[1:], shapes[1:]):
             if shape != shapes[0]:
                 raise ModelError(
-                    f"tensor {output}: shape {list(shapes[0])} in '{sl.sources[0].model}' "
-                    f"but {list(shape)} in '{s.model}'"
+                    f"tensor {output}: shape {shapes[0]} in '{sl.sources[0].model}' but {shape} in '{s.model}'"
                 )
 
     # -- parameters -----------------------------------------------------------------------
@@ -385,6 +404,7 @@ class Planner:
                 method=method.name,
                 params=TensorParams(gparams, per_model),
                 seed=tensor_seed(seed, sk.output) if method.randomized else None,
+                vocab_axis=sk.vocab_axis if st.vocabulary is not None else None,
             ))
         return MergePlan(
             models=[InputModel(ref, self.models[ref].path, self.models[ref].config, self.models[ref].adapter)
@@ -397,19 +417,13 @@ class Planner:
             chat_template=recipe.chat_template,
             base_model=st.models.index(st.base_model) if st.base_model else None,
             extra={"merge_method": method.name, "dropped_tensors": list(st.dropped)},
+            vocabulary=st.vocabulary,
         )
 
     @staticmethod
     def _tokenizer_source(recipe: Recipe, models: list[str]) -> str | None:
-        tok = recipe.tokenizer
-        if tok is not None and (tok.tokens or tok.pad_to_multiple_of):
-            key = "tokens" if tok.tokens else "pad_to_multiple_of"
-            raise RecipeError(f"tokenizer.{key}", "not supported by this engine (only tokenizer.source is)")
-        source = tok.source if tok is not None else recipe.tokenizer_source
-        if source not in (None, "base", "union") and source not in models:
-            path = "tokenizer.source" if tok is not None else "tokenizer_source"
-            raise RecipeError(path, f"'{source}' is not one of the merged models")
-        return source
+        settings = tokenizer_settings(recipe)  # checked against the models with the structure
+        return settings[0] if settings is not None else None
 
     @staticmethod
     def _global_scopes(recipe: Recipe, sl: _Slice, module_params: Scope | None) -> list[Scope]:
@@ -420,6 +434,27 @@ class Planner:
             scopes.append(module_params)
         scopes.append(("parameters", recipe.parameters))
         return scopes
+
+
+def _refuse_renumbered_tokens(infos: Mapping[str, ModelInfo], rows: Mapping[str, Any]) -> None:
+    """ModelError when two models of equal vocabulary size number their tokens differently
+    (read from their tokenizer files): their token-indexed rows would be merged by id, each
+    row mixing unrelated tokens."""
+    from merge_core.vocabulary import token_ids, vocabulary_difference
+
+    first_ref, first = None, None
+    for ref, info in infos.items():
+        ids = token_ids(info.path)
+        if ids is None:
+            continue
+        if first is None:
+            first_ref, first = ref, ids
+            continue
+        why = vocabulary_difference(first, ids, int(rows.get(ref) or 0))
+        if why is not None:
+            raise ModelError(f"'{ref}' numbers its tokens differently from '{first_ref}' ({why}): their embedding "
+                             "rows would be merged by id, mixing unrelated tokens; set tokenizer_source: union (or base, "
+                             "or a model) to merge them by token")
 
 
 def _ref_path(source: _Source) -> str:

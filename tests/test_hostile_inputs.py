@@ -320,3 +320,26 @@ def test_a_failed_preflight_leaves_nothing_behind(task_models, tmp_path, capsys,
     else:
         assert not (tmp_path / "new").exists()
     assert not os.path.lexists(tmp_path / "new" / "deeper" / "run" / ".lock")
+
+
+# -- one vocabulary size, two numberings ---------------------------------------------------------
+
+
+def _renumbered(src: Path, dst: Path) -> Path:
+    """``src`` whose tokenizer swaps the ids of two words (same size, other numbering)."""
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w0"], vocab["w1"] = vocab["w1"], vocab["w0"]
+    (dst / "tokenizer.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_models_that_number_their_tokens_differently_are_not_merged_by_id(tiny_models, tmp_path, capsys):
+    other = _renumbered(tiny_models["c"], tmp_path / "renumbered")
+    recipe = _recipe(tmp_path, [str(tiny_models["a"]), str(other)])
+    assert merge_yaml([str(recipe), str(tmp_path / "out"), "-q"]) == 2
+    _one_error_line(capsys, "numbers its tokens differently", "token id 4 is 'w0' in one and 'w1' in the other")
+    assert not (tmp_path / "out").exists()
+    same = _recipe(tmp_path, [str(tiny_models["a"]), str(tiny_models["c"])], name="same.yml")
+    assert merge_yaml([str(same), str(tmp_path / "out"), "-q"]) == 0  # one tokenizer: merged as before

@@ -241,7 +241,7 @@ def test_dtype_names():
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}, {model: b}]\nparameters: {weight: 1}"
          "\ntokenizer_source: c", "tokenizer_source: 'c' is not one of the merged models"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer: {source: base, tokens: "
-         "{x: {source: a}}}", "tokenizer.tokens: not supported"),
+         "{x: {source: zz}}}", "tokenizer.tokens['x'].source: 'zz' is not one of the merged models"),
         ("merge_method: linear\nmodules: {vision: {models: [{model: a, parameters: {weight: 1}}]}}",
          "modules.vision: only single-module models are supported"),
     ],
@@ -254,7 +254,7 @@ def test_recipe_errors_need_models(zoo: Path, text: str, prefix: str):
 @pytest.mark.parametrize(
     ("other", "expected"),
     [
-        ("vocab100", "vocab-size mismatch: 'a' has 96 tokens but 'vocab100' has 100"),
+        ("vocab100", "vocab-size mismatch: 'a' has 96 tokens but 'vocab100' has 100; set tokenizer_source: union"),
         ("wide", "tensor model.layers.0.mlp.up_proj.weight: shape [64, 32] in 'a' but [48, 32] in 'wide'"),
         ("mistral", "architecture mismatch: 'mistral' is MistralForCausalLM but 'a' is LlamaForCausalLM"),
     ],
@@ -277,7 +277,7 @@ def test_corrupt_and_pickled_models(zoo: Path, tmp_path: Path):
     make_tiny_llama(bad, seed=0, tokenizer=False)
     (bad / "model.safetensors").write_bytes(b"\xff" * 4)
     msg = failure(zoo, f"merge_method: linear\nmodels: [{{model: a}}, {{model: '{bad}'}}]\nparameters: {{weight: 1}}")
-    assert msg.startswith(f"{bad / 'model.safetensors'}: corrupt safetensors header")
+    assert msg.startswith(f"models[1].model: {bad / 'model.safetensors'}: corrupt safetensors header")
     (bad / "model.safetensors").unlink()
     (bad / "pytorch_model.bin").write_bytes(b"x")
     msg = failure(zoo, f"merge_method: linear\nmodels: [{{model: a}}, {{model: '{bad}'}}]\nparameters: {{weight: 1}}")
@@ -291,8 +291,7 @@ def test_planner_caches_models_and_replans_parameters(zoo: Path, monkeypatch: py
     def no_io(*args, **kwargs):
         raise AssertionError("re-planning read a file")
 
-    monkeypatch.setattr(planner_mod, "load_model_info", no_io)
-    monkeypatch.setattr(planner_mod, "resolve_model_ref", no_io)
+    monkeypatch.setattr(planner_mod, "load_model", no_io)
     changed = parse_recipe(TIES.replace("weight: 0.3", "weight: 0.6").replace("normalize: false", "normalize: true"))
     second = planner.plan(changed)
     t1, t2 = task_map(first), task_map(second)

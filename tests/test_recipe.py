@@ -142,7 +142,7 @@ def test_load_recipe_file(tmp_path: Path):
         ("merge_method: slerp\nmodels: [{model: a}, {model: b}, {model: a}]",
          "models[2].model: 'a' is already models[0]"),
         ("merge_method: slerp\nmodels: [{model: 3}]", "models[0].model: expected a model reference"),
-        ("merge_method: slerp\nmodels: [{model: a+lora}]", "models[0].model: LoRA references"),
+        ("merge_method: slerp\nmodels: [{model: 'a+'}]", "models[0].model: expected 'base_model+adapter'"),
         ("merge_method: slerp\nmodels: {model: a}", "models: expected a list"),
         ("merge_method: slerp\nmodels: [a]", "models[0]: expected a mapping, got 'a'"),
         ("merge_method: slerp\nmodels: [{model: a}]\ndtype: float8", "dtype: unknown dtype 'float8'"),
