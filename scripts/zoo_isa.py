@@ -5,6 +5,11 @@ its BLAS path likewise; AVX-512 kernels round differently from AVX2 ones, and a 
 AVX-512 machine came out measurably different (same seed: the toy search's best 0.53 instead of
 0.647, below the demo's bar). Pinned to AVX2, which every x86-64 machine this runs on has, an
 AVX-512 machine builds the byte-identical zoo (checked: same accuracy matrix, same search result).
+oneDNN (torch's ``mkldnn``) also picks its kernels by the CPU, AVX-512 and AMX included: it is
+pinned too.  The fp32 build runs no oneDNN primitive with this torch (checked with
+``torch.backends.mkldnn.verbose``: none in training or scoring; it serves bf16 matmuls), so the
+pin changes no byte today; it keeps an AMX machine on the same kernels should a torch route
+fp32 work through oneDNN.  (``DNNL_MAX_CPU_ISA`` is the variable's older name.)
 This module must not import torch: the variables are read when torch first dispatches.
 """
 
@@ -13,7 +18,8 @@ from __future__ import annotations
 import os
 import platform
 
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+          "DNNL_MAX_CPU_ISA": "AVX2"}
 
 
 def pinned_env() -> dict[str, str]:
