@@ -58,11 +58,7 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     from evolve.search.driver import RaceSettings
     from evolve.storage import RunStorage
 
-    if options.vllm:
-        from evolve.evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
-
-        if not vllm_available():
-            raise RecipeError("--vllm", VLLM_MISSING)
+    # The flags themselves were checked by evolve.cli (evolve.flag_checks), before any heavy import.
     preflight.check_storage_path(options.storage_path, resume=resume)
     config, relative_to = preflight.load_run_config(options, resume)
     preflight.check_environment(options)
