@@ -3,17 +3,23 @@ README's matrix, the pinned instruction sets."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from pathlib import Path
 
-from test_zoo import TINY, _digests
+from test_zoo import TINY
 from zoo_fixture import REPO, zoo_root
 
 import zoo_isa
 from toy_zoo import build_zoo, format_matrix
 from toy_zoo.settings import stamp_for
 from zoo_progress import BuildProgress, format_seconds
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _phases(settings) -> list[tuple[str, int]]:
