@@ -23,6 +23,7 @@ say "installing $TORCH_PIN (the CPU wheel) into .venv"
 .venv/bin/pip install "${PIP_OPTS[@]}" "$TORCH_PIN"
 say "installing merge-evolve (editable) with its dependencies and test extras into .venv (~2 min)"
 .venv/bin/pip install "${PIP_OPTS[@]}" -e ".[test]"
+.venv/bin/python scripts/missing_deps.py merge-evolve
 
 if [ "${1:-}" = "--with-mergekit" ] && [ ! -x .venv-mergekit/bin/mergekit-yaml ]; then
   say "building .venv-mergekit: $TORCH_PIN, then mergekit==0.1.5 (the differential tests' oracle, ~2 min)"
