@@ -290,34 +290,6 @@ def test_the_observer_never_stops_a_run(tmp_path: Path, capsys):
     assert "could not write the HTML report" in capsys.readouterr().err and observer.errors >= 1
 
 
-def test_a_missing_module_or_a_repeated_failure_warns_once(tmp_path: Path, capsys, monkeypatch):
-    import evolve.html_report
-
-    calls = []
-
-    def no_matplotlib(*_a, **_k):
-        calls.append(1)
-        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
-
-    monkeypatch.setattr(evolve.html_report, "write_html_report", no_matplotlib)
-    observer = HtmlReportObserver(tmp_path)
-    for _ in range(3):  # three tell batches, then the run closes
-        observer._write()
-    observer.close()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No module named 'matplotlib'" in err[0] and "pip install matplotlib" in err[0]
-    assert len(calls) == 1  # not tried again: the module will not appear mid-run
-
-    def broken(*_a, **_k):
-        raise ValueError("bad ledger line")
-
-    monkeypatch.setattr(evolve.html_report, "write_html_report", broken)
-    observer = HtmlReportObserver(tmp_path)
-    for _ in range(3):
-        observer._write()
-    assert capsys.readouterr().err.count("bad ledger line") == 1 and observer.errors == 3
-
-
 def test_help_and_the_text_report_import_no_plotting():
     probe = ("import sys, evolve.cli as c, evolve.report; c.build_parser('report'); c.build_parser('run'); "
              "print(sorted(m for m in ('matplotlib', 'playwright') if m in sys.modules))")
