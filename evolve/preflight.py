@@ -270,4 +270,4 @@ def preflight_evaluation(pool: EvaluationPool, config: EvolveConfig, models: Che
         if reason is not None:
             raise PreflightError(f"preflight: scoring '{models.evaluated}' on the {what} tasks failed, so every "
                                  f"candidate would: {reason}")
-    return results
+    return {task_set: results[task_set] for task_set in jobs.values()}  # train first, whoever finished first
