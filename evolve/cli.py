@@ -25,7 +25,6 @@ EXIT_BAD_INPUT = 2
 # The file system refused a write (full, read-only, quota, permissions): the user can fix that.
 WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG})
 VERBS = ("run", "resume", "report")
-NO_EFFECT = "accepted for mergekit-evolve compatibility; no effect"
 USAGE = """merge-evolve [run] CONFIG --storage-path DIR [options]   run (or continue) a search
        merge-evolve resume --storage-path DIR [options]       continue with the stored config
        merge-evolve report --storage-path DIR [--json] [--html [PATH]]
@@ -96,17 +95,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="allow merging models of different architectures (mergekit's escape hatch)")
     mk.add_argument("--load-in-8bit", action="store_true", help="not supported (an error)")
     mk.add_argument("--load-in-4bit", action="store_true", help="not supported (an error)")
-    # No effect here: kept so that mergekit-evolve command lines run unchanged (a note when given).
-    compat = parser.add_argument_group("mergekit-evolve compatibility (accepted, no effect; a note when given)")
-    compat.add_argument("--strategy", choices=("pool", "buffered", "serial"), default=None,
-                        help="mergekit-evolve's evaluation scheduling; here the workers are always kept fed. "
-                             "Not the search algorithm: that is the config's search.strategy")
-    compat.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None,
-                        help="merges always happen in memory")
-    compat.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=None,
-                        help="the final model is always written sharded")
-    compat.add_argument("--i-understand-the-depths-of-the-evils-i-am-unleashing", action="store_true",
-                        default=None, help="nothing here needs it")
 
     ours = parser.add_argument_group("merge-evolve options")
     when = ours.add_mutually_exclusive_group()
@@ -136,6 +124,18 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                       help="score each input model and the equal-weights merge once at the start, so the "
                            "report shows the best's gain over its parents (default on; stored ones are reused)")
+
+    # No effect here: kept so that mergekit-evolve command lines run unchanged (a note when given).
+    compat = parser.add_argument_group("mergekit-evolve compatibility (accepted, no effect; a note when given)")
+    compat.add_argument("--strategy", choices=("pool", "buffered", "serial"), default=None,
+                        help="mergekit-evolve's evaluation scheduling; here the workers are always kept fed. "
+                             "Not the search algorithm: that is the config's search.strategy")
+    compat.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="merges always happen in memory")
+    compat.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=None,
+                        help="the final model is always written sharded")
+    compat.add_argument("--i-understand-the-depths-of-the-evils-i-am-unleashing", action="store_true",
+                        default=None, help="nothing here needs it")
 
 
 def build_parser(verb: str) -> argparse.ArgumentParser:
