@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from merge_core.errors import RecipeError
 
-__all__ = ["COMPAT_FLAGS", "VLLM_MISSING", "check_flags", "compat_notes", "vllm_available"]
+__all__ = ["COMPAT_FLAGS", "VLLM_MISSING", "check_device_and_dtype", "check_flags", "compat_notes", "vllm_available"]
 
 VLLM_MISSING = ("vLLM is not installed in this environment; install the [vllm] extra (GPU) "
                 "or run scripts/setup_vllm.sh (CPU build)")
@@ -36,9 +36,42 @@ def vllm_available() -> bool:
 
 
 def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device; a CPU build of torch (``2.13.0+cpu``) answers without
+    being imported (seconds on a busy machine)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if version("torch").endswith("+cpu"):
+            return False
+    except PackageNotFoundError:
+        return False
     import torch  # only when a flag asks for CUDA
 
     return bool(torch.cuda.is_available())
+
+
+def check_device_and_dtype(device: str | None, eval_dtype: str | None) -> None:
+    """``--device`` is cpu, cuda or cuda:N and there (torch is imported only for cuda);
+    ``--eval-dtype`` is a dtype name."""
+    from merge_core.dtypes import DTYPE_ALIASES, RECIPE_DTYPES, canonical_name
+
+    if device is not None:
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise RecipeError("--device", f"expected cpu, cuda or cuda:N, got {device!r}")
+        if kind == "cuda":
+            if not _cuda_available():
+                raise RecipeError("--device", f"{device}: no CUDA device is available here")
+            import torch
+
+            if index and int(index) >= torch.cuda.device_count():
+                raise RecipeError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if eval_dtype is not None and eval_dtype != "auto":
+        try:
+            canonical_name(eval_dtype, aliases=True)
+        except KeyError:
+            known = ", ".join([*RECIPE_DTYPES, *DTYPE_ALIASES, "auto"])
+            raise RecipeError("--eval-dtype", f"unknown dtype {eval_dtype!r}; use one of {known}") from None
 
 
 def check_flags(args: Any) -> None:
@@ -47,6 +80,7 @@ def check_flags(args: Any) -> None:
         raise RecipeError("--load-in-8bit/--load-in-4bit", "quantized evaluation is not supported")
     if getattr(args, "vllm", False) and not vllm_available():
         raise RecipeError("--vllm", VLLM_MISSING)
+    check_device_and_dtype(getattr(args, "device", None), getattr(args, "eval_dtype", None))
     if getattr(args, "merge_cuda", None) is True:  # given on the command line (default: None)
         device = getattr(args, "device", None)
         if device is not None and not device.startswith("cuda"):

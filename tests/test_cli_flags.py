@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,24 @@ def test_vllm_without_vllm_is_refused_before_any_heavy_import(tmp_path: Path) ->
     assert err == f"merge-evolve: error: --vllm: {evolve.flag_checks.VLLM_MISSING}"
     assert out == "2 []"  # exit 2, and neither torch nor ray nor lm-eval was loaded
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-dtype", "bogus"], "--eval-dtype: unknown dtype 'bogus'"),
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cpu:1"], "--device: expected cpu, cuda or cuda:N"),
+])
+def test_bad_device_or_dtype_is_refused_before_any_heavy_import(flags, message, tmp_path: Path) -> None:
+    err, out = _run_probe(["configs/toy.yml", "--storage-path", str(tmp_path / "run"), *flags])
+    assert err.startswith(f"merge-evolve: error: {message}") and len(err.splitlines()) == 1
+    assert out == "2 []"
+
+
+@pytest.mark.skipif(not metadata.version("torch").endswith("+cpu"), reason="a CPU build of torch answers unimported")
+def test_cuda_flags_on_a_cpu_build_of_torch_answer_without_importing_it(tmp_path: Path) -> None:
+    for flags in (["--device", "cuda"], ["--merge-cuda"]):
+        err, out = _run_probe(["configs/toy.yml", "--storage-path", str(tmp_path / "run"), *flags])
+        assert "no CUDA device is available here" in err and out == "2 []", (flags, err, out)
 
 
 def test_merge_cuda_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
