@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 TORCH_PIN="${TORCH_PIN:-torch==2.13.0}"
 PY="${PYTHON:-python3}"
 start=$(date +%s)
-# pip's own output (what it downloads and installs, with progress bars) is shown: the whole
-# install takes minutes and must not look hung.  --progress-bar on: bars even when piped to a log.
+# pip's own output is shown (each package it collects, downloads and installs; download bars in
+# a terminal): the whole install takes minutes and must not look hung.
 PIP_OPTS=(--progress-bar on)
 
 say() { echo "setup [$(( $(date +%s) - start )) s]: $*"; }
