@@ -56,11 +56,7 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
     """
     from evolve import preflight
 
-    if options.vllm:
-        from evolve.evaluation import VLLM_MISSING, vllm_available  # light: imports no vllm
-
-        if not vllm_available():
-            raise RecipeError("--vllm", VLLM_MISSING)
+    # The flags themselves were checked by evolve.cli (evolve.flag_checks), before any heavy import.
     preflight.check_storage_path(options.storage_path, resume=resume)
     # The lock first: a second run on a busy storage path is refused before it starts anything.
     with StorageClaim(options.storage_path) as claim:
@@ -78,7 +74,6 @@ def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
 
     config, relative_to = preflight.load_run_config(options, resume)
     preflight.check_environment(options)
-    preflight.check_task_names(config, tuple(p.resolve() for p in options.task_search_paths))
     storage = RunStorage(options.storage_path)
     stacked = None
     if config.stacking is not None:  # the data-flow space: layers re-pointed, nothing merged
@@ -112,7 +107,11 @@ def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
     search = {"sigma0": options.sigma0, "popsize": options.force_population_size, "seed": seed,
               "max_fevals": options.max_fevals, "deadline": deadline, "schedule": options.schedule,
               "strategy": search_config.strategy, "racing": race if racing else None}
-    SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
+    complete = SearchDriver(genome, storage, config, **search).check_stored_run()  # before any worker starts
+    if complete is not None:  # nothing left to do: answer in seconds, no worker started
+        return _answer_complete(complete, options, relative_to, seed)
+    # After the stored run's check: lm-eval's import takes seconds, which a complete run does not need.
+    preflight.check_task_names(config, tuple(p.resolve() for p in options.task_search_paths))
     with ExitStack() as resources:  # workers and observers, released before the final merge
         pool = _make_pool(options, config, genome, relative_to, device, workers, threads, seed, racing, stacked)
         resources.callback(pool.close)
@@ -135,7 +134,7 @@ def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
         for observer in observers:
             resources.callback(observer.close)
         outcome = SearchDriver(genome, storage, config, observers=observers, **search).run(pool)
-    _print_outcome(outcome, storage.path)
+    _print_outcome(outcome, storage)
     if outcome.best_recipe is None:
         return EXIT_NO_RESULT
     if options.save_final_model:
@@ -208,19 +207,33 @@ def _observers(options: RunOptions, config: Any, seed: int) -> list[Any]:
     return observers
 
 
-def _print_outcome(outcome: Any, storage: Path) -> None:
-    if outcome.best is None:
-        print(f"no successful evaluation ({outcome.stop_reason}); see {storage / 'evaluations.jsonl'}")
-        return
-    line = f"best fitness {outcome.best['fitness']:.4f} ({outcome.best['eval_id']})"
-    if outcome.best_held_out is not None:
-        line += f", held-out {outcome.best_held_out['fitness']:.4f}"
-    print(line)
-    print(f"{outcome.evaluations} evaluations, {outcome.generations} generations, "
-          f"worker busy fraction {outcome.busy_fraction:.2f}, stopped: {outcome.stop_reason}")
-    print(f"best recipe: {storage / 'best_config.yaml'}")
-    if (storage / "report.html").exists():
-        print(f"report: {storage / 'report.html'}")
+def _print_outcome(outcome: Any, storage: Any) -> None:
+    from evolve.summary import outcome_lines
+
+    print("\n".join(outcome_lines(outcome, storage.path, storage.load_evaluations(repair=False))))
+
+
+def _answer_complete(outcome: Any, options: RunOptions, relative_to: Path, seed: int) -> int:
+    """A rerun of a complete run: say so and how to extend it; merge the final model only if
+    it is missing or not the best recipe's (a run killed during that merge)."""
+    from evolve.storage import RunStorage
+    from evolve.summary import complete_lines
+
+    storage = RunStorage(options.storage_path)
+    print("\n".join(complete_lines(outcome, storage.path, storage.load_evaluations(repair=False),
+                                   options.max_fevals)))
+    if outcome.best_recipe is None:
+        return EXIT_NO_RESULT
+    if options.save_final_model:
+        final = storage.path / FINAL_MODEL
+        try:
+            current = (final / "mergekit_config.yml").read_text() == (storage.path / "best_config.yaml").read_text()
+        except OSError:
+            current = False
+        if not current:  # the storage path is locked since run_search began
+            final = _save_final_model(outcome.best_recipe, relative_to, storage.path, options, seed)
+        print(f"final model: {final}")
+    return 0
 
 
 def _save_final_model(recipe: dict, relative_to: Path, storage: Path, options: RunOptions, seed: int) -> Path:

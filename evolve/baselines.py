@@ -165,6 +165,8 @@ def score_baselines(pool: Any, storage: Any, config: Any, models: Any, genome: A
             if tasks and not _reusable(stored.get(eval_id), digest, task_list(tasks)):
                 jobs[eval_id] = (job, task_set, digest)
 
+    shown = _InOrder(jobs, sets, stored, quiet)
+
     def record(eval_id: str, result: Any, submitted: float | None) -> None:
         job, task_set, digest = jobs[eval_id]
         rec = {"eval_id": eval_id, "kind": BASELINE, "name": job.name, "model": job.model, "role": job.role,
@@ -174,11 +176,7 @@ def score_baselines(pool: Any, storage: Any, config: Any, models: Any, genome: A
         rec.update(scored(result, sets[task_set], penalty, submitted))
         storage.append_evaluation(rec)
         stored[eval_id] = rec
-        if not quiet:
-            what = "held-out" if task_set == HELD_OUT else "train"
-            label = job.name if job.model is None else f"{job.name} ({job.model})"
-            score = f"{rec['fitness']:.4f}" if rec["status"] == "ok" else f"failed: {rec['reason']}"
-            print(f"baseline: {label} {what} {score}", file=sys.stderr)
+        shown.recorded(eval_id)
 
     submitted: dict[str, float] = {}
     for eval_id, (job, task_set, _) in jobs.items():
@@ -199,6 +197,39 @@ def score_baselines(pool: Any, storage: Any, config: Any, models: Any, genome: A
         if best is not None:
             print(f"baselines: best parent {best['name']} {best['fitness']:.4f}", file=sys.stderr)
     return records
+
+
+class _InOrder:
+    """Prints one line per baseline scored now (train and held-out), in the jobs' order,
+    whatever order the workers finish in: ``baseline: spatial (zoo/spatial) train 0.4250,
+    held-out 0.4220``."""
+
+    def __init__(self, jobs: dict[str, tuple[BaselineJob, str, str]], sets: dict[str, list[Any]],
+                 stored: dict[str, dict[str, Any]], quiet: bool) -> None:
+        self.stored, self.quiet = stored, quiet
+        self.jobs = {job.name: job for job, _, _ in jobs.values()}  # in job order
+        self.order = list(self.jobs)
+        self.ids = {name: [i for i in (job.eval_id(s) for s, tasks in sets.items() if tasks) if i in jobs]
+                    for name, job in self.jobs.items()}
+        self.done: set[str] = set()
+        self.next = 0
+
+    def recorded(self, eval_id: str) -> None:
+        """``eval_id``'s record is stored: print the lines now complete, in order."""
+        self.done.add(eval_id)
+        while not self.quiet and self.next < len(self.order):
+            name = self.order[self.next]
+            if not self.done.issuperset(self.ids[name]):
+                return
+            self.next += 1
+            parts = []
+            for i in self.ids[name]:
+                rec = self.stored[i]
+                what = "held-out" if rec["task_set"] == HELD_OUT else "train"
+                parts.append(f"{what} {rec['fitness']:.4f}" if rec["status"] == "ok" else f"{what} failed: {rec['reason']}")
+            job = self.jobs[name]
+            label = name if job.model is None else f"{name} ({job.model})"
+            print(f"baseline: {label} " + ", ".join(parts), file=sys.stderr)
 
 
 # -- reading baselines off the ledger (light: report, observers, provenance) ---------------

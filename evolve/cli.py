@@ -25,7 +25,10 @@ EXIT_BAD_INPUT = 2
 # The file system refused a write (full, read-only, quota, permissions): the user can fix that.
 WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG})
 VERBS = ("run", "resume", "report")
-NO_EFFECT = "accepted for mergekit-evolve compatibility; no effect"
+USAGE = """merge-evolve [run] CONFIG --storage-path DIR [options]   run (or continue) a search
+       merge-evolve resume --storage-path DIR [options]       continue with the stored config
+       merge-evolve report --storage-path DIR [--json] [--html [PATH]]
+       (`merge-evolve VERB --help` for each verb's options)"""
 
 
 def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | float]:
@@ -64,21 +67,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                     help=f"evaluation budget (default {DEFAULT_MAX_FEVALS})")
     mk.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=False,
                     help="score candidates with vLLM instead of Hugging Face transformers")
-    mk.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"{NO_EFFECT} (merges always happen in memory)")
-    mk.add_argument("--strategy", choices=("pool", "buffered", "serial"), default="pool",
-                    help=f"{NO_EFFECT} (workers are always kept fed)")
     mk.add_argument("--num-gpus", type=POSITIVE_INT, default=None, help="GPUs to use (one worker per GPU)")
-    mk.add_argument("--merge-cuda", action=argparse.BooleanOptionalAction, default=True,
-                    help="merge on the GPU when one is present (default on)")
+    mk.add_argument("--merge-cuda", action=argparse.BooleanOptionalAction, default=None,
+                    help="merge on the GPU (default: on when the evaluation runs on a GPU); given on a "
+                         "machine without CUDA: an error")
     mk.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="lm-eval batch size")
     mk.add_argument("--sigma0", type=POSITIVE, default=DEFAULT_SIGMA0, help="initial CMA-ES step (default 1/6)")
     mk.add_argument("--random-seed", type=SEED, default=None,
                     help="seed of the whole run (default 0, or the stored run's seed when resuming)")
     mk.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                     help="log to Weights & Biases (WANDB_MODE=offline works without a key)")
-    mk.add_argument("--wandb-project", default=None)
-    mk.add_argument("--wandb-entity", default=None)
+    mk.add_argument("--wandb-project", default=None, metavar="NAME",
+                    help="W&B project of the run (default: W&B's, from WANDB_PROJECT or its default)")
+    mk.add_argument("--wandb-entity", default=None, metavar="NAME",
+                    help="W&B entity (user or team) of the run (default: W&B's)")
     mk.add_argument("--task-search-path", action="append", default=[], type=_folder,
                     help="folder of lm-eval task YAMLs (repeatable; eval_tasks/ is always searched)")
     mk.add_argument("--save-final-model", action=argparse.BooleanOptionalAction, default=True,
@@ -87,11 +89,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="stop asking new generations after this many seconds of this session")
     mk.add_argument("--force-population-size", type=POPSIZE, default=None,
                     help="CMA-ES population size (>= 2)")
-    mk.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
-    mk.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False)
-    mk.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True, help=NO_EFFECT)
-    mk.add_argument("--i-understand-the-depths-of-the-evils-i-am-unleashing", action="store_true",
-                    help=NO_EFFECT)
+    mk.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                    help="let transformers run code shipped with a model (its own architecture); off by default")
+    mk.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                    help="allow merging models of different architectures (mergekit's escape hatch)")
     mk.add_argument("--load-in-8bit", action="store_true", help="not supported (an error)")
     mk.add_argument("--load-in-4bit", action="store_true", help="not supported (an error)")
 
@@ -124,12 +125,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                       help="score each input model and the equal-weights merge once at the start, so the "
                            "report shows the best's gain over its parents (default on; stored ones are reused)")
 
+    # No effect here: kept so that mergekit-evolve command lines run unchanged (a note when given).
+    compat = parser.add_argument_group("mergekit-evolve compatibility (accepted, no effect; a note when given)")
+    compat.add_argument("--strategy", choices=("pool", "buffered", "serial"), default=None,
+                        help="mergekit-evolve's evaluation scheduling; here the workers are always kept fed. "
+                             "Not the search algorithm: that is the config's search.strategy")
+    compat.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="merges always happen in memory")
+    compat.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=None,
+                        help="the final model is always written sharded")
+    compat.add_argument("--i-understand-the-depths-of-the-evils-i-am-unleashing", action="store_true",
+                        default=None, help="nothing here needs it")
+
 
 def build_parser(verb: str) -> argparse.ArgumentParser:
     """The parser of one verb (``run`` is also the default when no verb is given)."""
     parser = argparse.ArgumentParser(
         prog=f"merge-evolve {verb}" if verb != "run" else "merge-evolve",
-        description=(__doc__ or "").split("\n\n")[0],
+        usage=USAGE if verb == "run" else None,
+        description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
         epilog="verbs: run (default), resume, report; see `merge-evolve VERB --help`",
         allow_abbrev=False,  # a typo such as --max-feval must be an error, not a guess
     )
@@ -148,17 +162,13 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The typed options of a parsed ``run``/``resume`` command line."""
-    from merge_core.errors import RecipeError
-
-    if args.load_in_8bit or args.load_in_4bit:
-        raise RecipeError("--load-in-8bit/--load-in-4bit", "quantized evaluation is not supported")
     return RunOptions(
         storage_path=args.storage_path,
         config=getattr(args, "config", None),
         max_fevals=args.max_fevals,
         vllm=args.vllm,
         num_gpus=args.num_gpus,
-        merge_cuda=args.merge_cuda,
+        merge_cuda=args.merge_cuda is not False,  # None: the default, on
         batch_size=args.batch_size,
         sigma0=args.sigma0,
         random_seed=args.random_seed,
@@ -197,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             from evolve.report import report
 
             return report(args.storage_path, as_json=args.json, html=args.html)
+        from evolve.flag_checks import check_flags, compat_notes
+
+        check_flags(args)  # before the heavy imports: a flag that cannot work answers at once
+        compat_notes(args)
         from evolve.app import run_search
         from evolve.signals import stop_on_signals
 

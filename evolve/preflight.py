@@ -117,27 +117,11 @@ def create_run_directory(options: RunOptions, relative_to: Path) -> None:
 
 
 def check_environment(options: RunOptions) -> None:
-    """The evaluation device and dtype exist on this machine."""
-    import torch
+    """The evaluation device and dtype exist on this machine (:func:`evolve.flag_checks.
+    check_device_and_dtype`, which the CLI already ran before its heavy imports)."""
+    from evolve.flag_checks import check_device_and_dtype
 
-    from merge_core.dtypes import DTYPE_ALIASES, RECIPE_DTYPES, canonical_name
-
-    device = options.device
-    if device is not None:
-        kind, _, index = device.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise RecipeError("--device", f"expected cpu, cuda or cuda:N, got {device!r}")
-        if kind == "cuda":
-            if not torch.cuda.is_available():
-                raise RecipeError("--device", f"{device}: no CUDA device is available here")
-            if index and int(index) >= torch.cuda.device_count():
-                raise RecipeError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if options.eval_dtype is not None and options.eval_dtype != "auto":
-        try:
-            canonical_name(options.eval_dtype, aliases=True)
-        except KeyError:
-            known = ", ".join([*RECIPE_DTYPES, *DTYPE_ALIASES, "auto"])
-            raise RecipeError("--eval-dtype", f"unknown dtype {options.eval_dtype!r}; use one of {known}") from None
+    check_device_and_dtype(options.device, options.eval_dtype)
 
 
 # -- models -------------------------------------------------------------------------------
@@ -286,4 +270,4 @@ def preflight_evaluation(pool: EvaluationPool, config: EvolveConfig, models: Che
         if reason is not None:
             raise PreflightError(f"preflight: scoring '{models.evaluated}' on the {what} tasks failed, so every "
                                  f"candidate would: {reason}")
-    return results
+    return {task_set: results[task_set] for task_set in jobs.values()}  # train first, whoever finished first

@@ -230,7 +230,9 @@ class RunStorage:
 
     def write_best_config(self, recipe_yaml: str, provenance: dict[str, Any]) -> Path:
         """Write ``best_config.yaml`` (provenance as leading comments) and its JSON sidecar."""
-        header = yaml.safe_dump(provenance, sort_keys=False, default_flow_style=None, width=100)
+        # The comments show 12 significant digits (0.2085, not 0.20850000000000002: float noise
+        # of a weighted sum); the JSON sidecar keeps every bit.
+        header = yaml.safe_dump(readable_floats(provenance), sort_keys=False, default_flow_style=None, width=100)
         comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
         text = "# merge-evolve best recipe; provenance:\n" + comments + recipe_yaml
         if not text.endswith("\n"):
@@ -239,6 +241,17 @@ class RunStorage:
         atomic_write(self._writable() / BEST_PROVENANCE, sidecar.encode())
         atomic_write(self.path / BEST_CONFIG, text.encode())
         return self.path / BEST_CONFIG
+
+
+def readable_floats(value: Any) -> Any:
+    """``value`` with every float rounded to 12 significant digits (containers copied)."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {k: readable_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [readable_floats(v) for v in value]
+    return value
 
 
 def _short(value: Any) -> str:

@@ -30,16 +30,36 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits a newly created file gets: 0o666 less the umask.
+
+    ``mkstemp`` creates its file 0o600, which would hide a report or a recipe from the group or
+    a web server; a file written with :func:`atomic_write` is a new file each time (so one left
+    0o600 by an earlier version is readable again after the next write).
+    """
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: Path | str, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never half of one.
 
     The data goes to a temporary file in the same directory (a rename across filesystems is not
     atomic), is flushed to disk, renamed over ``path`` and the directory is flushed; the
-    temporary file is removed when anything fails, interrupts included.
+    temporary file is removed when anything fails, interrupts included.  The file gets the
+    permissions any other file would (:func:`new_file_mode`).
     """
     path = Path(path)
+    mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

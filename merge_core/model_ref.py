@@ -118,8 +118,18 @@ def resolve_model_ref(ref: str, *, relative_to: Path | None = None, download: bo
         why = "offline: nothing is downloaded" if (not download or _offline()) else "not downloadable"
         raise ModelError(
             f"'{ref}' is neither a directory nor in the Hugging Face cache {hf_hub_cache()} ({why})"
+            + _zoo_hint(name)
         )
-    raise ModelError(f"no such directory '{ref}'")
+    raise ModelError(f"no such directory '{ref}'" + _zoo_hint(name))
+
+
+def _zoo_hint(name: str) -> str:
+    """For a missing model of the project's toy zoo (``zoo/base``...): how to build it."""
+    parts = Path(name).parts
+    if "zoo" not in parts[:-1]:
+        return ""
+    return ("; is the toy zoo built? `python scripts/build_zoo.py` builds it into zoo/ (run it, and this, from the "
+            "repository root: model paths are relative to where you run)")
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ class ShardStream:
         slot = self.slots[name]
         shard = slot.shard
         if shard.fd is None:
-            shard.fd = os.open(self.tmp_dir / shard.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            shard.fd = os.open(self.tmp_dir / shard.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             _pwrite_all(shard.fd, memoryview(shard.prefix), 0)
             os.ftruncate(shard.fd, shard.size)
         if t.numel():

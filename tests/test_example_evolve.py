@@ -61,8 +61,12 @@ def test_example_config_runs_unchanged(planted: dict[str, Path], tmp_path: Path,
     monkeypatch.setenv("MERGE_EVOLVE_HUB_DATA", str(planted["data"]))
     monkeypatch.chdir(tmp_path)  # no local folder may shadow a hub name
     run = tmp_path / "evol_merge_storage"
-    # The tutorial's command line, minus --vllm and --task-search-path (its private datasets).
-    argv = [str(EXAMPLE), "--storage-path", str(run), "--in-memory", "--merge-cuda", "--no-ray", "-q",
+    # The tutorial's command line, minus --vllm and --task-search-path (its private datasets), and
+    # minus --merge-cuda where there is no GPU (there it is an error: tests/test_cli_flags.py).
+    import torch
+
+    cuda = ["--merge-cuda"] if torch.cuda.is_available() else []
+    argv = [str(EXAMPLE), "--storage-path", str(run), "--in-memory", *cuda, "--no-ray", "-q",
             "--max-fevals", "4", "--force-population-size", "4", "--random-seed", "1", "--no-save-final-model"]
     assert merge_evolve(argv) == 0, capsys.readouterr().err
     ledger = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]

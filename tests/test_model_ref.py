@@ -101,6 +101,16 @@ def test_not_found_errors(hf_cache: Path, tmp_path: Path):
         resolve_model_ref(str(tmp_path / "afile"))
 
 
+def test_a_missing_toy_zoo_model_says_how_to_build_the_zoo(hf_cache: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref in ("zoo/base", "./zoo/spatial", str(tmp_path / "zoo" / "arith"), "zoo/format/"):
+        with pytest.raises(ModelError, match=r"; is the toy zoo built\? `python scripts/build_zoo.py` builds it"):
+            resolve_model_ref(ref)
+    with pytest.raises(ModelError) as err:  # not the zoo: no hint
+        resolve_model_ref("models/base")
+    assert "build_zoo" not in str(err.value)
+
+
 def test_sharded_checkpoint_index(tmp_path: Path):
     path = make_tiny_llama(tmp_path / "sharded", seed=1, shards=3, tokenizer=False)
     tensors = read_tensor_index(path, "sharded")

@@ -202,9 +202,9 @@ def test_incompatible_sources_name_the_source(zoo_dir, tmp_path, capsys, tiny_mo
 
 
 def test_vllm_is_refused_at_config_time(zoo_dir, tmp_path, capsys, monkeypatch):
-    import evolve.evaluation
+    import evolve.flag_checks
 
-    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: True)
+    monkeypatch.setattr(evolve.flag_checks, "vllm_available", lambda: True)
     assert merge_evolve([str(_config(tmp_path, zoo_dir)), "--storage-path", str(tmp_path / "run"), "--vllm",
                          "-q"]) == 2
     assert "HF backend" in capsys.readouterr().err

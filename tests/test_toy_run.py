@@ -44,6 +44,8 @@ def test_toy_config_beats_parents_and_equal_merge(toy_zoo, tmp_path: Path) -> No
     held = [r for r in ledger if r["kind"] == "held_out" and r["recipe_hash"] == best["recipe_hash"]]
     assert held, "the best candidate was not re-scored on the held-out split"
     assert abs(held[-1]["fitness"] - best["fitness"]) <= 0.05, (held[-1]["fitness"], best["fitness"])
-    assert f"best fitness {best['fitness']:.4f}" in proc.stdout
+    # The headline: the best and its gain over the best parent, on train and held-out.
+    headline = next(line for line in proc.stdout.splitlines() if line.startswith("best: "))
+    assert headline.startswith(f"best: train {best['fitness']:.4f}, +") and "; held-out " in headline
     exported = yaml.safe_load((run / "best_config.yaml").read_text())
     assert exported["base_model"] == "zoo/base" and exported["merge_method"] == "task_arithmetic"

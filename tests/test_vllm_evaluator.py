@@ -82,10 +82,10 @@ def test_engine_kwargs_refuse_what_cannot_work(tmp_path: Path) -> None:
 
 
 def test_cli_without_vllm_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
-    import evolve.evaluation
+    import evolve.flag_checks
     from evolve.cli import main as merge_evolve
 
-    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: False)
+    monkeypatch.setattr(evolve.flag_checks, "vllm_available", lambda: False)
     assert merge_evolve([str(TOY_CONFIG), "--storage-path", str(tmp_path / "run"), "--vllm", "--no-ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"merge-evolve: error: --vllm: {VLLM_MISSING}"
@@ -316,7 +316,7 @@ def _run(tmp_path: Path, zoo_root: Path, name: str, *extra: str) -> list[dict]:
 def test_whole_run_with_vllm_matches_hf(zoo_root: Path, tmp_path: Path, capsys) -> None:
     ledger = _run(tmp_path, zoo_root, "vllm", "--vllm")
     out = capsys.readouterr().out
-    assert "best fitness" in out
+    assert "best: train " in out
     train = [r for r in ledger if r["kind"] == "train"]
     assert len(train) == 4 and all(r["status"] == "ok" for r in train), train
     assert any(r["kind"] == "held_out" for r in ledger)

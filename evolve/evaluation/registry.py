@@ -11,12 +11,12 @@ live outside a driver-side ``nn.Module`` (vLLM) set ``model`` to None and provid
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from evolve.evaluation.settings import EvalError, EvalResult
 from evolve.evaluation.tasks import TaskLike, TaskSet
+from evolve.flag_checks import VLLM_MISSING, vllm_available  # defined where the CLI checks them, torch-free
 
 __all__ = ["EVALUATORS", "VLLM_MISSING", "Evaluator", "evaluator_class", "vllm_available"]
 
@@ -24,10 +24,6 @@ EVALUATORS: dict[str, str] = {
     "hf": "evolve.evaluation.hf:HFEvaluator",
     "vllm": "evolve.evaluation.vllm:VLLMEvaluator",
 }
-
-VLLM_MISSING = ("vLLM is not installed in this environment; install the [vllm] extra (GPU) "
-                "or run scripts/setup_vllm.sh (CPU build)")
-
 
 class Evaluator(Protocol):
     """What every backend provides (see the module docstring)."""
@@ -52,8 +48,3 @@ def evaluator_class(backend: str) -> Any:
         raise EvalError(f"unknown evaluation backend {backend!r} (expected one of {', '.join(EVALUATORS)})")
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def vllm_available() -> bool:
-    """Whether a ``vllm`` package is installed (a spec lookup: imports nothing)."""
-    return importlib.util.find_spec("vllm") is not None

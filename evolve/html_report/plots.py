@@ -16,6 +16,7 @@ from typing import Any
 
 from evolve.baselines import START_ROLES, start_label
 from evolve.html_report.compare import HeatPanel, TaskPanel, TradeoffPanel
+from evolve.html_report.labels import GAP, label_offsets, reference_dashes
 from evolve.html_report.series import BatchStat, FitnessTrace, Timeline
 
 __all__ = ["BEST_COLOR", "EQUAL_COLOR", "baseline_colors", "dynamics_svg", "fitness_svg", "genome_svg",
@@ -131,17 +132,22 @@ def fitness_svg(trace: FitnessTrace, baselines: Sequence[dict[str, Any]], colors
     if trace.held_out:
         ax.scatter([n for n, _, _ in trace.held_out], [v for _, v, _ in trace.held_out], marker="D", s=30,
                    color=HELD_COLOR, label="held-out score (incumbents)", zorder=5)
-    for entry, value in refs:
+    # Lines within 1.5% of the axis of each other take turns along the line (one would hide the
+    # other); the legend shows each line's own style.
+    from matplotlib.lines import Line2D
+
+    keys = []
+    for (entry, value), dashes in zip(refs, reference_dashes([v for _, v in refs], 0.015 * (hi - floor + 2 * pad))):
         start = entry["role"] in START_ROLES
-        style = ":" if start else "--"
         what = start_label(entry["role"]) if start else f"parent {entry['name']}"
-        ax.axhline(value, color=colors.get(entry["name"], BASE_COLOR), linestyle=style, linewidth=1.3,
-                   label=f"{what} {value:.4f}", zorder=1)
+        color, style = colors.get(entry["name"], BASE_COLOR), ":" if start else "--"
+        ax.axhline(value, color=color, linestyle=dashes or style, linewidth=1.3, zorder=1)
+        keys.append(Line2D([], [], color=color, linestyle=style, linewidth=1.3, label=f"{what} {value:.4f}"))
     ax.set_ylim(floor - pad, hi + pad)
     ax.set_xlim(0.5, max(len(trace.points), 1) + 0.5)
     ax.set_xlabel("evaluation (in the order recorded)")
     ax.set_ylabel("train fitness")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + keys, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _svg(fig, "fig-fitness")
 
 
@@ -233,7 +239,13 @@ def tradeoff_svg(panels: Sequence[TradeoffPanel], colors: dict[str, str]) -> str
             marker = "s" if role in START_ROLES else "^"
             ax.scatter([x], [y], marker=marker, s=40, color=colors.get(label, BASE_COLOR), edgecolors="black",
                        linewidths=0.5, zorder=4)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # Names that would print over each other (parents with close scores) are moved apart.
+        refs = panel.references
+        offsets = label_offsets([(x, y) for _, _, x, y in refs], [r[0] for r in refs], ax.get_xlim(), ax.get_ylim())
+        for (label, _, x, y), offset in zip(refs, offsets):
+            moved = offset != (GAP, GAP)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
+                        arrowprops={"arrowstyle": "-", "color": "#888888", "linewidth": 0.5} if moved else None)
         ax.set_xlabel(panel.task_x)
         ax.set_ylabel(panel.task_y)
         if i == 0:

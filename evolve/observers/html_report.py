@@ -5,7 +5,9 @@ is being drawn, or in the pause after it, are folded into one more drawing), so 
 never waits for it, and once more, in the foreground, when the run closes (also after an error).
 After each drawing the thread pauses ``PAUSE_FACTOR`` times as long as it took, so that a fast
 run (the toy's bests come seconds apart) leaves its CPU to the workers.  A report that cannot
-be drawn or written is logged on stderr and never stops the run.
+be drawn or written is logged on stderr, once per reason, and never stops the run; a missing
+module (matplotlib in an environment installed without the project's dependencies) is said
+once, and no drawing is tried again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class HtmlReportObserver:
         self.storage_path = Path(storage_path)
         self.path: Path | None = None  # the last report written
         self.errors = 0
+        self.warned: set[str] = set()  # the reasons already told
+        self.missing: str | None = None  # a module the report needs and cannot import: no more tries
         self._wanted = threading.Event()
         self._closing = threading.Event()
         self._stop = False
@@ -38,13 +42,22 @@ class HtmlReportObserver:
 
     def _write(self) -> None:
         with self._lock:
+            if self.missing is not None:
+                return
             try:
                 from evolve.html_report import write_html_report
 
                 self.path = write_html_report(self.storage_path, live=not self._stop)
             except Exception as exc:  # the report must never stop a run
                 self.errors += 1
-                print(f"merge-evolve: warning: could not write the HTML report: {one_line(exc)}", file=sys.stderr)
+                reason = one_line(exc)
+                if isinstance(exc, ImportError):
+                    self.missing = exc.name or reason
+                    reason += (f" (install it, e.g. `pip install {exc.name}`, for STORAGE/report.html; the run goes "
+                               "on without the report)" if exc.name else " (the run goes on without the report)")
+                if reason not in self.warned:
+                    self.warned.add(reason)
+                    print(f"merge-evolve: warning: could not write the HTML report: {reason}", file=sys.stderr)
 
     def _loop(self) -> None:
         while True:

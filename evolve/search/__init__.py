@@ -11,8 +11,9 @@ Importing this package imports pycma (~1 s); workers import :mod:`evolve.protoco
 
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
 from evolve.search.cmaes import CMAES
-from evolve.search.driver import SearchDriver, SearchOutcome, default_popsize, eval_id
+from evolve.search.driver import SearchDriver, default_popsize, eval_id
 from evolve.search.fitness import default_penalty, task_score, weighted_fitness
+from evolve.search.outcome import SearchOutcome
 from evolve.search.provenance import package_versions
 
 __all__ = [

@@ -52,6 +52,7 @@ from evolve.search.compat import LEGACY_DEFAULTS, RESUME_KEYS, manifest_config, 
 from evolve.search.design import default_design_size
 from evolve.search.failures import FailureWatch
 from evolve.search.fitness import default_penalty
+from evolve.search.outcome import SearchOutcome
 from evolve.search.provenance import best_provenance, package_versions
 from evolve.search.records import ASK, ask_record, cached_record, held_out_record, train_record
 from evolve.search.replay import replay_ledger
@@ -70,21 +71,6 @@ class RaceSettings:
     z: float = DEFAULT_Z
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     level: str = "incumbent"  # what a raced candidate must be able to reach: "incumbent" or "cut"
-
-
-@dataclass
-class SearchOutcome:
-    """Summary of a finished search (the ledger has every detail)."""
-
-    best: dict[str, Any] | None  # ledger record of the best train candidate
-    best_recipe: dict[str, Any] | None
-    best_held_out: dict[str, Any] | None  # its held-out ledger record, when held_out tasks exist
-    generations: int  # tells
-    candidates: int  # train results (evaluated or cache hits)
-    evaluations: int  # train evaluations actually run (cache hits excluded), all sessions
-    held_out_evaluations: int
-    stop_reason: str
-    busy_fraction: float  # this session: busy worker-seconds / (workers x wall seconds)
 
 
 def default_popsize(dimension: int, num_workers: int = 1) -> int:
@@ -217,14 +203,27 @@ class SearchDriver:
         return Trajectory(strategy, self.genome, schedule=schedule, max_fevals=self.max_fevals,
                           held_out=bool(self.config.held_out))
 
-    def check_stored_run(self) -> None:
+    def check_stored_run(self) -> SearchOutcome | None:
         """Refuse, before any worker starts, a run directory this run cannot continue (other
-        settings; a damaged manifest or ledger; a ledger that does not replay).  Writes nothing."""
+        settings; a damaged manifest or ledger; a ledger that does not replay).  Writes nothing.
+
+        Returns the stored run's outcome when it is complete (nothing left to ask, to evaluate or
+        to score on the held-out tasks: running it again would do nothing), else None.
+        """
         popsize, schedule = self._settings(None)
         if popsize is None:
-            return  # a new run
+            return None  # a new run
         self.storage.check_resumable(self._manifest(popsize, schedule), RESUME_KEYS, self._legacy())
-        self._replay(self._trajectory(popsize, schedule), self.storage.load_evaluations(repair=False))
+        ledger = self.storage.load_evaluations(repair=False)
+        traj = self._trajectory(popsize, schedule)
+        self._replay(traj, ledger)
+        if not traj.exhausted() or len(traj.results) < len(traj.candidates):
+            return None
+        traj.consider(traj.untold())  # as the end of run() does
+        if traj.heldout_queue:
+            return None
+        self.traj, self.records = traj, {r["eval_id"]: r for r in ledger if r.get("kind") != ASK}
+        return self._outcome(self._stop_reason(), 0.0)
 
     # -- replay ---------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from evolve.workers.reaper import start_reaper, stop_reaper
 from evolve.workers.worker import CandidateWorker, WorkerPoolError, WorkerSpec
 from merge_core.errors import MergeError
 
-__all__ = ["ActorWorker", "RayPool", "WorkerPoolError"]
+__all__ = ["ActorWorker", "RayPool", "WorkerPoolError", "memory_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,16 @@ class _Slot:
     pid: int | None = None
     released: int = 0  # times release_idle let its actor go
     node: str | None = None  # Ray node id of the current actor
+    memory: str = ""  # where its merge inputs live and what they take (CandidateWorker.memory_report)
+
+
+def memory_lines(slots: list[Any]) -> list[str]:
+    """Every worker's memory line, workers with the same line on one: ``worker-0, worker-1: ...``."""
+    names: dict[str, list[str]] = {}
+    for slot in slots:
+        if slot.memory:
+            names.setdefault(slot.memory, []).append(slot.name)
+    return [f"{', '.join(who)}: {line}" for line, who in names.items()]
 
 
 class RayPool:
@@ -212,6 +222,9 @@ class RayPool:
             wait_placed([slot.placed_ref for slot in self.slots], **need)
             for slot in self.slots:
                 self._mark_ready(slot, ray.get(slot.ready_ref))
+            if self.report:
+                for line in memory_lines(self.slots):
+                    print(line, file=sys.stderr)
         except WorkerPoolError:
             self.close()
             raise
@@ -237,10 +250,9 @@ class RayPool:
         slot.setup_s.append(float(info["setup_s"]))
         slot.pid = info["pid"]
         slot.node = info.get("node")
-        if self.memory_report is None and info.get("memory"):
-            self.memory_report = str(info["memory"])
-            if self.report:
-                print(f"{slot.name}: {self.memory_report}", file=sys.stderr)
+        slot.memory = str(info.get("memory") or "")
+        if self.memory_report is None and slot.memory:
+            self.memory_report = slot.memory
         if slot.job is not None and slot.started is None:
             slot.started = time.monotonic()
 
