@@ -107,7 +107,8 @@ def genome_panels(genome: Any, x: Sequence[float]) -> list[HeatPanel]:
         values = np.asarray(genome.encode(genome.decode(x)), dtype=float).reshape(genome.shape)
     lows, highs = genome.bounds
     rows = tuple(f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in genome.layer_ranges)
-    cols = tuple(short_name(m) for m in genome.definition.models)
+    cols = (tuple(short_name(m) for m in genome.definition.models) if genome.search.per_model
+            else tuple(genome.columns))  # global genes: one column for the whole recipe
     panels = []
     for p, gene in enumerate(genome.genes):
         for f, pattern in enumerate(genome.filters):
