@@ -115,6 +115,32 @@ REFUSED: dict[str, tuple[str, str | None, dict, list[tuple[str, dict | None]]]] 
     "arcee_fusion_no_base": ("arcee_fusion", None, {}, [("m1", None), ("m2", None)]),
 }
 BF16 = ["multislerp_base", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+# merge-evolve's exported recipes (Genome.decode of a random point in the box): mergekit-yaml must
+# accept them and give our tensors (della_linear's random drops differ: accepted is checked).
+GENOMES: dict[str, tuple[dict, list[str]]] = {
+    "breadcrumbs_ties": ({"layer_granularity": 2, "filters": ["mlp"]}, ["m1", "m2"]),
+    "della_linear": ({"smooth": True, "layer_granularity": 2}, ["m1", "m2"]),
+    "multislerp": ({"layer_granularity": 2}, ["m1", "m2", "m3"]),
+    "nuslerp": ({"smooth": True, "layer_granularity": 1}, ["m1", "m2"]),
+    "sce": ({"layer_granularity": 2, "filters": ["self_attn"]}, ["s1", "s2", "s3"]),
+    "nearswap": ({"layer_granularity": 1}, ["m1"]),
+    "ram": ({"smooth": True, "layer_granularity": 2}, ["s1", "s2"]),
+    "ramplus_tl": ({"layer_granularity": 2, "filters": ["mlp"]}, ["s1", "s2", "s3"]),
+}
+
+
+def _genome_recipe(zoo, method: str) -> dict:
+    import numpy as np
+
+    from evolve.config import parse_evolve_config
+    from evolve.genome import Genome
+
+    layout, models = GENOMES[method]
+    genome = {"models": [str(zoo[m]) for m in models], "merge_method": method, "base_model": str(zoo["base"]),
+              **layout}
+    g = Genome(parse_evolve_config({"genome": genome, "tasks": ["t"]}).genome, 4, dtype="float32")
+    lo, hi = (np.asarray(b) for b in g.bounds)
+    return g.decode(np.random.default_rng(len(method)).uniform(lo, hi))
 
 
 def _recipe(zoo, case, suffix: str = "", dtype: str = "float32", out_dtype: str | None = None) -> dict:
@@ -138,6 +164,8 @@ def oracle(zoo, tmp_path_factory, mergekit_py: str) -> dict[str, object]:
     for name in BF16:
         recipes[f"{name}:bf16"] = _recipe(zoo, CASES[name], "_bf16", "bfloat16")
         recipes[f"{name}:f32"] = _recipe(zoo, CASES[name], "_bf16", "float32", "bfloat16")
+    for method in GENOMES:
+        recipes[f"genome:{method}"] = _genome_recipe(zoo, method)
     jobs = []
     for k, (name, recipe) in enumerate(recipes.items()):
         config = root / f"job{k}.yml"
@@ -158,23 +186,36 @@ def _ours(recipe: dict, tmp_path: Path, name: str = "ours") -> tuple[int, Path]:
     return merge_yaml([str(config), str(tmp_path / name), "--quiet"]), tmp_path / name
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_float32_matches_mergekit(case: str, zoo, oracle, tmp_path: Path) -> None:
-    theirs_dir = oracle[case]
-    assert isinstance(theirs_dir, Path), theirs_dir
-    code, ours_dir = _ours(_recipe(zoo, CASES[case]), tmp_path)
-    assert code == 0
-    ours, theirs = _load(ours_dir), _load(theirs_dir)
+def _assert_same(ours: dict, theirs: dict, case: str, rel: float = 4e-6) -> None:
     assert sorted(ours) == sorted(theirs)
     worst = 0.0
     for name, expected in theirs.items():
         got = ours[name]
         assert got.shape == expected.shape and got.dtype == expected.dtype == torch.float32, name
         diff = (got - expected).abs()
-        assert not (diff > 4e-6 * expected.abs().clamp_min(1e-2) + 1e-7).any(), (
+        assert not (diff > rel * expected.abs().clamp_min(1e-2) + 1e-7).any(), (
             f"{case}: {name}: max abs diff {diff.max().item():.3g}")
         worst = max(worst, diff.max().item())
     print(f"[vs mergekit] {case}: max abs diff {worst:.3g} over {len(theirs)} tensors")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_matches_mergekit(case: str, zoo, oracle, tmp_path: Path) -> None:
+    theirs_dir = oracle[case]
+    assert isinstance(theirs_dir, Path), theirs_dir
+    code, ours_dir = _ours(_recipe(zoo, CASES[case]), tmp_path)
+    assert code == 0
+    _assert_same(_load(ours_dir), _load(theirs_dir), case)
+
+
+@pytest.mark.parametrize("method", list(GENOMES))
+def test_exported_genome_recipes_are_mergekit_recipes(method: str, zoo, oracle, tmp_path: Path) -> None:
+    theirs_dir = oracle[f"genome:{method}"]
+    assert isinstance(theirs_dir, Path), theirs_dir  # mergekit-yaml accepted and merged it
+    code, ours_dir = _ours(_genome_recipe(zoo, method), tmp_path)
+    assert code == 0
+    if method != "della_linear":
+        _assert_same(_load(ours_dir), _load(theirs_dir), f"genome {method}")
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
