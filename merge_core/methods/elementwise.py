@@ -161,12 +161,13 @@ class ArceeFusion(MethodBase):
 
     def _merge(self, inputs: TensorInputs, glob: Values, per_model: list[Values],
                out: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        # Rows in blocks of about one chunk: the softmax temporaries stay in cache, and only the
-        # importances (needed whole for their quantiles) take full-size memory.
+        # Rows in blocks of about a million elements: the softmax temporaries stay small, only
+        # the importances (needed whole for their quantiles) take full-size memory, and the
+        # number of (multi-threaded) torch calls stays low.
         x, z = inputs.tensors[inputs.others[0]], inputs.base
         cols = x.shape[-1] if x.dim() else 1
         rows = x.reshape(-1, cols), z.reshape(-1, cols)
-        step = max(1, chunk_len(x.device) // cols)
+        step = max(1, 8 * chunk_len(x.device) // cols)
         importance = torch.empty(rows[0].shape, dtype=inputs.compute_dtype, device=x.device)
         for start in range(0, rows[0].shape[0], step):
             block_x, block_z = self._block(inputs, rows, start, step)
