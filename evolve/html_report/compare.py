@@ -111,8 +111,9 @@ def genome_panels(genome: Any, x: Sequence[float]) -> list[HeatPanel]:
             else tuple(genome.columns))  # global genes: one column for the whole recipe
     panels = []
     for p, gene in enumerate(genome.genes):
+        label = f"log10 {gene}" if genome.specs[p].log10 else gene  # the value as searched
         for f, pattern in enumerate(genome.filters):
-            title = gene if len(genome.filters) == 1 else f"{gene}, {'tensors matching ' + repr(pattern) if pattern else 'other tensors'}"
+            title = label if len(genome.filters) == 1 else f"{label}, {'tensors matching ' + repr(pattern) if pattern else 'other tensors'}"
             matrix = tuple(tuple(float(v) for v in values[g, :, f, p]) for g in range(genome.shape[0]))
             panels.append(HeatPanel(title, gene, pattern, rows, cols, matrix, float(lows[p]), float(highs[p])))
     return panels
