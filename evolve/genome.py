@@ -40,8 +40,8 @@ Bounds: the search box (CMA-ES runs inside it; decode maps points outside it bac
   (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
   della_linear: a task vector may well be worth more than once; the toy zoo's best global
   weights are 1.5) and [0, 1] for linear, multislerp and nuslerp (normalized, so only ratios
-  matter); with ``allow_negative_weights`` the default low is minus the high.  Outside: ``|w|`` unless negatives are allowed (mergekit-evolve's map), then
-  clipped into the box.
+  matter); with ``allow_negative_weights`` the default low is minus the high.  Outside:
+  ``|w|`` unless negatives are allowed (mergekit-evolve's map), then clipped into the box.
 - density: ``genome.density_range``, default [0, 1] (outside: ``clamp(|d|, low, high)``).
 - The other genes have fixed boxes (outside: ``clamp(|v|, low, high)``; log genes clamped):
   gamma [0, 0.1], start 0.01 (mergekit's default); select_topk [0, 1], start 1; nearswap's
