@@ -296,7 +296,8 @@ def _check_genome(g: GenomeConfig) -> None:
         if g.filters:
             raise RecipeError("genome.filters", "not supported with merge_method slerp")
     _check_model_count(g)
-    if g.normalize is not None and g.merge_method not in NORMALIZED_METHODS:
+    # slerp ignores it, as mergekit-evolve did (configs written for it keep loading).
+    if g.normalize is not None and g.merge_method not in NORMALIZED_METHODS | {"slerp"}:
         raise RecipeError("genome.normalize", f"merge_method {g.merge_method} has no normalize parameter")
     if g.tokenizer_source is not None and not g.tokenizer_source.strip():
         raise RecipeError("genome.tokenizer_source", "empty value")
