@@ -28,25 +28,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from evolve.genes import BASE_METHODS, METHOD_GENES, NOTHING_TO_SEARCH, SEARCHABLE
 from merge_core.errors import RecipeError
 from merge_core.yaml_io import BoundedLoader, load_yaml_file, short_repr
 
-# Genes per (layer group, model, filter set), in gene order; "weight"/"t" always first.
-# mergekit-evolve supports the first five; the others are ours (same gene layout as ties).
-METHOD_GENES: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "breadcrumbs": ("weight", "density"),
-    "della": ("weight", "density"),
-    "slerp": ("t",),
-}
-# Methods that merge task vectors relative to a base model (base_model required).
-BASE_METHODS = frozenset(
-    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della"}
-)
+# BASE_METHODS and METHOD_GENES (what can be searched, per merge method) are defined in
+# evolve.genes and stay importable from here.
+
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
@@ -272,9 +260,11 @@ def _check_stacking(s: StackingConfig) -> None:
 def _check_genome(g: GenomeConfig) -> None:
     _check_references("genome.models", g.models, "model")
     if g.merge_method not in METHOD_GENES:
+        why = NOTHING_TO_SEARCH.get(g.merge_method)
         raise RecipeError(
             "genome.merge_method",
-            f"unsupported method {g.merge_method!r}; choose one of {', '.join(METHOD_GENES)}",
+            f"unsupported method {g.merge_method!r}{': nothing to search: ' + why if why else ''}; "
+            f"choose one of {', '.join(METHOD_GENES)}",
         )
     if g.base_model is not None and not g.base_model.strip():
         raise RecipeError("genome.base_model", "empty model reference")
@@ -295,9 +285,32 @@ def _check_genome(g: GenomeConfig) -> None:
             raise RecipeError("genome.smooth", "not supported with merge_method slerp")
         if g.filters:
             raise RecipeError("genome.filters", "not supported with merge_method slerp")
+    _check_model_count(g)
+    # slerp ignores it, as mergekit-evolve did (configs written for it keep loading).
+    if g.normalize is not None and g.merge_method not in NORMALIZED_METHODS | {"slerp"}:
+        raise RecipeError("genome.normalize", f"merge_method {g.merge_method} has no normalize parameter")
     if g.tokenizer_source is not None and not g.tokenizer_source.strip():
         raise RecipeError("genome.tokenizer_source", "empty value")
     _check_ranges(g)
+
+
+# Methods whose recipes take ``genome.normalize`` (multislerp as ``normalize_weights``).
+NORMALIZED_METHODS = frozenset({"linear", "multislerp"} | {m for m, s in SEARCHABLE.items() if s.task_vectors})
+
+
+def _check_model_count(g: GenomeConfig) -> None:
+    """mergekit's input contract for the models besides the base (nearswap: exactly one)."""
+    low, high = SEARCHABLE[g.merge_method].others
+    if g.merge_method == "slerp":
+        return  # its own message below
+    others = [m for m in g.models if m != g.base_model]
+    if high is not None and low == high and len(others) != low:
+        noun = "model" if low == 1 else "models"
+        raise RecipeError("genome.models", f"merge_method {g.merge_method} takes exactly {low} {noun} besides "
+                                           f"its base_model, got {len(others)}")
+    if len(others) < low:
+        raise RecipeError("genome.models", f"merge_method {g.merge_method} needs at least {low} model(s) "
+                                           f"besides its base_model, got {len(others)}")
 
 
 def _check_tasks(config: EvolveConfig) -> None:

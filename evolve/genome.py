@@ -14,45 +14,66 @@ Layout (the same ordering as mergekit-evolve, so its genotypes mean the same her
 - F filter sets: one per ``genome.filters`` entry plus a catch-all, in that order; each becomes a
   conditional parameter ``[{filter: f, value: v}, ..., {value: v_catchall}]``. F = 1 without
   filters, and the parameters are plain numbers.
-- P genes per (group, model, filter set), by method::
+- P genes per (group, model, filter set), by method (:data:`evolve.genes.SEARCHABLE`)::
 
-    linear, task_arithmetic                               weight
-    ties, dare_ties, dare_linear, breadcrumbs, della      weight, density
+    linear, task_arithmetic, multislerp, nuslerp          weight
+    ties, dare_ties, dare_linear, breadcrumbs,
+    della, della_linear                                   weight, density
+    breadcrumbs_ties                                      weight, density, gamma
     slerp                                                 t-score (one per model)
+    sce                                                   select_topk          (global)
+    nearswap                                              log10 t              (global)
+    ram                                                   log10 epsilon        (global)
+    ramplus_tl                                            r, alpha             (global)
 
-  dimension = G * M * F * P.
+  Global genes are the recipe's parameters, not a model's: M = 1 for them, and they are written
+  as each slice's ``parameters`` (``smooth``: gradients in the top-level ``parameters``), the
+  models carrying none. dimension = G * M * F * P.
+- Model counts as in mergekit: nuslerp takes exactly two models besides the base, nearswap
+  exactly one (the config refuses others); multislerp and nuslerp merge task vectors when
+  ``genome.base_model`` is given, the models themselves otherwise. karcher and arcee_fusion
+  have nothing to search in mergekit 0.1.5 (no per-model parameter) and are refused.
 
 Bounds: the search box (CMA-ES runs inside it; decode maps points outside it back in):
 
 - weight: ``genome.weight_range``; by default [0, 2] for the task-vector methods
-  (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della: a task vector may well
-  be worth more than once; the toy zoo's best global weights are 1.5) and [0, 1] for linear
-  (normalized, so only ratios matter); with ``allow_negative_weights`` the default low is
-  minus the high.  Outside: ``|w|`` unless negatives are allowed (mergekit-evolve's map), then
-  clipped into the box.
+  (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+  della_linear: a task vector may well be worth more than once; the toy zoo's best global
+  weights are 1.5) and [0, 1] for linear, multislerp and nuslerp (normalized, so only ratios
+  matter); with ``allow_negative_weights`` the default low is minus the high.  Outside:
+  ``|w|`` unless negatives are allowed (mergekit-evolve's map), then clipped into the box.
 - density: ``genome.density_range``, default [0, 1] (outside: ``clamp(|d|, low, high)``).
+- The other genes have fixed boxes (outside: ``clamp(|v|, low, high)``; log genes clamped):
+  gamma [0, 0.1], start 0.01 (mergekit's default); select_topk [0, 1], start 1; nearswap's
+  log10 t [-6, -1], start -4 (t = 1e-4; t bounds absolute weight differences); ram's log10
+  epsilon [-7, -2], start -5 (mergekit's 1e-5); ramplus_tl's r [0, 1], start 0.1 and alpha
+  [0, 1], start 0.2 (mergekit's defaults; unique changes scaled by up to 1 + r * alpha).
 - Runs stored before the box was configurable used [0, 1] ([-1, 1] with negative weights) and
   are resumed with that box (the run manifest records the box).
 - The step size scales with the box: ``CMA_stds`` is the box's width over the legacy width
-  (1 for [0, 1], 2 for [-1, 1]), so ``sigma0`` (1/6) stays a sixth of a legacy box.
+  (1 for [0, 1], 2 for [-1, 1]; 1 for the genes added later), so ``sigma0`` (1/6) stays a
+  sixth of a legacy box (of the whole box for the later genes).
 - slerp t-score: [0, 4]. As in mergekit-evolve, per layer group the two models with the highest
   score are merged (ties broken by model order), the best one is the slice's base, and
   ``t = softmax(top two)[1] = 1 / (1 + exp(s1 - s2))``; so t is in [0.0180, 0.5] (the other
   half is reached by swapping which model is the base).
-- della's ``epsilon`` is not a gene: it is derived per value as
+- della's (and della_linear's) ``epsilon`` is not a gene: it is derived per value as
   ``min(0.15, density / 2, (1 - density) / 2)`` so that ``density +/- epsilon`` stays in (0, 1)
   (mergekit's della rejects other values; 0.15 is its default).
 
 ``smooth: true`` writes each parameter as a gradient (list of G values, interpolated across the
 layers) in a ``models:`` section instead of one slice per group.
 
-Initial point (mergekit-evolve's): weight = 1/M, density = 1 (t-scores = 1/M, i.e. equal), or
-uniform in the bounds with ``random_init`` (mergekit-evolve drew U[0, 1)).
+Initial point (mergekit-evolve's): weight = 1/M, density = 1 (t-scores = 1/M, i.e. equal), the
+other genes at their start above, or uniform in the bounds with ``random_init``
+(mergekit-evolve drew U[0, 1)).
 The search scores it first, then (by default) a space-filling design of whole-model merges
 (:meth:`Genome.design_point`, :mod:`evolve.search.design`) before CMA-ES starts from the best.
 
 Recipe parameters besides the genes: ``normalize`` (explicit value, else True for linear, ties,
-dare_ties, della), ``int8_mask: true`` for the task-vector methods, ``dtype: bfloat16``,
+dare_ties, della) for linear and the task-vector methods, ``int8_mask: true`` for the
+task-vector methods, multislerp's ``normalize_weights`` only when ``normalize`` is set,
+``dtype: bfloat16``,
 ``tokenizer_source`` when set. Deviations from mergekit-evolve: a ``base_model`` is not added
 for linear (it would need a weight; mergekit-evolve's recipe did not merge) nor for slerp (a
 slice takes exactly two models); slerp sources carry no ``weight`` with a ``tokenizer_source``
@@ -69,13 +90,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evolve.config import BASE_METHODS, METHOD_GENES, GenomeConfig, canonical_json
+from evolve.config import GenomeConfig, canonical_json
+from evolve.genes import SEARCHABLE, TASK_VECTOR_METHODS
 from merge_core.errors import RecipeError
 
 WEIGHT_BOUND = 1.0  # the legacy weight box: [0, 1], or [-1, 1] with negative weights
 TASK_VECTOR_WEIGHT_MAX = 2.0  # the default high of a task-vector method's weight box
 SLERP_SCORE_MAX = 4.0
 DELLA_EPSILON = 0.15
+DERIVED_EPSILON = frozenset({"della", "della_linear"})  # epsilon derived from density, not a gene
 NORMALIZE_BY_DEFAULT = frozenset({"linear", "ties", "dare_ties", "della"})
 HASH_DECIMALS = 9
 
@@ -100,13 +123,16 @@ class Genome:
         self.num_layers = num_layers
         self.dtype = dtype
         self.method = definition.merge_method
-        self.genes = METHOD_GENES[self.method]
+        self.search = SEARCHABLE[self.method]
+        self.specs = self.search.genes
+        self.genes = tuple(g.name for g in self.specs)
         step = definition.layer_granularity or num_layers
         self.layer_ranges: list[tuple[int, int]] = [
             (start, min(start + step, num_layers)) for start in range(0, num_layers, step)
         ]
         self.filters: list[str | None] = list(definition.filters or []) + [None]
-        self.shape = (len(self.layer_ranges), len(definition.models), len(self.filters), len(self.genes))
+        per_model = len(definition.models) if self.search.per_model else 1
+        self.shape = (len(self.layer_ranges), per_model, len(self.filters), len(self.genes))
         self.box = self._resolve_box(box)
 
     @classmethod
@@ -122,26 +148,28 @@ class Genome:
     # -- the search box -----------------------------------------------------------------
 
     def default_box(self) -> dict[str, tuple[float, float]]:
-        """The method's default box per boxed gene (weight, density)."""
-        high = TASK_VECTOR_WEIGHT_MAX if self.method in BASE_METHODS else WEIGHT_BOUND
-        out = {"weight": (-high if self.definition.allow_negative_weights else 0.0, high)}
-        if "density" in self.genes:
-            out["density"] = (0.0, 1.0)
-        return out if self.method != "slerp" else {}
+        """The method's default box per gene (none for slerp's t-scores)."""
+        if self.method == "slerp":
+            return {}
+        out = {g.name: (g.low, g.high) for g in self.specs}
+        if "weight" in out:
+            high = TASK_VECTOR_WEIGHT_MAX if self.method in TASK_VECTOR_METHODS else WEIGHT_BOUND
+            out["weight"] = (-high if self.definition.allow_negative_weights else 0.0, high)
+        return out
 
     def legacy_box(self) -> dict[str, list[float]]:
         """The box of runs stored before it was configurable (JSON form, as in a manifest)."""
         if self.method == "slerp":
             return {}
-        out = {"weight": [-WEIGHT_BOUND if self.definition.allow_negative_weights else 0.0, WEIGHT_BOUND]}
-        if "density" in self.genes:
-            out["density"] = [0.0, 1.0]
+        out = {gene: [lo, hi] for gene, (lo, hi) in self.default_box().items()}
+        if "weight" in out:
+            out["weight"] = [-WEIGHT_BOUND if self.definition.allow_negative_weights else 0.0, WEIGHT_BOUND]
         return out
 
     def _resolve_box(self, stored: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
         box = self.default_box()
         for gene in box:
-            given = getattr(self.definition, f"{gene}_range")
+            given = getattr(self.definition, f"{gene}_range", None)
             if given is not None:
                 box[gene] = (float(given[0]), float(given[1]))
             elif stored is not None and gene in stored:
@@ -164,8 +192,7 @@ class Genome:
         ``g<group>/<model>/<gene>``, e.g. ``g0/spatial/weight``; with ``filters``
         ``g<group>/<model>/<filter>/<gene>``, ``*`` for the catch-all.  ``<model>`` is the last
         part of the model reference (``m<i>_`` in front where two models would share one)."""
-        labels = [ref.rstrip("/").rsplit("/", 1)[-1] or ref for ref in self.definition.models]
-        labels = [f"m{i}_{label}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+        labels = self.columns if self.search.per_model else [None]  # None: global genes
         filters = [] if len(self.filters) == 1 else [f if f is not None else "*" for f in self.filters]
         names = []
         for g in range(self.shape[0]):
@@ -174,6 +201,15 @@ class Genome:
                     names.extend("/".join(p for p in (f"g{g}", label, f, gene) if p is not None)
                                  for gene in self.genes)
         return names
+
+    @property
+    def columns(self) -> list[str]:
+        """A label per model column of the genome: the last part of each model reference (``m<i>_``
+        in front where two would be equal), or ``all models`` for a method with global genes."""
+        if not self.search.per_model:
+            return ["all models"]
+        labels = [ref.rstrip("/").rsplit("/", 1)[-1] or ref for ref in self.definition.models]
+        return [f"m{i}_{label}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
     def _gene_bounds(self, gene: str) -> tuple[float, float]:
         return self.box.get(gene, (0.0, SLERP_SCORE_MAX))
@@ -190,8 +226,8 @@ class Genome:
         box's (t-scores span 4x a legacy weight's range)."""
         if self.method == "slerp":
             return [SLERP_SCORE_MAX] * self.dimension
-        legacy = self.legacy_box()
-        per_gene = [(self.box[g][1] - self.box[g][0]) / (legacy[g][1] - legacy[g][0]) for g in self.genes]
+        legacy = {"weight": 2.0 if self.definition.allow_negative_weights else 1.0}
+        per_gene = [(self.box[g][1] - self.box[g][0]) / legacy.get(g, 1.0) for g in self.genes]
         return [per_gene[i % len(self.genes)] for i in range(self.dimension)]
 
     @property
@@ -208,14 +244,15 @@ class Genome:
         return lo + tied.reshape(-1) * (hi - lo)
 
     def initial_point(self, random_init: bool, rng: np.random.Generator) -> list[float]:
-        """mergekit-evolve's start: weight 1/M, density 1, each brought into the user's box (a
-        ``density_range`` of [0.2, 0.9] starts at 0.9); or uniform within the bounds."""
+        """mergekit-evolve's start: weight 1/M, density 1, the other genes at their start (see the
+        module docstring), each brought into the user's box (a ``density_range`` of [0.2, 0.9]
+        starts at 0.9); or uniform within the bounds."""
         lo, hi = (np.asarray(b) for b in self.bounds)
         if random_init:
             return [float(v) for v in rng.uniform(lo, hi)]
         x = np.zeros(self.shape)
-        x[..., 0] = 1.0 / self.shape[1]
-        x[..., 1:] = 1.0
+        for p, gene in enumerate(self.specs):
+            x[..., p] = 1.0 / self.shape[1] if gene.start is None else gene.start
         return [float(v) for v in np.clip(x.reshape(-1), lo, hi)]
 
     # -- decode ---------------------------------------------------------------------------
@@ -240,29 +277,52 @@ class Genome:
         if self.method == "slerp":
             recipe["slices"] = self._slerp_slices(arr)
         else:
-            values = {}
-            for p, gene in enumerate(self.genes):
-                v = arr[..., p]
-                if gene == "density" or not self.definition.allow_negative_weights:
-                    v = np.abs(v)
-                values[gene] = np.clip(v, *self.box[gene])
-            if self.method == "della":
-                d = values["density"]
-                values["epsilon"] = np.minimum(DELLA_EPSILON, np.minimum(d, 1.0 - d) / 2.0)
-            if self.method in BASE_METHODS:
-                recipe["base_model"] = self.definition.base_model
+            values = self._values(arr)
+            base = self.definition.base_model
+            if self.search.base == "required" or (self.search.base == "optional" and base is not None):
+                recipe["base_model"] = base
+            params = self._method_params()
             if self.definition.smooth:
                 recipe["models"] = self._smooth_models(values)
+                if not self.search.per_model:
+                    params.update({name: self._gradient(v, 0) for name, v in values.items()})
             else:
                 recipe["slices"] = self._discrete_slices(values)
-            params: dict[str, Any] = {"normalize": self._normalize_param()}
-            if self.method in BASE_METHODS:
-                params["int8_mask"] = True
-            recipe["parameters"] = params
+            if params:
+                recipe["parameters"] = params
         recipe["dtype"] = self.dtype
         if self.definition.tokenizer_source is not None:
             recipe["tokenizer_source"] = self.definition.tokenizer_source
         return recipe
+
+    def _values(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        """Each recipe parameter's values, shaped like the genome less its gene axis: genes mapped
+        into their box (``|v|`` unless negative weights are allowed; log genes exponentiated)."""
+        values = {}
+        for p, gene in enumerate(self.specs):
+            v = arr[..., p]
+            lo, hi = self.box[gene.name]
+            if gene.log10:
+                values[gene.name] = 10.0 ** np.clip(v, lo, hi)
+                continue
+            if gene.name != "weight" or not self.definition.allow_negative_weights:
+                v = np.abs(v)
+            values[gene.name] = np.clip(v, lo, hi)
+        if self.method in DERIVED_EPSILON:
+            d = values["density"]
+            values["epsilon"] = np.minimum(DELLA_EPSILON, np.minimum(d, 1.0 - d) / 2.0)
+        return values
+
+    def _method_params(self) -> dict[str, Any]:
+        """The recipe parameters that are not genes (see the module docstring)."""
+        params: dict[str, Any] = {}
+        if self.method == "linear" or self.method in TASK_VECTOR_METHODS:
+            params["normalize"] = self._normalize_param()
+        if self.method in TASK_VECTOR_METHODS:
+            params["int8_mask"] = True
+        if self.method == "multislerp" and self.definition.normalize is not None:
+            params["normalize_weights"] = self.definition.normalize
+        return params
 
     def _param_value(self, per_filter: list[Any]) -> Any:
         """One parameter: a plain value, or conditional on the tensor-name filters."""
@@ -271,9 +331,22 @@ class Genome:
         out = [{"filter": f, "value": v} for f, v in zip(self.filters[:-1], per_filter[:-1])]
         return out + [{"value": per_filter[-1]}]
 
+    def _at(self, values: dict[str, np.ndarray], g: int, m: int) -> dict[str, Any]:
+        """The parameters of layer group ``g``, model column ``m``."""
+        return {name: self._param_value([float(v[g, m, f]) for f in range(len(self.filters))])
+                for name, v in values.items()}
+
+    def _gradient(self, v: np.ndarray, m: int) -> Any:
+        """Model column ``m`` of one parameter as a gradient over the layer groups (smooth)."""
+        per_filter = []
+        for f in range(len(self.filters)):
+            gradient = [float(val) for val in v[:, m, f]]
+            per_filter.append(gradient[0] if len(gradient) == 1 else gradient)
+        return self._param_value(per_filter)
+
     def _base_source(self, layer_range: list[int] | None) -> dict[str, Any] | None:
         base = self.definition.base_model
-        if self.method not in BASE_METHODS or base is None or base in self.definition.models:
+        if self.search.base == "none" or base is None or base in self.definition.models:
             return None
         return {"model": base} if layer_range is None else {"model": base, "layer_range": layer_range}
 
@@ -282,30 +355,28 @@ class Genome:
         for g, (start, end) in enumerate(self.layer_ranges):
             sources = []
             for m, model in enumerate(self.definition.models):
-                params = {
-                    name: self._param_value([float(v[g, m, f]) for f in range(len(self.filters))])
-                    for name, v in values.items()
-                }
-                sources.append({"model": model, "layer_range": [start, end], "parameters": params})
+                source: dict[str, Any] = {"model": model, "layer_range": [start, end]}
+                if self.search.per_model:
+                    source["parameters"] = self._at(values, g, m)
+                sources.append(source)
             base = self._base_source([start, end])
             if base is not None:
                 sources.append(base)
-            slices.append({"sources": sources})
+            sl: dict[str, Any] = {"sources": sources}
+            if not self.search.per_model:
+                sl["parameters"] = self._at(values, g, 0)
+            slices.append(sl)
         return slices
 
     def _smooth_models(self, values: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         models = []
         for m, model in enumerate(self.definition.models):
-            params = {}
-            for name, v in values.items():
-                per_filter = []
-                for f in range(len(self.filters)):
-                    gradient = [float(val) for val in v[:, m, f]]
-                    per_filter.append(gradient[0] if len(gradient) == 1 else gradient)
-                params[name] = self._param_value(per_filter)
             # No layer_range here: mergekit's models entries have none (mergekit-evolve wrote one,
             # which mergekit ignored); the gradient spans all layers.
-            models.append({"model": model, "parameters": params})
+            entry: dict[str, Any] = {"model": model}
+            if self.search.per_model:
+                entry["parameters"] = {name: self._gradient(v, m) for name, v in values.items()}
+            models.append(entry)
         base = self._base_source(None)
         if base is not None:
             models.append(base)
@@ -341,22 +412,28 @@ class Genome:
         if self.method == "slerp":
             self._encode_slerp(recipe, x)
         elif self.definition.smooth:
-            for m, entry in enumerate(self._genes_sources(recipe.get("models"), 0)):
-                for p, gene in enumerate(self.genes):
-                    for f, value in enumerate(self._unconditional(entry["parameters"][gene])):
+            for m, params in enumerate(self._holders(recipe.get("models"), recipe, 0)):
+                for p, gene in enumerate(self.specs):
+                    for f, value in enumerate(self._unconditional(params[gene.name])):
                         grad = value if isinstance(value, list) else [value]
                         if len(grad) != self.shape[0]:
                             raise GenomeError(f"gradient of {len(grad)} values, expected {self.shape[0]}")
-                        x[:, m, f, p] = grad
+                        x[:, m, f, p] = np.log10(grad) if gene.log10 else grad
         else:
             slices = recipe.get("slices") or []
             if len(slices) != self.shape[0]:
                 raise GenomeError(f"recipe has {len(slices)} slices, expected {self.shape[0]}")
             for g, sl in enumerate(slices):
-                for m, src in enumerate(self._genes_sources(sl["sources"], g)):
-                    for p, gene in enumerate(self.genes):
-                        x[g, m, :, p] = self._unconditional(src["parameters"][gene])
+                for m, params in enumerate(self._holders(sl["sources"], sl, g)):
+                    for p, gene in enumerate(self.specs):
+                        value = self._unconditional(params[gene.name])
+                        x[g, m, :, p] = np.log10(value) if gene.log10 else value
         return [float(v) for v in x.reshape(-1)]
+
+    def _holders(self, sources: Any, owner: dict[str, Any], g: int) -> list[dict[str, Any]]:
+        """The parameter dicts holding the genes: each model's, or (global genes) ``owner``'s."""
+        models = self._genes_sources(sources, g)
+        return [s["parameters"] for s in models] if self.search.per_model else [owner["parameters"]]
 
     def _genes_sources(self, sources: Any, g: int) -> list[dict[str, Any]]:
         """The gene-carrying sources, checked against the genome's models."""

@@ -2,12 +2,13 @@
 
     python scripts/bench_merge.py [--params 500M] [--workdir /tmp/bench_merge] [--skip-mergekit]
                                   [--skip-commands] [--skip-in-memory] [--methods ties,della] [--repeat N]
+                                  [--recipes ties,karcher]
 
 1. Builds three random Llama checkpoints of about ``--params`` parameters (bf16 safetensors),
    once, in ``--workdir``.
 2. Times the whole ``merge-yaml`` command and, when ``.venv-mergekit`` (or ``MERGEKIT_PYTHON``) is
-   installed, the whole ``mergekit-yaml`` command on the same recipes (task_arithmetic, ties,
-   slerp), and prints wall time, CPU time, peak RSS, the ratios and the load average they were
+   installed, the whole ``mergekit-yaml`` command on the same recipes (:data:`RECIPES`, or
+   ``--recipes``), and prints wall time, CPU time, peak RSS, the ratios and the load average they were
    measured under.  Target: >= 3x faster wall, RSS no higher.
 3. Times the in-memory API (inputs loaded once, fp32 or ``--in-memory-dtype``, one merge per
    method with per-layer gradient parameters into a preallocated state dict) and prints its effective memory traffic
@@ -87,6 +88,22 @@ RECIPES = {
         "merge_method": "slerp", "base_model": m1, "dtype": "bfloat16",
         "parameters": {"t": [0.0, 0.5, 1.0]},
         "models": [{"model": m1}, {"model": m2}]},
+    "multislerp": lambda b, m1, m2: {
+        "merge_method": "multislerp", "base_model": b, "dtype": "bfloat16",
+        "models": [{"model": m1, "parameters": {"weight": 0.6}}, {"model": m2, "parameters": {"weight": 0.4}}]},
+    "karcher": lambda b, m1, m2: {
+        "merge_method": "karcher", "dtype": "bfloat16", "models": [{"model": m} for m in (b, m1, m2)]},
+    "nearswap": lambda b, m1, m2: {
+        "merge_method": "nearswap", "base_model": b, "dtype": "bfloat16", "parameters": {"t": 0.005},
+        "models": [{"model": m1}]},
+    "arcee_fusion": lambda b, m1, m2: {
+        "merge_method": "arcee_fusion", "base_model": b, "dtype": "bfloat16", "models": [{"model": m1}]},
+    "ram": lambda b, m1, m2: {
+        "merge_method": "ram", "base_model": b, "dtype": "bfloat16", "parameters": {"epsilon": 0.005},
+        "models": [{"model": m1}, {"model": m2}]},
+    "ramplus_tl": lambda b, m1, m2: {
+        "merge_method": "ramplus_tl", "base_model": b, "dtype": "bfloat16",
+        "parameters": {"epsilon": 0.005, "r": 0.5, "alpha": 0.5}, "models": [{"model": m1}, {"model": m2}]},
 }
 
 
@@ -132,7 +149,7 @@ def _settle_page_cache(models: list[Path]) -> None:
 
 
 def bench_commands(
-    workdir: Path, models: list[Path], mergekit_bin: Path | None, repeat: int = 1
+    workdir: Path, models: list[Path], mergekit_bin: Path | None, repeat: int = 1, only: set[str] | None = None
 ) -> None:
     """Time the whole ``merge-yaml`` and ``mergekit-yaml`` commands on :data:`RECIPES`.
 
@@ -149,6 +166,8 @@ def bench_commands(
     print(f"{'recipe':<16}{'load':>6}{'ours s':>8}{'cpu s':>7}{'MB':>7}"
           f"{'mk s':>8}{'cpu s':>7}{'MB':>7}{'speedup':>9}{'RSS ratio':>10}")
     for name, make in RECIPES.items():
+        if only is not None and name not in only:
+            continue
         recipe = workdir / f"{name}_{tag}.yml"
         recipe.write_text(yaml.safe_dump(make(*map(str, models))))
         load = os.getloadavg()[0]
@@ -182,6 +201,8 @@ def bench_in_memory(models: list[Path], only: set[str] | None = None, dtype: str
         recipes[method] = {"merge_method": method, "base_model": b, "models": [
             {"model": m1, "parameters": {"weight": grad, "density": [0.3, 0.7], **extra}},
             {"model": m2, "parameters": {"weight": 0.5, "density": 0.5, **extra}}]}
+    for method in ("multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"):
+        recipes[method] = {k: v for k, v in RECIPES[method](b, m1, m2).items() if k != "dtype"}
     plans = {k: plan_merge(recipe_from_dict({**r, "dtype": dtype}), seed=0) for k, r in recipes.items()
              if only is None or k in only or k in ("linear", "task_arithmetic")}
     print(f"\n== in-memory API ({dtype}, inputs loaded once) ==")
@@ -238,6 +259,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="in-memory methods to time, comma-separated (default: all)")
     parser.add_argument("--skip-commands", action="store_true", help="skip the whole-command timings")
+    parser.add_argument("--recipes", default=None,
+                        help=f"whole-command recipes to time, comma-separated (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--in-memory-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="in-memory merge dtype: float32 casts the bf16 models (private copies), "
                              "bfloat16 keeps their dtype (inputs mapped from the page cache, unless "
@@ -255,7 +278,8 @@ def main() -> None:
     mk_bin = Path(mk_python).parent / "mergekit-yaml"
     mergekit = None if args.skip_mergekit or not mk_bin.exists() else mk_bin
     if not args.skip_commands:
-        bench_commands(args.workdir, models, mergekit, max(1, args.repeat))
+        bench_commands(args.workdir, models, mergekit, max(1, args.repeat),
+                       set(args.recipes.split(",")) if args.recipes else None)
     if not args.skip_in_memory:
         bench_in_memory(models, set(args.methods.split(",")) if args.methods else None, args.in_memory_dtype)
 

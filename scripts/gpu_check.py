@@ -131,6 +131,16 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
                   "models": [{"model": m1}, {"model": m2}]},
         "nuslerp": {"merge_method": "nuslerp", "base_model": b, "models": [
             {"model": m1, "parameters": {"weight": 0.4}}, {"model": m2, "parameters": {"weight": 0.6}}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": b, "models": [
+            {"model": x, "parameters": {"weight": w}} for x, w in ((m1, [0.2, 0.6]), (m2, 0.3), (m3, 0.5))]},
+        "karcher": {"merge_method": "karcher", "models": [{"model": x} for x in (m1, m2, m3)]},
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "parameters": {"t": [0.001, 0.01]},
+                     "models": [{"model": m1}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": m1}]},
+        "ram": {"merge_method": "ram", "base_model": b, "parameters": {"epsilon": 0.005},
+                "models": [{"model": x} for x in (m1, m2, m3)]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "parameters": {"epsilon": 0.005, "r": 0.5},
+                       "models": [{"model": x} for x in (m1, m2, m3)]},
     }
     return {name: {**r, "dtype": "bfloat16"} for name, r in out.items()}
 

@@ -162,3 +162,34 @@ def test_file_level_errors(tmp_path):
     good = tmp_path / "good.yml"
     good.write_text(yaml.safe_dump(base_config()))
     assert load_evolve_config(good).genome.merge_method == "ties"
+
+
+@pytest.mark.parametrize("method, models", [
+    ("breadcrumbs_ties", ["a", "b", "c"]), ("della_linear", ["a", "b"]), ("multislerp", ["a", "b", "c"]),
+    ("nuslerp", ["a", "b"]), ("sce", ["a", "b", "c"]), ("nearswap", ["a"]), ("ram", ["a", "b"]),
+    ("ramplus_tl", ["a", "b"]), ("nearswap", ["base", "a"]),  # the base listed too: still one other model
+])
+def test_more_searchable_methods(method, models):
+    genome = {"models": models, "merge_method": method, "base_model": "base"}
+    assert isinstance(parse_evolve_config({"genome": genome, "tasks": ["t"]}), EvolveConfig)
+
+
+@pytest.mark.parametrize("genome, expected", [
+    ({"merge_method": "karcher"}, "genome.merge_method: unsupported method 'karcher': nothing to search: "
+                                  "mergekit 0.1.5 gives karcher no per-model parameter"),
+    ({"merge_method": "arcee_fusion", "models": ["org/a"]},
+     "genome.merge_method: unsupported method 'arcee_fusion': nothing to search: mergekit 0.1.5 gives "
+     "arcee_fusion no parameter at all"),
+    ({"merge_method": "nearswap"}, "genome.models: merge_method nearswap takes exactly 1 model besides its "
+                                   "base_model, got 2"),
+    ({"merge_method": "nuslerp", "models": ["a", "b", "c"]},
+     "genome.models: merge_method nuslerp takes exactly 2 models besides its base_model, got 3"),
+    ({"merge_method": "sce", "base_model": None}, "genome.base_model: required for merge_method sce"),
+    ({"merge_method": "ramplus_tl", "normalize": True}, "genome.normalize: merge_method ramplus_tl has no normalize"),
+    ({"merge_method": "sce", "weight_range": [0.0, 1.0]}, "genome.weight_range: merge_method sce has no weight gene"),
+])
+def test_more_methods_refusals_name_the_field(genome, expected):
+    text = error_of(base_config(genome={**base_config()["genome"], **genome}))
+    assert text.startswith(expected), text
+    if "merge_method:" in expected:
+        assert "choose one of linear" in text and "ramplus_tl" in text

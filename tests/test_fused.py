@@ -32,6 +32,11 @@ CASES = [
                       {"weight": 0.4, "density": 0.7, "epsilon": 0.2}]),
     ("della_linear", 0, {}, [{}, {"weight": 0.6, "density": 0.5, "epsilon": 0.1},
                              {"weight": 0.4, "density": 0.7, "epsilon": 0.05}]),
+    # element-wise against a base: some elements within t / epsilon, some beyond
+    ("nearswap", 0, {"t": 0.03}, [{}, {}]),
+    ("nearswap", 1, {"t": 0.01}, [{}, {}]),
+    ("ram", 0, {"epsilon": 0.04}, [{}, {}, {}]),
+    ("ramplus_tl", 0, {"epsilon": 0.04, "r": 0.5, "alpha": 0.8}, [{}, {}, {}, {}]),
 ]
 
 

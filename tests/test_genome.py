@@ -32,6 +32,18 @@ VARIANTS = [
     ({"merge_method": "slerp", "layer_granularity": 2, "tokenizer_source": "base"}, 4),
     ({"merge_method": "ties", "base_model": "a"}, 4),  # base also a searched model
     ({"merge_method": "task_arithmetic", "base_model": "base", "layer_granularity": 8}, 32),
+    ({"merge_method": "breadcrumbs_ties", "base_model": "base", "layer_granularity": 2, "filters": ["mlp"]}, 4),
+    ({"merge_method": "della_linear", "base_model": "base", "smooth": True, "layer_granularity": 2}, 4),
+    ({"merge_method": "multislerp", "base_model": "base", "layer_granularity": 2}, 4),
+    ({"merge_method": "multislerp", "smooth": True, "layer_granularity": 1, "normalize": False}, 4),
+    ({"merge_method": "nuslerp", "base_model": "base", "models": ["a", "b"], "filters": ["self_attn"]}, 4),
+    ({"merge_method": "nuslerp", "models": ["a", "b"], "layer_granularity": 2}, 4),
+    ({"merge_method": "sce", "base_model": "base", "layer_granularity": 2, "filters": ["mlp"]}, 4),
+    ({"merge_method": "sce", "base_model": "base", "smooth": True, "layer_granularity": 1}, 4),
+    ({"merge_method": "nearswap", "base_model": "base", "models": ["a"], "layer_granularity": 2}, 4),
+    ({"merge_method": "ram", "base_model": "base", "smooth": True, "layer_granularity": 2}, 4),
+    ({"merge_method": "ramplus_tl", "base_model": "base", "layer_granularity": 2, "filters": ["mlp"]}, 4),
+    ({"merge_method": "ramplus_tl", "base_model": "base", "smooth": True, "layer_granularity": 1}, 4),
 ]
 
 
@@ -273,7 +285,8 @@ def _mergekit_recipes(tiny_models=None) -> list[dict]:
                 continue
             names = {"a": str(tiny_models["a"]), "b": str(tiny_models["b"]), "c": str(tiny_models["c"]),
                      "base": str(tiny_models["base"])}
-            overrides = {k: names.get(v, v) if k == "base_model" else v for k, v in overrides.items()}
+            overrides = {k: names.get(v, v) if k == "base_model" else [names[m] for m in v] if k == "models" else v
+                         for k, v in overrides.items()}
             genome = make_genome(overrides, layers, models=(names["a"], names["b"], names["c"]))
         else:
             genome = make_genome(overrides, layers)

@@ -44,7 +44,8 @@ def test_self_test_runs_every_comparison_on_the_cpu() -> None:
     merges = [line for line in lines if line.startswith("PASS merge ")]
     methods = {line.split()[2] for line in merges}
     assert methods >= {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                       "breadcrumbs_ties", "della", "della_linear", "sce", "sce_topk", "model_stock", "slerp", "nuslerp"}
+                       "breadcrumbs_ties", "della", "della_linear", "sce", "sce_topk", "model_stock", "slerp", "nuslerp",
+                       "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
     assert len(merges) == 3 * len(methods)  # merge-yaml on the "GPU", in memory resident and streamed
     if "lm_eval yes" in proc.stdout:
         assert sum(line.startswith("PASS hf evaluator") for line in lines) == 2

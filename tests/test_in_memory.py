@@ -128,3 +128,34 @@ def test_freed_heap_is_returned_only_after_caches_are_built(tiny_models, monkeyp
                       target)
     assert calls == []
     real()  # glibc here (elsewhere a no-op): must not raise
+
+
+def _more_recipe(models: dict[str, Path], method: str, k: int) -> dict:
+    """A recipe of the methods added after mergekit 0.1.5's first fourteen; ``k`` varies its parameters."""
+    names = {"nearswap": ["a"], "arcee_fusion": ["b"]}.get(method, ["a", "b", "c"])
+    entries = [{"model": str(models[n])} for n in names]
+    if method == "multislerp":
+        for i, e in enumerate(entries):
+            e["parameters"] = {"weight": [0.2 + 0.3 * i, 0.9 - 0.2 * k]}
+    recipe = {"merge_method": method, "models": entries, "dtype": "float32",
+              "parameters": {"nearswap": {"t": [0.01, 0.05 * (k + 1)]}, "ramplus_tl": {"r": 0.3 * (k + 1), "alpha": 0.5},
+                             "ram": {"epsilon": 0.02 * k}, "karcher": {"max_iter": 3 + 5 * k}}.get(method, {})}
+    if method != "karcher":
+        recipe["base_model"] = str(models["base"])
+    return recipe
+
+
+@pytest.mark.parametrize("method", ["multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"])
+def test_more_methods_in_memory_equal_streaming(method: str, tiny_models, tmp_path: Path) -> None:
+    """One merger, two candidates (warm caches between them): each equals merge-yaml's output."""
+    planner = Planner()
+    plans = [planner.plan(recipe_from_dict(_more_recipe(tiny_models, method, k))) for k in (0, 1)]
+    merger = InMemoryMerger(plans[0])
+    target = merger.merged_state_dict(plans[0])
+    for k, plan in enumerate(plans):
+        merger.merge_into(plan, target)
+        (tmp_path / str(k)).mkdir()
+        expected = _streamed(_more_recipe(tiny_models, method, k), tmp_path / str(k))
+        assert sorted(target) == sorted(expected)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(target[name], tensor, rtol=0, atol=1e-6, msg=f"{k}: {name}")

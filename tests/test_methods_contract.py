@@ -30,13 +30,13 @@ def setup(name: str, dtype=torch.float32, seed=0, **overrides):
     method = get_method(name)
     if name == "passthrough":
         tensors, base = _tensors(1, dtype, seed=seed), None
-    elif name == "slerp":
+    elif name in ("slerp", "nearswap", "arcee_fusion"):
         tensors, base = _tensors(2, dtype, seed=seed), 0
     elif method.base_rule == "ignored" or name == "nuslerp":
         tensors, base = _tensors(3 if name != "nuslerp" else 2, dtype, seed=seed), None
     else:
         tensors, base = _tensors(4, dtype, seed=seed), 0
-    glob = {"t": 0.3} if name == "slerp" else {}
+    glob = {"t": 0.3} if name == "slerp" else {"t": 0.1} if name == "nearswap" else {}
     per_model = []
     for i in range(len(tensors)):
         values = {}
@@ -67,7 +67,8 @@ def run(method, inputs, params, seed=1, out=None):
 def test_registry_names_and_protocol():
     assert set(ALL) == {
         "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-        "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "passthrough",
+        "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "passthrough", "multislerp", "karcher",
+        "nearswap", "arcee_fusion", "ram", "ramplus_tl",
     }
     for name in ALL:
         method = get_method(name)
@@ -93,6 +94,10 @@ def test_randomized_flags():
 ONE_HOT_SKIP = {
     "model_stock": "its ratio comes from the models' angles; no parameter selects one model",
     "sce": "has no weights; its weights come from the task vectors' energy",
+    "karcher": "weighs every model equally (no parameter selects one)",
+    "arcee_fusion": "has no parameters; its mask comes from the tensors",
+    "ram": "has no weights; what each model alone changes is kept",
+    "ramplus_tl": "has no weights; what each model alone changes is kept",
 }
 
 
@@ -106,6 +111,11 @@ def test_one_hot_returns_that_model(name):
         for t, want in ((0.0, inputs.base_index), (1.0, 1 - inputs.base_index)):
             got = run(method, inputs, TensorParams({"t": t}, params.per_model))
             torch.testing.assert_close(got, inputs.tensors[want], rtol=1e-6, atol=1e-6)
+        return
+    if name == "nearswap":  # t = 0 keeps the base; a t above every difference takes the other model
+        for t, want in ((0.0, inputs.base_index), (1e9, 1 - inputs.base_index)):
+            got = run(method, inputs, TensorParams({"t": t}, params.per_model))
+            torch.testing.assert_close(got, inputs.tensors[want], rtol=0, atol=0)
         return
     per_model = []
     for i, values in enumerate(params.per_model):
@@ -161,7 +171,7 @@ def test_warm_cache_equals_fresh_inputs(name):
     inputs.reuse = True  # the in-memory merger's inputs: caches kept between calls
     first = run(method, inputs, params)
     # Other parameter values in between must not leak through the cache.
-    other = {"t": 0.9} if name == "slerp" else {}
+    other = {"t": 0.9} if name in ("slerp", "nearswap") else {}
     per_model = [
         {k: (v * 0.5 if k in ("weight", "density") else v) for k, v in values.items()} for values in params.per_model
     ]
@@ -217,7 +227,7 @@ def test_missing_weight(name):
         run(method, inputs, TensorParams(params.global_, per_model))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n for n in ALL if get_method(n).global_params + get_method(n).model_params])
 def test_bad_param_type(name):
     method, inputs, params = setup(name)
     spec = (method.global_params + method.model_params)[0]
@@ -255,6 +265,11 @@ def test_slerp_model_count_and_base():
         ("passthrough", 2, None, "exactly 1 model, got 2"),
         ("ties", 3, None, "base_model is required"),
         ("sce", 3, 5, "base index 5"),
+        ("nearswap", 3, 0, "exactly 2 models, got 3"),
+        ("nearswap", 2, None, "base_model is required"),
+        ("arcee_fusion", 1, 0, "exactly 2 models, got 1"),
+        ("multislerp", 1, 0, "at least 1 model besides the base, got 0"),
+        ("ram", 2, None, "base_model is required"),
     ],
 )
 def test_model_counts(name, n, base, message):

@@ -107,11 +107,13 @@ def genome_panels(genome: Any, x: Sequence[float]) -> list[HeatPanel]:
         values = np.asarray(genome.encode(genome.decode(x)), dtype=float).reshape(genome.shape)
     lows, highs = genome.bounds
     rows = tuple(f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in genome.layer_ranges)
-    cols = tuple(short_name(m) for m in genome.definition.models)
+    cols = (tuple(short_name(m) for m in genome.definition.models) if genome.search.per_model
+            else tuple(genome.columns))  # global genes: one column for the whole recipe
     panels = []
     for p, gene in enumerate(genome.genes):
+        label = f"log10 {gene}" if genome.specs[p].log10 else gene  # the value as searched
         for f, pattern in enumerate(genome.filters):
-            title = gene if len(genome.filters) == 1 else f"{gene}, {'tensors matching ' + repr(pattern) if pattern else 'other tensors'}"
+            title = label if len(genome.filters) == 1 else f"{label}, {'tensors matching ' + repr(pattern) if pattern else 'other tensors'}"
             matrix = tuple(tuple(float(v) for v in values[g, :, f, p]) for g in range(genome.shape[0]))
             panels.append(HeatPanel(title, gene, pattern, rows, cols, matrix, float(lows[p]), float(highs[p])))
     return panels

@@ -15,7 +15,9 @@ everything they compute with lives here, in modules that import each other only 
     della          DELLA's MAGPRUNE mask, keyed and general forms      <- native, random_fields, plans
     sparsify       make_plan (picks one of the above), Masker          <- magnitude, della
     fused          torch.compile kernels for the in-memory hot loop    <- sparsify, della
+                   (task arithmetic family, lincomb, nearswap, ram)
     lincomb        sum_i c_i * x_i, eager or fused                     <- fused, chunking
+    gram           dot products of whole tensors (spherical means)     <- caches, chunking
 
 Importing this package imports none of them (``torch.compile`` is only reached when a fused
 kernel is first called).

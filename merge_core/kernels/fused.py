@@ -343,3 +343,44 @@ def kept_l1(inputs: TensorInputs, plans: dict[int, Any], todo: list[int]) -> Opt
             return None
         out[i] = float(total)
     return out
+
+
+# --- element-wise merges against a base: nearswap, ram / ramplus_tl ------------------------------
+
+
+def _nearswap_fn(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, cd: torch.dtype) -> None:
+    a, b = a.to(cd), b.to(cd)
+    w = (f[0].to(cd) / (a - b).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
+    out.copy_((w * b + (1 - w) * a).to(out.dtype))
+
+
+def nearswap(inputs: TensorInputs, base: int, other: int, t: float, out: torch.Tensor) -> bool:
+    """nearswap's ``w b + (1 - w) a`` fused; False when the caller must use the eager path."""
+    f = torch.tensor([t], dtype=torch.float64)
+    args = (out.view(-1), inputs.tensors[base].view(-1), inputs.tensors[other].view(-1), f, inputs.compute_dtype)
+    return _call("nearswap", _nearswap_fn, *args) is not _FAILED
+
+
+def _ram_fn(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], f: torch.Tensor, cd: torch.dtype) -> None:
+    z = base.to(cd)
+    tvs = [x.to(cd) - z for x in xs]
+    changed = [(tv.abs() > f[0]).to(cd) for tv in tvs]
+    count = changed[0]
+    for c in changed[1:]:
+        count = count + c
+    divisor = count.clamp(min=1.0)
+    acc = None
+    for k, (tv, c) in enumerate(zip(tvs, changed)):
+        kept = tv * c
+        term = torch.where((count == 1.0) & (c > 0), kept * f[k + 1].to(cd), kept / divisor)
+        acc = term if acc is None else acc + term
+    out.copy_((z + acc).to(out.dtype))
+
+
+def ram(inputs: TensorInputs, models: list[int], epsilon: float, scales: Sequence[float], out: torch.Tensor) -> bool:
+    """RAM's merge (``scales`` multiply each model's lone changes: 1 for ram, RAM+'s factors)
+    fused; False when the caller must use the eager path."""
+    f = torch.tensor([epsilon, *scales], dtype=torch.float32).to(torch.float64)
+    xs = [inputs.tensors[i].view(-1) for i in models]
+    args = (out.view(-1), inputs.base.view(-1), xs, f, inputs.compute_dtype)
+    return _call("ram", _ram_fn, *args) is not _FAILED

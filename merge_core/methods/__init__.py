@@ -7,11 +7,13 @@ tensors); the tensor kernels they compute with live in :mod:`merge_core.kernels`
 from __future__ import annotations
 
 from merge_core.methods.base import MergeMethod, MethodError
+from merge_core.methods.elementwise import ArceeFusion, NearSwap, Ram, RamPlusTL
 from merge_core.methods.linear import Linear
 from merge_core.methods.model_stock import ModelStock
 from merge_core.methods.passthrough import Passthrough
 from merge_core.methods.sce import Sce
 from merge_core.methods.slerp import NuSlerp, Slerp
+from merge_core.methods.spherical import Karcher, MultiSlerp
 from merge_core.methods.task_arithmetic import (
     Breadcrumbs,
     BreadcrumbsTies,
@@ -24,9 +26,9 @@ from merge_core.methods.task_arithmetic import (
 )
 
 __all__ = [
-    "METHODS", "Breadcrumbs", "BreadcrumbsTies", "DareLinear", "DareTies", "Della", "DellaLinear",
-    "Linear", "MergeMethod", "MethodError", "ModelStock", "NuSlerp", "Passthrough", "Sce", "Slerp",
-    "TaskArithmetic", "Ties", "get_method", "method_names",
+    "METHODS", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTies", "DareLinear", "DareTies", "Della", "DellaLinear",
+    "Karcher", "Linear", "MergeMethod", "MethodError", "ModelStock", "MultiSlerp", "NearSwap", "NuSlerp",
+    "Passthrough", "Ram", "RamPlusTL", "Sce", "Slerp", "TaskArithmetic", "Ties", "get_method", "method_names",
 ]
 
 METHODS: dict[str, type] = {
@@ -46,6 +48,12 @@ METHODS: dict[str, type] = {
         ModelStock,
         Sce,
         Passthrough,
+        MultiSlerp,
+        Karcher,
+        NearSwap,
+        ArceeFusion,
+        Ram,
+        RamPlusTL,
     )
 }
 

@@ -52,6 +52,8 @@ class ParamSpec:
             raise MethodError(f"{self.name}: expected true/false, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MethodError(f"{self.name}: expected a number, got {value!r}")
+        if self.kind == "int" and not float(value).is_integer():
+            raise MethodError(f"{self.name}: expected a whole number, got {value!r}")
         number = int(value) if self.kind == "int" else float(value)
         if self.minimum is not None and number < self.minimum:
             raise MethodError(f"{self.name}: {number} is below the minimum {self.minimum}")
