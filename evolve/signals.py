@@ -9,8 +9,9 @@ again when the run resumes: nothing is lost), closes the workers, and exits with
 signal`` after one line saying how to resume: 130 for SIGINT, 129 for SIGHUP, 143 for SIGTERM,
 the statuses shells report for a process those signals end, which schedulers read as
 "terminated", not "failed".  A second signal while that cleanup runs ends the process at once
-with the same status: the ledger is appended whole line by whole line and every other file is
-replaced atomically, so an abrupt end loses only the candidates in flight, as a SIGKILL would.
+(the signal's default action, set by the first: the shell reports the same status): the ledger
+is appended whole line by whole line and every other file is replaced atomically, so an abrupt
+end loses only the candidates in flight, as a SIGKILL would.
 
 Ray's ``ray.init`` installs its own SIGTERM handler (``sys.exit``, a traceback and exit 15 in a
 driver); :func:`install` is called again once the workers are up.
@@ -18,7 +19,6 @@ driver); :func:`install` is called again once the workers are up.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -59,11 +59,10 @@ def signal_name(status: int) -> str:
 
 def _handle(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
-    if len(_received) > 1:  # asked twice: no more cleanup
-        name = signal.Signals(signum).name
-        os.write(2, f"merge-evolve: {name} again: stopped at once; run the same command again to "
-                    "resume\n".encode())
-        os._exit(128 + signum)
+    # A second signal must end the process at once, even while the main thread is blocked in C
+    # code (a Python handler would wait for it to return): the default action from now on.
+    for other in HANDLED:
+        signal.signal(other, signal.SIG_DFL)
     raise Interrupted(signum)
 
 
@@ -71,8 +70,8 @@ def install() -> None:
     """Handle SIGINT, SIGTERM and SIGHUP as the module docstring says (main thread only: Python
     delivers signals there; elsewhere this does nothing).  Called again after a library that
     sets its own handlers (``ray.init``).  Outside :func:`stop_on_signals` it does nothing."""
-    if not _active or threading.current_thread() is not threading.main_thread():
-        return
+    if not _active or _received or threading.current_thread() is not threading.main_thread():
+        return  # (after a first signal the default action stays: the next one ends the process)
     for signum in HANDLED:
         if signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
             continue  # started under nohup: the user asked for SIGHUP to be ignored

@@ -74,14 +74,17 @@ def test_whole_run_report_resume_and_exported_recipe(task_models, tmp_path: Path
         modes), modes
 
     # The same command again: the run is complete; it says so in seconds, starts no worker and
-    # rewrites nothing (the final model is the best recipe's already).
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    # rewrites nothing (the final model is the best recipe's already) but the lock file, taken
+    # first as by any run (its content is put back).
+    lock = (run / ".lock").read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert merge_evolve([*argv[:-1]]) == 0  # not quiet: no preflight, worker or baseline line either
     again = capsys.readouterr()
     assert again.out.startswith("run already complete (max_fevals 8 reached; 8 candidates")
     assert "--max-fevals 12" in again.out.splitlines()[0] and "best: train " in again.out
     assert again.err == ""
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert (run / ".lock").read_bytes() == lock
 
     ledger = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
     train = [r for r in ledger if r["kind"] == "train"]

@@ -133,9 +133,10 @@ def test_a_second_signal_ends_the_run_at_once_and_nothing_is_lost(task_models, t
     _wait_for_results(proc, store, 2)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)  # the first one's cleanup (closing Ray) takes seconds: the second lands in it
-    code, err, _ = _stop(proc, signal.SIGTERM)
-    assert code == 143, err
-    assert "SIGTERM again: stopped at once" in err
+    code, err, took = _stop(proc, signal.SIGTERM)
+    # Ended by the signal itself (the default action the first one set): a shell reports 143.
+    assert code == -signal.SIGTERM, err
+    assert "Traceback" not in err and took < 5, err
     done = sum(r.get("kind") == "train" for r in _ledger(store))
     _assert_resumes(config, store, done + 4)
 
