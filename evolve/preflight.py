@@ -150,7 +150,8 @@ def _model_refs(config: EvolveConfig) -> list[tuple[str, str]]:
     return refs
 
 
-def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool = False) -> CheckedModels:
+def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool = False,
+                 vllm: bool = False) -> CheckedModels:
     """Read and check every model of the genome (see the module docstring); no tensor is loaded."""
     import numpy as np
 
@@ -196,22 +197,21 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     except (RecipeError, ModelError) as err:
         message = err.message if isinstance(err, RecipeError) and not err.path else str(err)
         raise RecipeError("genome", f"the genome's models cannot be merged: {message}") from None
-    _refuse_a_vocabulary_the_workers_cannot_hold(plan, evaluated)
+    if vllm:
+        _refuse_a_vocabulary_vllm_cannot_hold(plan, evaluated)
     return CheckedModels(infos, depth[first], evaluated)
 
 
-def _refuse_a_vocabulary_the_workers_cannot_hold(plan: Any, evaluated: str) -> None:
-    """The workers write each candidate into the evaluated model as it is loaded (its rows, its
-    tokenizer): a merged vocabulary must be that model's own, same tokens, same ids."""
+def _refuse_a_vocabulary_vllm_cannot_hold(plan: Any, evaluated: str) -> None:
+    """With ``--vllm`` the engine is built from the evaluated model's folder, with its own
+    vocabulary: a merged vocabulary other than that one cannot be pushed into it."""
+    from evolve.workers.vocabulary_model import is_own_vocabulary
+
     vocab = plan.vocabulary
-    if vocab is None:
-        return
-    rows = vocab.rows.get(evaluated, [])
-    if vocab.size != len(rows) or rows != list(range(len(rows))):
-        raise RecipeError("genome.tokenizer_source", f"the models' merged vocabulary ({len(vocab.tokens)} tokens) "
-                                                     f"is not '{evaluated}''s own; merge-evolve evaluates candidates "
-                                                     "in that model's vocabulary and cannot evaluate a merged one yet: "
-                                                     "give the models one tokenizer, or merge them with merge-yaml")
+    if vocab is not None and not is_own_vocabulary(vocab, evaluated):
+        raise RecipeError("--vllm", f"the models' merged vocabulary ({len(vocab.tokens)} tokens) is not "
+                                    f"'{evaluated}''s own, and vLLM's engine keeps that model's; evaluate with "
+                                    "the HF backend (drop --vllm)")
 
 
 # -- tasks --------------------------------------------------------------------------------

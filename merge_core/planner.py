@@ -160,6 +160,7 @@ class Planner:
         allow_crimes: bool = False,
         download: bool = False,
         lora_merge_dtype: Any = None,
+        vocabulary: Any = None,
     ) -> None:
         self.models: dict[str, ModelInfo] = dict(models or {})
         self.relative_to = relative_to
@@ -168,6 +169,9 @@ class Planner:
         self.lora_merge_dtype = lora_merge_dtype  # dtype of the tensors a 'base+adapter' input changes
         self._structures: dict[Any, _Structure] = {}
         self._merging_vocabulary = False  # of the structure being built
+        # A fixed output vocabulary (merge_core.vocabulary.OutputVocabulary): every plan's
+        # token-indexed rows are re-indexed onto it (an evolve worker's model holds it).
+        self.vocabulary = vocabulary
 
     # -- models ---------------------------------------------------------------------------
     def model_info(self, ref: str, yaml_path: str) -> ModelInfo:
@@ -231,7 +235,7 @@ class Planner:
         infos = {ref: self.model_info(ref, first_path[ref]) for ref in order}
         donor = recipe.base_model or order[0]
         arch = architecture_for(infos[donor].config, donor)
-        self._merging_vocabulary = tokenizer_settings(recipe) is not None
+        self._merging_vocabulary = self.vocabulary is not None or tokenizer_settings(recipe) is not None
         self._check_models(arch, infos, donor)
         slices = self._fill_ranges(arch, slices, infos)
         index = {ref: i for i, ref in enumerate(order)}
@@ -249,7 +253,7 @@ class Planner:
                 out_config["dtype"] = out_config["torch_dtype"]
         vocabulary = None
         if self._merging_vocabulary:  # the token-indexed rows are re-indexed onto one vocabulary
-            vocabulary = output_vocabulary(recipe, infos, arch, order)
+            vocabulary = self.vocabulary or output_vocabulary(recipe, infos, arch, order)
             out_config["vocab_size"] = vocabulary.size
         return _Structure(order, slices, skeletons, out_config, recipe.base_model, dropped, vocabulary)
 

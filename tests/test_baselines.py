@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,8 @@ def test_jobs_are_each_input_model_once_and_the_equal_merge(task_models, tmp_pat
     assert jobs[-1].recipe == genome.decode(x0) and jobs[-1].x == x0
     assert jobs[0].eval_id("train") == "baseline/base" and jobs[0].eval_id("held_out") == "baseline/base/held_out"
     # The base listed among the models too is scored once; two folders with one name get distinct names.
-    twin = tmp_path / "twin" / task_models["e1"].name
-    twin.parent.mkdir()
-    twin.symlink_to(task_models["e1"], target_is_directory=True)
+    twin = tmp_path / "twin" / task_models["e1"].name  # a copy: a symlink is the same model (refused)
+    shutil.copytree(task_models["e1"], twin)
     data = yaml.safe_load(write_evolve_config(task_models, tmp_path).read_text())
     data["genome"]["models"] = [str(task_models["base"]), str(task_models["e1"]), str(twin)]
     config = parse_evolve_config(data)

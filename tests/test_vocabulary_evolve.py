@@ -1,6 +1,7 @@
 """merge-evolve and merged vocabularies: ``genome.tokenizer_source: union`` over models of one
-tokenizer runs (the vocabulary is the evaluated model's own); over models whose vocabularies differ
-it is refused in one line before anything starts (the workers evaluate in one model's vocabulary)."""
+tokenizer (the evaluated model's own vocabulary) and over models whose vocabularies differ (a chat
+fine-tune with added tokens: the workers evaluate in the merged vocabulary); vLLM refuses the
+latter in one line."""
 
 from __future__ import annotations
 
@@ -55,10 +56,35 @@ def test_a_union_of_one_tokenizer_runs_and_is_exported(task_models, tmp_path):
     assert "tokenizer_source: union" in (tmp_path / "run" / "best_config.yaml").read_text()
 
 
-def test_a_merged_vocabulary_is_refused_before_anything_starts(task_models, tmp_path, capsys):
+@pytest.mark.slow
+def test_models_of_other_vocabularies_are_evolved_in_the_merged_one(task_models, tmp_path, capsys):
+    from safetensors.torch import load_file as load
+    from transformers import AutoTokenizer
+
     chat = _with_chat_tokens(task_models["e2"], tmp_path / "chat")
     config = _config(tmp_path / "c.yml", [str(task_models["e1"]), str(chat)], str(task_models["base"]))
-    assert merge_evolve(_argv(config, tmp_path / "run")) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "genome.tokenizer_source: the models' merged vocabulary" in err, err
-    assert not (tmp_path / "run").exists()
+    store = tmp_path / "run"
+    argv = [a for a in _argv(config, store) if a not in ("--no-save-final-model", "--no-baselines")]
+    assert merge_evolve(argv) == 0
+    records = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") == "train"]
+    assert len(train) == 4 and all(r["status"] == "ok" for r in train), [r.get("reason") for r in train]
+    assert all(r["status"] == "ok" for r in records if r.get("kind") == "baseline")  # parents in that vocabulary
+    final = store / "final_model"
+    rows = json.loads((task_models["base"] / "config.json").read_text())["vocab_size"] + 2
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == rows
+    assert load(str(final / "model.safetensors"))["model.embed_tokens.weight"].shape[0] == rows
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(final).get_vocab()
+
+
+def test_vllm_refuses_a_merged_vocabulary_in_one_line(task_models, tmp_path):
+    from evolve.config import load_evolve_config
+    from evolve.preflight import check_models
+    from merge_core.errors import RecipeError
+
+    chat = _with_chat_tokens(task_models["e2"], tmp_path / "chat")
+    config = load_evolve_config(_config(tmp_path / "c.yml", [str(task_models["e1"]), str(chat)],
+                                        str(task_models["base"])))
+    check_models(config, tmp_path)  # the HF backend takes it
+    with pytest.raises(RecipeError, match=r"^--vllm: the models' merged vocabulary \(\d+ tokens\) is not"):
+        check_models(config, tmp_path, vllm=True)

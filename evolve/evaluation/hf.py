@@ -95,7 +95,8 @@ class HFEvaluator(ResidentEvaluator):
                 remote = settings.trust_remote_code
                 tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=remote)
                 model = AutoModelForCausalLM.from_pretrained(
-                    str(self.model_dir), dtype=settings.resolved_dtype(), trust_remote_code=remote
+                    str(self.model_dir), dtype=settings.resolved_dtype(), trust_remote_code=remote,
+                    ignore_mismatched_sizes=settings.resized_vocabulary,
                 )
             except (OSError, ValueError, KeyError) as exc:
                 why = first_line(str(exc)) or type(exc).__name__

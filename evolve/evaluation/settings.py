@@ -54,6 +54,9 @@ class EvalSettings:
     :class:`evolve.config.VllmConfig` fields; None: its defaults); used by the vllm backend only.
     ``trust_remote_code``: let model folders run their own Python code (``--trust-remote-code``);
     passed explicitly to every load, so transformers never asks on a terminal.
+    ``resized_vocabulary``: the model folder's config has a merged vocabulary's size and its
+    weights the model's own: the token-indexed tensors are sized to the config (HF backend;
+    :mod:`evolve.workers.vocabulary_model`).
     """
 
     limit: Optional[Union[int, float]] = None
@@ -73,6 +76,7 @@ class EvalSettings:
     backend: str = "hf"
     share_context: bool = True
     vllm: Optional[Mapping[str, Any]] = None
+    resized_vocabulary: bool = False
     trust_remote_code: bool = False
 
     @classmethod

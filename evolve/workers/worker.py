@@ -23,6 +23,8 @@ here, and a model first used by a later candidate is loaded then and kept.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,7 @@ class CandidateWorker:
         self.backend = settings.backend
         self.staging: dict[str, torch.Tensor] | None = None
         self.stacked: StackedModel | None = None
+        self.scratch: Path | None = None  # the model folder of a merged vocabulary (removed at close)
         if spec.stacking is not None:
             self._setup_stacking(spec, settings)
         else:
@@ -140,11 +143,18 @@ class CandidateWorker:
 
         self.planner = Planner(relative_to=spec.relative_to, allow_crimes=spec.allow_crimes)
         load_plan = self._plan(spec.template_recipe)
+        donor = load_plan.base_model if load_plan.base_model is not None else 0
         if spec.model_dir is not None:
             model_dir = Path(spec.model_dir)
         else:
-            donor = load_plan.base_model if load_plan.base_model is not None else 0
             model_dir = Path(load_plan.models[donor].path)
+        if load_plan.vocabulary is not None:  # a merged vocabulary: every plan's rows onto it
+            from evolve.workers.vocabulary_model import is_own_vocabulary, vocabulary_model_dir
+
+            self.planner.vocabulary = load_plan.vocabulary
+            if not is_own_vocabulary(load_plan.vocabulary, load_plan.models[donor].reference):
+                model_dir = self.scratch = vocabulary_model_dir(model_dir, load_plan.vocabulary)
+                settings = dataclasses.replace(settings, resized_vocabulary=True)
         # The evaluator first: on a GPU the model (or vLLM's engine, which claims
         # gpu_memory_utilization of the device and checks that against what is free) takes its
         # memory, and the merger then sizes its inputs to what is left (resident on the GPU, or
@@ -306,6 +316,9 @@ class CandidateWorker:
         """Release the model and the loaded inputs (a stacking run's sources too)."""
         self.stacked = None
         self.evaluator.close()
+        if self.scratch is not None:  # a merged vocabulary's model folder
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
         self.merger = None  # type: ignore[assignment]
         self.params = {}
         self.staging = None
