@@ -49,6 +49,9 @@ class GenomeConfig(_Strict):
     merge_method: str
     base_model: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    # mergekit's `tokenizer:` section (source, tokens, pad_to_multiple_of), copied into every
+    # candidate recipe; checked with merge_core's recipe model (_check_genome).
+    tokenizer: Optional[dict[str, Any]] = None
     layer_granularity: int = 0
     normalize: Optional[bool] = None
     allow_negative_weights: bool = False
@@ -242,6 +245,19 @@ def _check_references(field: str, refs: list[str], what: str) -> None:
         seen[ref] = i
 
 
+def _check_tokenizer_section(g: GenomeConfig) -> None:
+    """``genome.tokenizer`` as merge_core reads a recipe's ``tokenizer:`` section."""
+    from merge_core.recipe import TokenizerSection
+
+    if g.tokenizer_source is not None:
+        raise RecipeError("genome.tokenizer", "give either tokenizer_source or tokenizer, not both")
+    try:
+        TokenizerSection.model_validate(g.tokenizer)
+    except ValidationError as exc:
+        err = _one_line(exc)
+        raise RecipeError(f"genome.tokenizer.{err.path}" if err.path else "genome.tokenizer", err.message) from None
+
+
 def _check_stacking(s: StackingConfig) -> None:
     _check_references("stacking.sources", s.sources, "source")
     if s.slots is not None and s.slots < 1:
@@ -291,6 +307,8 @@ def _check_genome(g: GenomeConfig) -> None:
         raise RecipeError("genome.normalize", f"merge_method {g.merge_method} has no normalize parameter")
     if g.tokenizer_source is not None and not g.tokenizer_source.strip():
         raise RecipeError("genome.tokenizer_source", "empty value")
+    if g.tokenizer is not None:
+        _check_tokenizer_section(g)
     _check_ranges(g)
 
 
@@ -406,7 +424,7 @@ def _check_ranges(g: GenomeConfig) -> None:
 
 # Fields added after 0.1 whose None means "the default": left out of the normalized form when
 # None, so configs written before them hash (and resume) as they did.
-_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"), "search": ("initial_design", "racing_confidence"),
+_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range", "tokenizer"), "search": ("initial_design", "racing_confidence"),
                        "": ("search", "fewshot_seed", "stacking")}
 
 FEWSHOT_SEED = 1234

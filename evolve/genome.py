@@ -293,6 +293,8 @@ class Genome:
         recipe["dtype"] = self.dtype
         if self.definition.tokenizer_source is not None:
             recipe["tokenizer_source"] = self.definition.tokenizer_source
+        if self.definition.tokenizer is not None:
+            recipe["tokenizer"] = dict(self.definition.tokenizer)
         return recipe
 
     def _values(self, arr: np.ndarray) -> dict[str, np.ndarray]:

@@ -147,6 +147,9 @@ def _model_refs(config: EvolveConfig) -> list[tuple[str, str]]:
     refs += [(f"genome.models[{i}]", m) for i, m in enumerate(g.models)]
     if g.tokenizer_source not in (None, "base", "union") and g.tokenizer_source not in dict(refs).values():
         refs.append(("genome.tokenizer_source", g.tokenizer_source))
+    source = (g.tokenizer or {}).get("source")
+    if isinstance(source, str) and source not in ("base", "union") and source not in dict(refs).values():
+        refs.append(("genome.tokenizer.source", source))
     return refs
 
 

@@ -88,3 +88,43 @@ def test_vllm_refuses_a_merged_vocabulary_in_one_line(task_models, tmp_path):
     check_models(config, tmp_path)  # the HF backend takes it
     with pytest.raises(RecipeError, match=r"^--vllm: the models' merged vocabulary \(\d+ tokens\) is not"):
         check_models(config, tmp_path, vllm=True)
+
+
+@pytest.mark.slow
+def test_the_readme_example_chat_fine_tunes_and_a_lora_evolved_together(task_models, tmp_path):
+    """The README's worked example: a chat fine-tune with added tokens, one without, and a LoRA
+    adapter of the base, evolved with a merged vocabulary; its best recipe merges with merge-yaml."""
+    from test_lora_evolve import write_adapter
+
+    from merge_core.cli import main as merge_yaml
+
+    chat = _with_chat_tokens(task_models["e2"], tmp_path / "chat")
+    adapter = write_adapter(task_models["base"], tmp_path / "adapter", seed=3)
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "genome": {"models": [str(chat), str(task_models["e1"]), f"{task_models['base']}+{adapter}"],
+                   "merge_method": "ties", "base_model": str(task_models["base"]), "layer_granularity": 2,
+                   "tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": str(chat)}}}},
+        "tasks": [{"name": "toy_arith"}], "limit": 8, "apply_chat_template": False}))
+    store = tmp_path / "run"
+    assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "6",
+                         "--force-population-size", "3", "--no-save-final-model"]) == 0
+    best = yaml.safe_load((store / "best_config.yaml").read_text())
+    assert best["tokenizer"]["source"] == "union" and f"+{adapter}" in json.dumps(best)
+    assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / "merged"), "-q"]) == 0
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["vocab_size"] == json.loads((chat / "config.json").read_text())["vocab_size"]
+
+
+def test_genome_tokenizer_section_is_checked_like_a_recipes(task_models, tmp_path, capsys):
+    data = yaml.safe_load(_config(tmp_path / "c.yml", [str(task_models["e1"])], str(task_models["base"])).read_text())
+    data["genome"]["tokenizer"] = {"source": "union"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(data))
+    assert merge_evolve(_argv(tmp_path / "c.yml", tmp_path / "run")) == 2
+    assert "genome.tokenizer: give either tokenizer_source or tokenizer, not both" in capsys.readouterr().err
+    del data["genome"]["tokenizer_source"]
+    data["genome"]["tokenizer"] = {"source": "union", "pad_to_multiple_of": "eight"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(data))
+    assert merge_evolve(_argv(tmp_path / "c.yml", tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("merge-evolve: error: genome.tokenizer.pad_to_multiple_of:") and len(err.splitlines()) == 1, err
