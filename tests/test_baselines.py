@@ -30,6 +30,7 @@ from evolve.genome import Genome
 from evolve.observers.progress import ProgressObserver
 from evolve.preflight import check_models, model_recipe
 from evolve.storage import RunStorage, StorageError
+from fake_pools import LastFirstPool
 
 
 def _ledger(run: Path) -> list[dict]:
@@ -101,27 +102,13 @@ def test_jobs_are_each_input_model_once_and_the_equal_merge(task_models, tmp_pat
 
 def test_baseline_lines_print_in_order_whatever_order_workers_finish(task_models, tmp_path: Path, capsys):
     from evolve.baselines import score_baselines
-    from evolve.protocols import Result
 
     config = parse_evolve_config(yaml.safe_load(write_evolve_config(task_models, tmp_path).read_text()))
     models = check_models(config, tmp_path)
     genome = Genome(config.genome, models.num_layers)
 
-    class LastFirst:  # a pool whose workers finish the latest job first
-        num_workers = 8
-
-        def __init__(self) -> None:
-            self.jobs: list[str] = []
-
-        def submit(self, eval_id, recipe, task_set, race=None) -> None:
-            self.jobs.append(eval_id)
-
-        def wait_any(self):
-            done, self.jobs = self.jobs[::-1], []
-            return [Result(i, scores={"toy_arith": 0.5, "toy_prompt_format": 0.25, "toy_arith_heldout": 0.125})
-                    for i in done]
-
-    score_baselines(LastFirst(), RunStorage(tmp_path / "run"), config, models, genome, {})
+    pool = LastFirstPool({"toy_arith": 0.5, "toy_prompt_format": 0.25, "toy_arith_heldout": 0.125}, num_workers=8)
+    score_baselines(pool, RunStorage(tmp_path / "run"), config, models, genome, {})
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("baseline: ")]
     assert [line.split()[1] for line in lines] == ["base", "e1", "e2", EQUAL_MERGE]
     assert lines[1] == f"baseline: e1 ({task_models['e1']}) train 0.4000, held-out 0.1250"

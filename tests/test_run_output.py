@@ -14,6 +14,7 @@ from evolve.search.outcome import SearchOutcome
 from evolve.storage import RunStorage, readable_floats
 from evolve.summary import complete_lines, outcome_lines
 from evolve.workers.ray_pool import memory_lines
+from fake_pools import LastFirstPool
 from merge_core.fsutil import atomic_write
 
 
@@ -89,21 +90,8 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
 def test_preflight_results_come_train_first_whichever_finishes_first() -> None:
     from evolve.config import TaskConfig
     from evolve.preflight import CheckedModels, preflight_evaluation
-    from evolve.protocols import Result
-
-    class HeldOutFirst:
-        num_workers = 2
-
-        def __init__(self) -> None:
-            self.jobs: list[str] = []
-
-        def submit(self, eval_id, recipe, task_set, race=None) -> None:
-            self.jobs.append(eval_id)
-
-        def wait_any(self):
-            done, self.jobs = self.jobs[::-1], []
-            return [Result(i, scores={"toy_arith": 0.5, "toy_arith_heldout": 0.25}) for i in done]
 
     config = SimpleNamespace(tasks=[TaskConfig(name="toy_arith")], held_out=[TaskConfig(name="toy_arith_heldout")])
-    results = preflight_evaluation(HeldOutFirst(), config, CheckedModels({}, 4, "zoo/base"), "float32")
+    pool = LastFirstPool({"toy_arith": 0.5, "toy_arith_heldout": 0.25})  # held-out (asked last) back first
+    results = preflight_evaluation(pool, config, CheckedModels({}, 4, "zoo/base"), "float32")
     assert list(results) == ["train", "held_out"]
