@@ -183,11 +183,11 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
         try:
             path = resolve_model_ref(ref, relative_to=relative_to)
             info = load_model_info(ref, path)
-            arch = architecture_for(info.config, ref)
+            arch = architecture_for(info.config, ref, info.tensors)
         except ModelError as err:
             raise RecipeError(where, str(err)) from None
         infos[ref] = info
-        depth[ref] = arch.num_layers(info.config)
+        depth[ref] = arch.num_layers()
     first_where, first = refs[0]
     for where, ref in refs[1:]:
         if depth[ref] != depth[first]:

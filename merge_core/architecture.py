@@ -83,6 +83,10 @@ class Architecture:
         del config
         return len(self.layers)
 
+    def layer_count_name(self) -> str:
+        """How config.json names the layer count (for messages)."""
+        return ".".join(self.num_layers_key) if self.num_layers_key else "the layer count"
+
     def layer_names(self, index: int, out_index: int | None = None) -> list[str]:
         """The tensors of layer ``index``, named as layer ``out_index`` (default: ``index``)."""
         number = index if out_index is None else out_index
