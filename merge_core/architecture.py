@@ -40,8 +40,12 @@ from merge_core.errors import ModelError
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # config.json keys holding the layer count, in the order transformers' families use them.
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-# config.json lists of layer *numbers* (not one entry per layer): renumbered by restack_config.
-LAYER_INDEX_LISTS = ("mlp_only_layers",)
+# config.json keys saying which layers are dense (the others MoE), rewritten by restack_config
+# from the layers written: a list of dense layer numbers (Qwen2/3-MoE, with the step that
+# otherwise spaces MoE layers), and a count of leading dense layers (GLM-4-MoE, DeepSeek).
+DENSE_LAYER_LIST, SPARSE_STEP = "mlp_only_layers", "decoder_sparse_step"
+LEADING_DENSE = "first_k_dense_replace"
+LAYER_INDEX_LISTS = (DENSE_LAYER_LIST,)
 # Lists that can be as long as the layer count without being per-layer.
 NOT_PER_LAYER = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id")
 # Nested configs of multimodal classes whose language model is the decoder.
@@ -253,12 +257,32 @@ def _set(config: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     config[path[-1]] = value
 
 
-def restack_config(config: dict[str, Any], arch: Architecture,
-                   layers: Sequence[tuple[Mapping[str, Any], int]]) -> dict[str, Any]:
+def is_moe_layer(suffixes: Sequence[str]) -> bool:
+    """Whether a decoder layer with these tensors is a mixture of experts."""
+    return any("experts." in suffix or suffix.startswith("experts") for suffix in suffixes)
+
+
+def _dense_layers(config: dict[str, Any], moe: Sequence[bool], reference: str) -> None:
+    """Set ``config``'s dense-layer keys for layers whose MoE-ness is ``moe`` (in place)."""
+    if DENSE_LAYER_LIST in config:
+        config[DENSE_LAYER_LIST] = [j for j, sparse in enumerate(moe) if not sparse]
+        if SPARSE_STEP in config:
+            config[SPARSE_STEP] = 1  # which layers are dense is now said by the list alone
+    if LEADING_DENSE in config:
+        leading = next((j for j, sparse in enumerate(moe) if sparse), len(moe))
+        if not all(moe[leading:]):
+            raise ModelError(f"'{reference}': the layers written put a dense layer after an MoE one, which "
+                             f"config.json's {LEADING_DENSE} (dense layers first) cannot describe")
+        config[LEADING_DENSE] = leading
+
+
+def restack_config(config: dict[str, Any], arch: Architecture, layers: Sequence[tuple[Mapping[str, Any], int]],
+                   moe: Sequence[bool] | None = None, reference: str = "model") -> dict[str, Any]:
     """``config`` (the output's config.json, a copy of the donor's) for a model whose layers are
-    ``layers``: (the source's config.json, its layer number) per output layer.  Sets the layer
-    count and rewrites every per-layer list so that each written layer keeps its source layer's
-    entry (its attention kind, its rope use...); lists of layer numbers are renumbered."""
+    ``layers``: (the source's config.json, its layer number) per output layer, ``moe`` saying
+    which of them are mixtures of experts.  Sets the layer count and rewrites every per-layer
+    list so that each written layer keeps its source layer's entry (its attention kind, its rope
+    use...), and the keys saying which layers are dense."""
     out = copy.deepcopy(config)
     donor_layers = arch.num_layers()
     key = arch.num_layers_key or (NUM_LAYERS_KEYS[0],)
@@ -271,13 +295,12 @@ def restack_config(config: dict[str, Any], arch: Architecture,
                 entries = _get(config, path)
             values.append(entries[min(layer, len(entries) - 1)])
         _set(out, path, values)
-    for where in ((),) + tuple((k,) for k in TEXT_CONFIG_KEYS if isinstance(config.get(k), Mapping)):
-        for name in LAYER_INDEX_LISTS:
-            path = where + (name,)
-            if isinstance(_get(config, path), list):
-                _set(out, path, [j for j, (source, layer) in enumerate(layers)
-                                 if layer in (_get(source, path) or [])])
+    if moe is not None:
+        _dense_layers(out, moe, reference)
+        for nested in TEXT_CONFIG_KEYS:
+            if isinstance(out.get(nested), dict):
+                _dense_layers(out[nested], moe, reference)
     return out
 
 
-__all__ = ["Architecture", "WeightSpec", "architecture_for", "restack_config"]
+__all__ = ["Architecture", "WeightSpec", "architecture_for", "is_moe_layer", "restack_config"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.architecture import Architecture, WeightSpec, architecture_for, restack_config
+from merge_core.architecture import Architecture, WeightSpec, architecture_for, is_moe_layer, restack_config
 from merge_core.dtypes import torch_dtype  # re-exported: callers import it from here
 from merge_core.errors import MethodError, ModelError, RecipeError
 from merge_core.kernels.inputs import TensorParams
@@ -220,9 +220,9 @@ class Planner:
         # slices change the layers, and then every per-layer entry follows its source layer.
         out_config = copy.deepcopy(infos[donor].config)
         if recipe.slices or (recipe.modules and recipe.modules["default"].slices):
-            stack = [(infos[sl.sources[0].model].config, layer) for sl in slices
-                     for layer in range(*sl.sources[0].layer_range)]
-            out_config = restack_config(out_config, archs[donor], stack)
+            stack = [(sl.sources[0].model, layer) for sl in slices for layer in range(*sl.sources[0].layer_range)]
+            out_config = restack_config(out_config, archs[donor], [(infos[m].config, i) for m, i in stack],
+                                        [is_moe_layer(archs[m].layers[i]) for m, i in stack], donor)
         out_name = recipe.out_dtype or recipe.dtype
         if out_name:
             out_config["torch_dtype"] = out_name.removeprefix("torch.")

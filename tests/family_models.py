@@ -33,6 +33,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe": ("qwen2_moe", {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 48}),
     "qwen3": ("qwen3", {"head_dim": 8}),
     "qwen3_moe": ("qwen3_moe", {**_MOE, "num_experts": 4, "head_dim": 8}),
+    "glm4_moe": ("glm4_moe", {**_MOE, "n_routed_experts": 4, "first_k_dense_replace": 1, "n_group": 1,
+                              "topk_group": 1, "head_dim": 8}),
+    "granitemoe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "gemma": ("gemma", {"head_dim": 8}),
     "gemma2": ("gemma2", {"head_dim": 8}),
     "gemma3_text": ("gemma3_text", {"head_dim": 8}),
@@ -53,7 +56,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "apertus": ("apertus", {}),
     "smollm3": ("smollm3", {}),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "granitemoe")
 
 
 def family_config(name: str, **overrides: Any) -> Any:
