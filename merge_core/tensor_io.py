@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from merge_core.checkpoint_view import Derived, model_view
 from merge_core.checkpoint_files import INDEX_FILE, SINGLE_FILE, load_config, read_weight_map
+from merge_core.checkpoint_view import Derived, model_view
 from merge_core.dtypes import safetensors_codes, safetensors_dtypes
 from merge_core.errors import ModelError
 
