@@ -88,13 +88,28 @@ def _perturbed(base: Path, target: Path, seed: int, scale: float) -> Path:
     return target
 
 
-def build_family(name: str, root: Path, variants: int = 3, *, tokenizer: bool = True,
+TASK_VOCAB = 320  # the byte-level BPE that reads the toy tasks
+
+
+def task_corpus() -> list[str]:
+    """Every text field of the toy tasks (eval_tasks/data), to train a tokenizer that reads them."""
+    corpus = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "eval_tasks" / "data").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            corpus.extend(str(v) for v in json.loads(line).values())
+    return corpus
+
+
+def build_family(name: str, root: Path, variants: int = 3, *, tokenizer: bool = True, task_tokenizer: bool = False,
                  **overrides: Any) -> dict[str, Path]:
-    """``base`` and ``m1``..``m<variants>`` of family ``name`` under ``root/name``."""
+    """``base`` and ``m1``..``m<variants>`` of family ``name`` under ``root/name``; with
+    ``task_tokenizer`` the vocabulary is a byte-level BPE that reads the toy tasks."""
     from transformers import AutoModelForCausalLM
 
-    from tiny_models import write_tokenizer
+    from tiny_models import write_bpe_tokenizer, write_tokenizer
 
+    if task_tokenizer:
+        overrides = {"vocab_size": TASK_VOCAB, **overrides}
     config = family_config(name, **overrides)
     torch.manual_seed(sum(map(ord, name)))
     model = AutoModelForCausalLM.from_config(config).float()
@@ -104,7 +119,9 @@ def build_family(name: str, root: Path, variants: int = 3, *, tokenizer: bool = 
             param.add_(0.02 * torch.randn(param.shape, generator=gen))
     base = root / name / "base"
     model.save_pretrained(str(base))
-    if tokenizer:
+    if task_tokenizer:
+        write_bpe_tokenizer(base, TASK_VOCAB, task_corpus())
+    elif tokenizer:
         write_tokenizer(base, COMMON["vocab_size"])
     out = {"base": base}
     for i in range(1, variants + 1):
@@ -130,4 +147,4 @@ def load_and_run(path: Path) -> torch.Tensor:
     return logits
 
 
-__all__ = ["FAMILIES", "MOE_FAMILIES", "build_family", "family_config", "load_and_run"]
+__all__ = ["FAMILIES", "MOE_FAMILIES", "TASK_VOCAB", "build_family", "family_config", "load_and_run", "task_corpus"]

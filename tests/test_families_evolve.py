@@ -1,0 +1,53 @@
+"""``merge-evolve`` on every family (tests/family_models.py): a short parameter-space search (preflight,
+baselines, genome layer groups, candidates merged in place into the evaluated transformers model)
+and a short layer-stacking search, each ending with a ``best_config.yaml`` that ``merge-yaml``
+merges into a model transformers loads and runs.  Random tiny models score near chance: what is
+tested is that every step runs for real on each family's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from family_models import FAMILIES, build_family, load_and_run
+
+from evolve.cli import main as merge_evolve
+from merge_core.cli import main as merge_yaml
+
+pytestmark = pytest.mark.slow
+
+TASKS = {"tasks": [{"name": "toy_arith"}], "limit": 4, "apply_chat_template": False}
+
+
+def _run(config: dict, tmp_path: Path, name: str, *flags: str) -> Path:
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump({**config, **TASKS}, sort_keys=False))
+    store = tmp_path / f"run_{name}"
+    argv = [str(path), "--storage-path", str(store), "--no-ray", "-q", "--random-seed", "0",
+            "--no-save-final-model", *flags]
+    assert merge_evolve(argv) == 0, name
+    ledger = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    train = [r for r in ledger if r["kind"] == "train"]
+    assert train and all(r["status"] == "ok" for r in train), [r.get("reason") for r in train]
+    assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / f"best_{name}"), "-q"]) == 0
+    load_and_run(tmp_path / f"best_{name}")
+    return store
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_merge_evolve_runs_on_the_family(family: str, tmp_path: Path) -> None:
+    models = build_family(family, tmp_path / "models", variants=2, task_tokenizer=True)
+    genome = {"models": [str(models["m1"]), str(models["m2"])], "base_model": str(models["base"]),
+              "merge_method": "task_arithmetic", "layer_granularity": 2}
+    store = _run({"genome": genome}, tmp_path, "ps", "--max-fevals", "3", "--force-population-size", "3")
+    ledger = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "baseline" for r in ledger), sorted({r["kind"] for r in ledger})
+    best = yaml.safe_load((store / "best_config.yaml").read_text())
+    assert len(best["slices"]) == 2  # two layer groups of 2 layers
+
+    stacking = {"sources": [str(models["m1"]), str(models["m2"])], "slots": 5, "min_layers": 2}
+    store = _run({"stacking": stacking}, tmp_path, "stack", "--max-fevals", "3", "--no-baselines")
+    best = yaml.safe_load((store / "best_config.yaml").read_text())
+    assert best["merge_method"] == "passthrough"
