@@ -82,6 +82,8 @@ def run_search(options: RunOptions, *, resume: bool) -> int:
                                      min_layers=config.stacking.min_layers, max_layers=config.stacking.max_layers)
     else:
         models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
+        if options.vllm:
+            preflight.check_vllm_layout(models)
         genome = Genome.for_run(config.genome, models.num_layers, storage.read_manifest())
     seed = options.random_seed
     if seed is None:

@@ -214,6 +214,20 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     return CheckedModels(infos, depth[first], evaluated)
 
 
+def check_vllm_layout(models: CheckedModels) -> None:
+    """vLLM loads pushed weights by their checkpoint names; candidates are merged in the layout of
+    transformers' models, which fuses the experts of MoE checkpoints (merge_core.checkpoint_view):
+    such a model is refused for --vllm in one line."""
+    from merge_core.tensor_io import CheckpointReader
+
+    with CheckpointReader(models.path(models.evaluated)) as reader:
+        fused = next((name for name in reader.names() if name not in reader.stored_names()), None)
+    if fused is not None:
+        raise RecipeError("--vllm", f"'{models.evaluated}' is a mixture of experts whose experts transformers "
+                                    f"fuses ({fused}): the vLLM evaluator cannot take its pushes yet; use the "
+                                    "HF backend (drop --vllm)")
+
+
 # -- tasks --------------------------------------------------------------------------------
 
 

@@ -177,12 +177,12 @@ def architecture_for(config: Mapping[str, Any], reference: str = "model",
     if not tensors:
         raise ModelError(f"'{reference}': the checkpoint has no tensors")
     found = _config_value(config, NUM_LAYERS_KEYS)
-    declared = None
-    if found is not None:
-        declared = found[1]
-        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
-            raise ModelError(f"'{reference}': config.json {'.'.join(found[0])} must be a positive integer, "
-                             f"got {declared!r}")
+    if found is None:  # transformers would build its default depth, not the checkpoint's
+        raise ModelError(f"'{reference}': config.json has no {NUM_LAYERS_KEYS[0]} (nor {', '.join(NUM_LAYERS_KEYS[1:])})")
+    declared = found[1]
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise ModelError(f"'{reference}': config.json {'.'.join(found[0])} must be a positive integer, "
+                         f"got {declared!r}")
     names = [n for n in tensors if not n.endswith(IGNORED_SUFFIXES)]
     vocab = _config_value(config, ("vocab_size", "padded_vocab_size"))
     vocab_size = vocab[1] if vocab is not None and isinstance(vocab[1], int) else None
@@ -198,7 +198,7 @@ def architecture_for(config: Mapping[str, Any], reference: str = "model",
         missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
         raise ModelError(f"'{reference}': decoder layers {prefix}N are not numbered 0..{numbers[-1]} "
                          f"(layer {missing[0]} is missing)")
-    if declared is not None and declared != len(numbers):
+    if declared != len(numbers):
         raise ModelError(f"'{reference}': config.json {'.'.join(found[0])} is {declared} but the checkpoint "
                          f"has {len(numbers)} layers ({prefix}0..{numbers[-1]})")
     # Other numbered blocks (a vision tower's layers) are tensors outside the decoder.
@@ -225,7 +225,7 @@ def architecture_for(config: Mapping[str, Any], reference: str = "model",
     pre.sort(key=lambda s: (s.name != embedding, s.name))
     layers = tuple(tuple(sorted(blocks[prefix][i])) for i in numbers)
     return Architecture(names_list[0], prefix, layers, tuple(pre), tuple(sorted(post, key=lambda s: s.name)),
-                        embedding, head, found[0] if found is not None else None)
+                        embedding, head, found[0])
 
 
 # -- config.json of a merge ----------------------------------------------------------------

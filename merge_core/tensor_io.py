@@ -232,6 +232,10 @@ class CheckpointReader:
         """Tensor names, in index (or header) order (then the model view's, see ``_view``)."""
         return [name for name in self._entries if name not in self._hidden] + list(self._view)
 
+    def stored_names(self) -> list[str]:
+        """The names as stored in the files (MoE experts one by one)."""
+        return list(self._entries)
+
     def __contains__(self, name: object) -> bool:
         return name in self._view or (name in self._entries and name not in self._hidden)
 

@@ -71,14 +71,16 @@ def test_experts_are_part_of_their_layer_and_a_vision_tower_is_not_the_decoder()
 
 
 @pytest.mark.parametrize(("names", "config", "message"), [
-    ({"embed.weight": (16, 8), "norm.weight": (8,)}, {}, "cannot find the decoder layers: no tensor name has a numbered block"),
-    ({**_decoder("model.layers.", 3), "model.layers.5.x.weight": (8,)}, {},
+    ({"embed.weight": (16, 8), "norm.weight": (8,)}, {"num_hidden_layers": 2}, "cannot find the decoder layers: no tensor name has a numbered block"),
+    ({**_decoder("model.layers.", 3), "model.layers.5.x.weight": (8,)}, {"num_hidden_layers": 6},
      "decoder layers model.layers.N are not numbered 0..5 (layer 3 is missing)"),
     (_decoder("model.layers.", 3), {"num_hidden_layers": 4},
      "config.json num_hidden_layers is 4 but the checkpoint has 3 layers (model.layers.0..2)"),
-    ({**_decoder("a.layers.", 2), **_decoder("b.layers.", 2)}, {},
+    ({**_decoder("a.layers.", 2), **_decoder("b.layers.", 2)}, {"num_hidden_layers": 2},
      "cannot tell which numbered block is the decoder's layers: a.layers.N (2), b.layers.N (2)"),
     (_decoder("model.layers.", 2), {"architectures": ["A", "B"]}, "config.json must name exactly one architecture"),
+    (_decoder("model.layers.", 2), {}, "config.json has no num_hidden_layers (nor n_layer, num_layers, n_layers)"),
+    (_decoder("model.layers.", 2), {"n_layer": "2"}, "config.json n_layer must be a positive integer, got '2'"),
 ])
 def test_checkpoints_that_cannot_be_understood(names, config, message):
     with pytest.raises(ModelError) as err:

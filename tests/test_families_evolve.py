@@ -16,8 +16,6 @@ from family_models import FAMILIES, build_family, load_and_run
 from evolve.cli import main as merge_evolve
 from merge_core.cli import main as merge_yaml
 
-pytestmark = pytest.mark.slow
-
 TASKS = {"tasks": [{"name": "toy_arith"}], "limit": 4, "apply_chat_template": False}
 
 
@@ -36,6 +34,7 @@ def _run(config: dict, tmp_path: Path, name: str, *flags: str) -> Path:
     return store
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_merge_evolve_runs_on_the_family(family: str, tmp_path: Path) -> None:
     models = build_family(family, tmp_path / "models", variants=2, task_tokenizer=True)
@@ -51,3 +50,18 @@ def test_merge_evolve_runs_on_the_family(family: str, tmp_path: Path) -> None:
     store = _run({"stacking": stacking}, tmp_path, "stack", "--max-fevals", "3", "--no-baselines")
     best = yaml.safe_load((store / "best_config.yaml").read_text())
     assert best["merge_method"] == "passthrough"
+
+
+def test_vllm_refuses_a_moe_whose_experts_transformers_fuses(tmp_path: Path, monkeypatch, capsys) -> None:
+    import evolve.evaluation
+
+    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: True)
+    models = build_family("qwen3_moe", tmp_path / "models", variants=1, task_tokenizer=True)
+    config = {"genome": {"models": [str(models["m1"])], "base_model": str(models["base"]),
+                         "merge_method": "task_arithmetic"}, **TASKS}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()  # the models' build progress
+    assert merge_evolve([str(tmp_path / "c.yml"), "--storage-path", str(tmp_path / "run"), "--vllm", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("merge-evolve: error: --vllm: ") and "mixture of experts" in err and len(err.splitlines()) == 1
+    assert "mlp.experts.gate_up_proj" in err and not (tmp_path / "run").exists()
