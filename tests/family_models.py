@@ -56,6 +56,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "apertus": ("apertus", {}),
     "smollm3": ("smollm3", {}),
 }
+# Families mergekit 0.1.5 refuses as transformers 5 writes them (its definitions name tensors
+# these checkpoints do not have: GPT-NeoX's attention.bias buffer, Falcon's new-architecture
+# norms, Cohere's q/k norms), merged by ours only.
+OURS_ONLY: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt_neox": ("gpt_neox", {}),
+    "falcon": ("falcon", {}),
+    "cohere_plain": ("cohere", {}),
+}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "granitemoe")
 
 
@@ -63,7 +71,7 @@ def family_config(name: str, **overrides: Any) -> Any:
     """The transformers config of family ``name`` (float32)."""
     from transformers import AutoConfig
 
-    model_type, extra = FAMILIES[name]
+    model_type, extra = {**FAMILIES, **OURS_ONLY}[name]
     return AutoConfig.for_model(model_type, **{**COMMON, **extra, **overrides}, torch_dtype="float32")
 
 
@@ -147,4 +155,4 @@ def load_and_run(path: Path) -> torch.Tensor:
     return logits
 
 
-__all__ = ["FAMILIES", "MOE_FAMILIES", "TASK_VOCAB", "build_family", "family_config", "load_and_run", "task_corpus"]
+__all__ = ["FAMILIES", "MOE_FAMILIES", "OURS_ONLY", "TASK_VOCAB", "build_family", "family_config", "load_and_run", "task_corpus"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from family_models import build_family, load_and_run
+from family_models import OURS_ONLY, build_family, load_and_run
 from safetensors.torch import load_file, save_file
 
 from merge_core.architecture import architecture_for, restack_config
@@ -191,3 +191,25 @@ def test_tiny_llama_layout_from_disk(tmp_path: Path):
     info = load_model_info("m", model)
     arch = architecture_for(info.config, "m", info.tensors)
     assert arch.num_layers() == 4 and arch.head is None and arch.embedding == "model.embed_tokens.weight"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(OURS_ONLY))
+def test_families_mergekit_refuses_merge_and_load(family, tmp_path):
+    """Checkpoints mergekit 0.1.5's definitions do not match (see family_models.OURS_ONLY): a linear
+    merge is the weighted sum of every tensor, and a deeper stack loads and runs."""
+    models = build_family(family, tmp_path / "models", variants=1)
+    a, b = (load_file(str(models[k] / "model.safetensors")) for k in ("base", "m1"))
+    recipes = {"linear": {"merge_method": "linear", "models": [{"model": str(models["base"]), "parameters": {"weight": 0.25}},
+                                                               {"model": str(models["m1"]), "parameters": {"weight": 0.75}}]},
+               "deeper": {"merge_method": "passthrough",
+                          "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, 3]}]},
+                                     {"sources": [{"model": str(models["m1"]), "layer_range": [2, 4]}]}]}}
+    for name, recipe in recipes.items():
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump({**recipe, "dtype": "float32"}))
+        assert merge_yaml([str(tmp_path / f"{name}.yml"), str(tmp_path / name), "--quiet"]) == 0
+        load_and_run(tmp_path / name)
+    merged = load_file(str(tmp_path / "linear" / "model.safetensors"))
+    assert sorted(merged) == sorted(a)
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.25 * a[key] + 0.75 * b[key])
