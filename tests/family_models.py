@@ -67,6 +67,36 @@ OURS_ONLY: dict[str, tuple[str, dict[str, Any]]] = {
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "granitemoe")
 
 
+# One mergekit 0.1.5 process merging every recipe ROOT/recipes/<case>.yml listed in
+# ROOT/cases.json into ROOT/mergekit/<case>; ROOT/status.json says "ok" or the error per case,
+# and "<family>__inferred" whether mergekit has no definition of the family (run with
+# ``python -c MERGEKIT_ORACLE ROOT`` in the oracle's venv: its import costs seconds, once).
+MERGEKIT_ORACLE = r"""
+import json, logging, sys, traceback
+logging.disable(logging.WARNING)
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+import yaml
+from mergekit.architecture import arch_info_for_config
+from transformers import AutoConfig
+root = sys.argv[1]
+status = {}
+for case in json.load(open(f"{root}/cases.json")):
+    if case.endswith("__linear"):  # families mergekit has no definition of: it infers their layout
+        first = yaml.safe_load(open(f"{root}/recipes/{case}.yml"))["models"][0]["model"]
+        known = arch_info_for_config(AutoConfig.from_pretrained(first)) is not None
+        status[case.split("__")[0] + "__inferred"] = "no" if known else "yes"
+    try:
+        config = MergeConfiguration.model_validate(yaml.safe_load(open(f"{root}/recipes/{case}.yml")))
+        run_merge(config, f"{root}/mergekit/{case}", options=MergeOptions(quiet=True, random_seed=0))
+        status[case] = "ok"
+    except Exception as exc:
+        status[case] = f"{type(exc).__name__}: {exc}"[:500]
+json.dump(status, open(f"{root}/status.json", "w"))
+"""
+
+
 def family_config(name: str, **overrides: Any) -> Any:
     """The transformers config of family ``name`` (float32)."""
     from transformers import AutoConfig
@@ -155,4 +185,4 @@ def load_and_run(path: Path) -> torch.Tensor:
     return logits
 
 
-__all__ = ["FAMILIES", "MOE_FAMILIES", "OURS_ONLY", "TASK_VOCAB", "build_family", "family_config", "load_and_run", "task_corpus"]
+__all__ = ["FAMILIES", "MERGEKIT_ORACLE", "MOE_FAMILIES", "OURS_ONLY", "TASK_VOCAB", "build_family", "family_config", "load_and_run", "task_corpus"]

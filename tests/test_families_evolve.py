@@ -16,6 +16,9 @@ from family_models import FAMILIES, build_family, load_and_run
 from evolve.cli import main as merge_evolve
 from merge_core.cli import main as merge_yaml
 
+# (best_config.yaml, ours merged from it) of each family's parameter-space run: mergekit-yaml merges
+# them all in one process at the end (test_best_configs_merge_with_mergekit).
+BEST_CONFIGS: list[tuple[Path, Path]] = []
 TASKS = {"tasks": [{"name": "toy_arith"}], "limit": 4, "apply_chat_template": False}
 
 
@@ -45,6 +48,7 @@ def test_merge_evolve_runs_on_the_family(family: str, tmp_path: Path) -> None:
     assert any(r["kind"] == "baseline" for r in ledger), sorted({r["kind"] for r in ledger})
     best = yaml.safe_load((store / "best_config.yaml").read_text())
     assert len(best["slices"]) == 2  # two layer groups of 2 layers
+    BEST_CONFIGS.append((store / "best_config.yaml", tmp_path / "best_ps"))
 
     stacking = {"sources": [str(models["m1"]), str(models["m2"])], "slots": 5, "min_layers": 2}
     store = _run({"stacking": stacking}, tmp_path, "stack", "--max-fevals", "3", "--no-baselines")
@@ -65,3 +69,36 @@ def test_vllm_refuses_a_moe_whose_experts_transformers_fuses(tmp_path: Path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("merge-evolve: error: --vllm: ") and "mixture of experts" in err and len(err.splitlines()) == 1
     assert "mlp.experts.gate_up_proj" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.mergekit
+def test_best_configs_merge_with_mergekit(tmp_path: Path, mergekit_py: str) -> None:
+    """Every family's exported best_config.yaml (from the runs above) is accepted by mergekit-yaml
+    0.1.5 and gives the tensors merge-yaml gave."""
+    import subprocess
+
+    from family_models import MERGEKIT_ORACLE
+    from safetensors.torch import load_file
+
+    if not BEST_CONFIGS:
+        pytest.skip("no merge-evolve run of this session exported a best_config.yaml")
+    (tmp_path / "recipes").mkdir()
+    cases = []
+    for i, (config, _) in enumerate(BEST_CONFIGS):
+        (tmp_path / "recipes" / f"run{i}__best.yml").write_text(config.read_text())
+        cases.append(f"run{i}__best")
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([mergekit_py, "-c", MERGEKIT_ORACLE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((tmp_path / "status.json").read_text())
+    for case, (config, ours) in zip(cases, BEST_CONFIGS):
+        assert status[case] == "ok", (config, status[case])
+        theirs = load_file(str(tmp_path / "mergekit" / case / "model.safetensors"))
+        got = {}
+        for file in ours.glob("*.safetensors"):
+            got.update(load_file(str(file)))
+        assert sorted(got) == sorted(theirs), config
+        for name, tensor in theirs.items():
+            assert (got[name].float() - tensor.float()).abs().max().item() <= 2e-3, (config, name)

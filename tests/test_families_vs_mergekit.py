@@ -16,37 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from family_models import FAMILIES, build_family, load_and_run
+from family_models import FAMILIES, MERGEKIT_ORACLE, build_family, load_and_run
 from safetensors.torch import load_file
 
 from merge_core.cli import main as merge_yaml
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
-ORACLE = r"""
-import json, logging, sys, traceback
-logging.disable(logging.WARNING)
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-import yaml
-from mergekit.architecture import arch_info_for_config
-from transformers import AutoConfig
-root = sys.argv[1]
-status = {}
-for case in json.load(open(f"{root}/cases.json")):
-    if case.endswith("__linear"):  # families mergekit has no definition of: it infers their layout
-        first = yaml.safe_load(open(f"{root}/recipes/{case}.yml"))["models"][0]["model"]
-        known = arch_info_for_config(AutoConfig.from_pretrained(first)) is not None
-        status[case.split("__")[0] + "__inferred"] = "no" if known else "yes"
-    try:
-        config = MergeConfiguration.model_validate(yaml.safe_load(open(f"{root}/recipes/{case}.yml")))
-        run_merge(config, f"{root}/mergekit/{case}", options=MergeOptions(quiet=True, random_seed=0))
-        status[case] = "ok"
-    except Exception as exc:
-        status[case] = f"{type(exc).__name__}: {exc}"[:500]
-json.dump(status, open(f"{root}/status.json", "w"))
-"""
 
 
 
@@ -116,7 +92,7 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory, mergekit_py: str) -> P
             (root / "recipes" / f"{family}__{case}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
             cases.append(f"{family}__{case}")
     (root / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([mergekit_py, "-c", ORACLE, str(root)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([mergekit_py, "-c", MERGEKIT_ORACLE, str(root)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
