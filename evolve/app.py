@@ -89,6 +89,8 @@ def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
                                      min_layers=config.stacking.min_layers, max_layers=config.stacking.max_layers)
     else:
         models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes, vllm=options.vllm)
+        if options.vllm:
+            preflight.check_vllm_layout(models)
         # The run writes its files and STORAGE/final_model there: never over an input model.
         refuse_overwrite(options.storage_path / FINAL_MODEL, [(f"the input model '{ref}'", info.path)
                                                                 for ref, info in models.infos.items()],

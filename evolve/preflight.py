@@ -39,6 +39,7 @@ __all__ = [
     "check_models",
     "check_storage_path",
     "check_task_names",
+    "check_vllm_layout",
     "create_run_directory",
     "load_run_config",
     "model_recipe",
@@ -170,11 +171,11 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     for where, ref in refs:
         try:
             info = load_model(ref, relative_to=relative_to)
-            arch = architecture_for(info.config, ref)
+            arch = architecture_for(info.config, ref, info.tensors)
         except ModelError as err:
             raise RecipeError(where, str(err)) from None
         infos[ref] = info
-        depth[ref] = arch.num_layers(info.config)
+        depth[ref] = arch.num_layers()
     genome_models = [(f"genome.models[{i}]", m) for i, m in enumerate(config.genome.models)]
     refuse_same_model_twice([(where, ref, infos[ref].identity) for where, ref in genome_models])
     first_where, first = refs[0]
@@ -215,6 +216,20 @@ def _refuse_a_vocabulary_vllm_cannot_hold(plan: Any, evaluated: str) -> None:
         raise RecipeError("--vllm", f"the models' merged vocabulary ({len(vocab.tokens)} tokens) is not "
                                     f"'{evaluated}''s own, and vLLM's engine keeps that model's; evaluate with "
                                     "the HF backend (drop --vllm)")
+
+
+def check_vllm_layout(models: CheckedModels) -> None:
+    """vLLM loads pushed weights by their checkpoint names; candidates are merged in the layout of
+    transformers' models, which fuses the experts of MoE checkpoints (merge_core.checkpoint_view):
+    such a model is refused for --vllm in one line."""
+    from merge_core.tensor_io import CheckpointReader
+
+    with CheckpointReader(models.path(models.evaluated)) as reader:
+        fused = next((name for name in reader.names() if name not in reader.stored_names()), None)
+    if fused is not None:
+        raise RecipeError("--vllm", f"'{models.evaluated}' is a mixture of experts whose experts transformers "
+                                    f"fuses ({fused}): the vLLM evaluator cannot take its pushes yet; use the "
+                                    "HF backend (drop --vllm)")
 
 
 # -- tasks --------------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from merge_core.yaml_io import load_yaml_file
 __all__ = ["CheckedSources", "check_sources", "is_recipe", "materialize"]
 
 RECIPE_SUFFIXES = (".yml", ".yaml")
-LAYER0 = "model.layers.0."
+
+
+def _plan_depth(plan: Any, info: Any) -> int:
+    """The number of decoder layers a planned recipe writes (its donor's layout names them)."""
+    from merge_core.architecture import architecture_for
+
+    arch = architecture_for(info.config, str(info.path), info.tensors)
+    return len({arch.layer_index(t.output) for t in plan.tasks} - {None})
 
 
 def is_recipe(ref: str) -> bool:
@@ -76,7 +83,8 @@ def _read(where: str, ref: str, relative_to: Path) -> tuple[Any, dict[str, Any] 
             plan = planner.plan(recipe_from_dict(recipe))
             donor = plan.models[plan.base_model if plan.base_model is not None else 0]
             info = planner.models[donor.reference]
-            return info, {**recipe, "_depth": int(plan.out_config["num_hidden_layers"])}, Path(donor.path)
+            depth = _plan_depth(plan, info)
+            return info, {**recipe, "_depth": depth}, Path(donor.path)
         if "+" in ref:
             raise ModelError(f"'{ref}': a LoRA reference ('base+adapter') cannot be a stacking source; merge it "
                              "first (`merge-yaml`, or a recipe file as the source)")
@@ -97,11 +105,11 @@ def check_sources(stacking: StackingConfig, relative_to: Path, storage: Path) ->
         where = f"stacking.sources[{i}]"
         info, recipe, folder = _read(where, ref, relative_to)
         try:
-            arch = architecture_for(info.config, ref)
+            arch = architecture_for(info.config, ref, info.tensors)
         except ModelError as err:
             raise RecipeError(where, str(err)) from None
-        depth = recipe.pop("_depth") if recipe is not None else arch.num_layers(info.config)
-        shapes = {n: t.shape for n, t in info.tensors.items() if n.startswith(LAYER0) or not n.startswith("model.layers.")}
+        depth = recipe.pop("_depth") if recipe is not None else arch.num_layers()
+        shapes = {n: t.shape for n, t in info.tensors.items() if arch.layer_index(n) in (None, 0)}
         rows.append((where, ref, info, recipe, folder, arch, depth, shapes))
     first = rows[0]
     for where, ref, info, recipe, folder, arch, depth, shapes in rows[1:]:

@@ -210,8 +210,23 @@ class ModelInfo:
 
 
 def load_model_info(reference: str, path: Path) -> ModelInfo:
-    """Read config.json and the tensor headers of the model ``reference`` resolved to ``path``."""
-    return ModelInfo(reference, path, load_config(path, reference), read_tensor_index(path, reference))
+    """Read config.json and the tensor headers of the model ``reference`` resolved to ``path``.
+
+    The tensors are named and shaped as the installed transformers' model holds them (fused MoE
+    experts: :mod:`merge_core.checkpoint_view`), as :class:`~merge_core.tensor_io.CheckpointReader`
+    reads them."""
+    from merge_core.checkpoint_view import model_view
+
+    config = load_config(path, reference)
+    tensors = read_tensor_index(path, reference)
+    view = model_view(config, {name: info.shape for name, info in tensors.items()})
+    if view:
+        hidden = {source for derived in view.values() for source in derived.sources()}
+        shapes = {name: info.shape for name, info in tensors.items()}
+        built = {name: TensorInfo(tensors[d.parts[0][0]].dtype, d.shape(shapes), tensors[d.parts[0][0]].file)
+                 for name, d in view.items()}
+        tensors = {**{n: t for n, t in tensors.items() if n not in hidden}, **built}
+    return ModelInfo(reference, path, config, tensors)
 
 
 def load_model(ref: str, *, relative_to: Path | None = None, download: bool = False,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_core.architecture import Architecture, WeightSpec, architecture_for
+from merge_core.architecture import Architecture, WeightSpec, architecture_for, is_moe_layer, restack_config
 from merge_core.dtypes import torch_dtype  # re-exported: callers import it from here
 from merge_core.errors import MethodError, ModelError, RecipeError
 from merge_core.kernels.inputs import TensorParams
@@ -233,19 +233,20 @@ class Planner:
             order.append(recipe.base_model)
             first_path[recipe.base_model] = "base_model"
         infos = {ref: self.model_info(ref, first_path[ref]) for ref in order}
+        archs = {ref: architecture_for(info.config, ref, info.tensors) for ref, info in infos.items()}
         donor = recipe.base_model or order[0]
-        arch = architecture_for(infos[donor].config, donor)
         self._merging_vocabulary = self.vocabulary is not None or tokenizer_settings(recipe) is not None
-        self._check_models(arch, infos, donor)
-        slices = self._fill_ranges(arch, slices, infos)
+        self._check_models(archs, infos, donor)
+        slices = self._fill_ranges(archs, slices)
         index = {ref: i for i, ref in enumerate(order)}
-        skeletons, dropped = self._skeletons(arch, method, slices, infos, index)
+        skeletons, dropped = self._skeletons(archs, donor, method, slices, infos, index)
         # The output config is the base model's (else the first model's), as in mergekit; only
-        # slices change the layer count.
+        # slices change the layers, and then every per-layer entry follows its source layer.
         out_config = copy.deepcopy(infos[donor].config)
         if recipe.slices or (recipe.modules and recipe.modules["default"].slices):
-            out_config[arch.num_layers_key] = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-                                                  for s in slices)
+            stack = [(sl.sources[0].model, layer) for sl in slices for layer in range(*sl.sources[0].layer_range)]
+            out_config = restack_config(out_config, archs[donor], [(infos[m].config, i) for m, i in stack],
+                                        [is_moe_layer(archs[m].layers[i]) for m, i in stack], donor)
         out_name = recipe.out_dtype or recipe.dtype
         if out_name:
             out_config["torch_dtype"] = out_name.removeprefix("torch.")
@@ -253,23 +254,22 @@ class Planner:
                 out_config["dtype"] = out_config["torch_dtype"]
         vocabulary = None
         if self._merging_vocabulary:  # the token-indexed rows are re-indexed onto one vocabulary
-            vocabulary = self.vocabulary or output_vocabulary(recipe, infos, arch, order)
+            vocabulary = self.vocabulary or output_vocabulary(recipe, infos, archs[donor], order)
             out_config["vocab_size"] = vocabulary.size
         return _Structure(order, slices, skeletons, out_config, recipe.base_model, dropped, vocabulary)
 
-    def _check_models(self, arch: Architecture, infos: dict[str, ModelInfo], donor: str) -> None:
-        for ref, info in infos.items():
-            other = architecture_for(info.config, ref)
-            if other != arch and not self.allow_crimes:
+    def _check_models(self, archs: dict[str, Architecture], infos: dict[str, ModelInfo], donor: str) -> None:
+        for ref, other in archs.items():
+            if other.name != archs[donor].name and not self.allow_crimes:
                 raise ModelError(
-                    f"architecture mismatch: '{ref}' is {info.config['architectures'][0]} but '{donor}' is "
-                    f"{infos[donor].config['architectures'][0]} (allow_crimes to merge anyway)"
+                    f"architecture mismatch: '{ref}' is {other.name} but '{donor}' is "
+                    f"{archs[donor].name} (allow_crimes to merge anyway)"
                 )
         if self._merging_vocabulary:
             return  # vocabularies may differ: the token-indexed rows are re-indexed by token
         vocab = {}
         for ref, info in infos.items():
-            embed = info.tensors.get(arch.pre[0].name)
+            embed = info.tensors.get(archs[ref].embedding or "")
             vocab[ref] = embed.shape[0] if embed is not None else info.config.get("vocab_size")
         refs = list(vocab)
         for ref in refs[1:]:
@@ -281,17 +281,17 @@ class Planner:
         _refuse_renumbered_tokens(infos, vocab)
 
     @staticmethod
-    def _fill_ranges(arch: Architecture, slices: list[_Slice], infos: dict[str, ModelInfo]) -> list[_Slice]:
+    def _fill_ranges(archs: dict[str, Architecture], slices: list[_Slice]) -> list[_Slice]:
         out = []
         for sl in slices:
             sources = []
             for s in sl.sources:
-                n = arch.num_layers(infos[s.model].config)
+                n = archs[s.model].num_layers()
                 if s.layer_range is None:
                     s = _Source(s.model, s.path, (0, n), s.params)
                 elif s.layer_range[1] > n:
                     raise RecipeError(
-                        f"{s.path}.layer_range", f"end {s.layer_range[1]} > num_hidden_layers {n} of '{s.model}'"
+                        f"{s.path}.layer_range", f"end {s.layer_range[1]} > {archs[s.model].layer_count_name()} {n} of '{s.model}'"
                     )
                 sources.append(s)
             first = sources[0]
@@ -306,10 +306,11 @@ class Planner:
         return out
 
     def _skeletons(
-        self, arch: Architecture, method: MergeMethod, slices: list[_Slice],
+        self, archs: dict[str, Architecture], donor: str, method: MergeMethod, slices: list[_Slice],
         infos: dict[str, ModelInfo], index: dict[str, int],
     ) -> tuple[list[_Skeleton], list[str]]:
         skeletons: list[_Skeleton] = []
+        arch = archs[donor]
 
         def add(spec: WeightSpec, output: str, slice_index: int, names: list[str], t: float) -> None:
             sl = slices[slice_index]
@@ -318,7 +319,8 @@ class Planner:
             sources = []
             for s, name in zip(sl.sources, names):
                 tensors = infos[s.model].tensors
-                found = name if name in tensors else (spec.tied_to if spec.tied_to in tensors else None)
+                tied = archs[s.model].embedding if spec.tied_to else None
+                found = name if name in tensors else (tied if tied in tensors else None)
                 if found is None:
                     raise ModelError(f"'{s.model}' has no tensor {name} (needed by {s.path or 'models'})")
                 sources.append(TensorSource(index[s.model], found))
@@ -335,17 +337,29 @@ class Planner:
             n = end0 - start0
             for j in range(n):
                 t = j / (n - 1) if n > 1 else 1.0
-                outs = arch.layer_weights(out_layer)
-                ins = [arch.layer_weights(s.layer_range[0] + j) for s in sl.sources]
-                for w, spec in enumerate(outs):
-                    add(spec, spec.name, k, [ws[w].name for ws in ins], t)
+                lead = archs[sl.sources[0].model]
+                suffixes = lead.layers[start0 + j]
+                for s in sl.sources[1:]:
+                    other = archs[s.model].layers[s.layer_range[0] + j]
+                    if other != suffixes:
+                        extra = sorted(set(other) ^ set(suffixes))[0]
+                        raise ModelError(
+                            f"layer {s.layer_range[0] + j} of '{s.model}' and layer {start0 + j} of "
+                            f"'{sl.sources[0].model}' differ in their tensors (e.g. {extra}): they cannot be merged"
+                        )
+                outs = [f"{arch.layer_prefix}{out_layer}.{suffix}" for suffix in suffixes]
+                ins = [archs[s.model].layer_names(s.layer_range[0] + j) for s in sl.sources]
+                for w, output in enumerate(outs):
+                    add(WeightSpec(output), output, k, [names[w] for names in ins], t)
                 out_layer += 1
-        for spec in arch.post:
+        head = next((a.head for a in [arch, *archs.values()] if a.head), None)
+        head_spec = arch.head_spec(head)
+        for spec in arch.post + ((head_spec,) if head_spec else ()):
             add(spec, spec.name, last, [spec.name] * len(slices[last].sources), 0.0)
         # Non-layer tensors of the inputs that the output lacks (mergekit drops them too).
         outputs = {sk.output for sk in skeletons}
-        dropped = sorted({name for info in infos.values() for name in info.tensors
-                          if name not in outputs and not _is_layer_name(name)})
+        dropped = sorted({name for ref, info in infos.items() for name in info.tensors
+                          if name not in outputs and archs[ref].layer_index(name) is None})
         return skeletons, dropped
 
     @staticmethod
@@ -463,10 +477,6 @@ def _refuse_renumbered_tokens(infos: Mapping[str, ModelInfo], rows: Mapping[str,
 
 def _ref_path(source: _Source) -> str:
     return "base_model" if source.path == "base_model" else f"{source.path}.model"
-
-
-def _is_layer_name(name: str) -> bool:
-    return name.startswith("model.layers.")
 
 
 def plan_merge(

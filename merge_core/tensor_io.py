@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from merge_core.checkpoint_files import INDEX_FILE, SINGLE_FILE, load_config, read_weight_map
+from merge_core.checkpoint_view import Derived, model_view
 from merge_core.dtypes import safetensors_codes, safetensors_dtypes
 from merge_core.errors import ModelError
 
@@ -162,6 +163,31 @@ class CheckpointReader:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._discover()
+        # Tensors as the installed transformers' model holds them (fused MoE experts): see
+        # merge_core.checkpoint_view.  Their stored parts are hidden from names().
+        self._view = self._model_view()
+        self._hidden = {source for derived in self._view.values() for source in derived.sources()}
+
+    def _model_view(self) -> dict[str, Derived]:
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            return {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # the planner reports a bad config.json; the stored layout is read here
+        if not isinstance(config, dict):
+            return {}
+        return model_view(config, {name: entry.shape for name, entry in self._entries.items()})
+
+    def _resolve(self, name: str) -> tuple[str, Derived | None]:
+        """(stored name, None) for a stored or renamed tensor; (name, how) for a built one."""
+        derived = self._view.get(name)
+        if derived is None:
+            return name, None
+        if derived.op == "rename":
+            return derived.parts[0][0], None
+        return name, derived
 
     # -- discovery -------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -203,11 +229,15 @@ class CheckpointReader:
 
     # -- inspection ------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Tensor names, in index (or header) order."""
+        """Tensor names, in index (or header) order (then the model view's, see ``_view``)."""
+        return [name for name in self._entries if name not in self._hidden] + list(self._view)
+
+    def stored_names(self) -> list[str]:
+        """The names as stored in the files (MoE experts one by one)."""
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._view or (name in self._entries and name not in self._hidden)
 
     def _entry(self, name: str) -> TensorEntry:
         try:
@@ -217,14 +247,21 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of ``name`` from the header (no data read)."""
+        name, derived = self._resolve(name)
+        if derived is not None:
+            return derived.shape({n: self._entry(n).shape for n in derived.sources()})
         return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         """Stored dtype of ``name``."""
-        return self._entry(name).dtype
+        name, derived = self._resolve(name)
+        return self._entry(derived.parts[0][0] if derived is not None else name).dtype
 
     def nbytes(self, name: str) -> int:
         """Stored size of ``name`` in bytes."""
+        name, derived = self._resolve(name)
+        if derived is not None:
+            return sum(self._entry(n).nbytes for n in derived.sources())
         return self._entry(name).nbytes
 
     def total_bytes(self) -> int:
@@ -250,6 +287,9 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, in freshly allocated memory the caller owns."""
+        name, derived = self._resolve(name)
+        if derived is not None:
+            return derived.build(self.read)
         entry = self._entry(name)
         shard = self._where[name]
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
@@ -265,6 +305,9 @@ class CheckpointReader:
     def mappable(self, name: str) -> bool:
         """Whether :meth:`map` can map tensor ``name`` (not empty, its offset aligned to its dtype)
         rather than fall back to a copy (it still does for a file cut short since it was opened)."""
+        name, derived = self._resolve(name)
+        if derived is not None:
+            return False
         entry = self._entry(name)
         offset = self._data_start[self._where[name]] + entry.begin
         return entry.nbytes > 0 and (offset % mmap.ALLOCATIONGRANULARITY) % entry.dtype.itemsize == 0
@@ -280,6 +323,7 @@ class CheckpointReader:
         """
         if not self.mappable(name):
             return self.read(name)
+        name, _ = self._resolve(name)
         entry = self._entry(name)
         shard = self._where[name]
         offset = self._data_start[shard] + entry.begin
@@ -321,13 +365,12 @@ class CheckpointReader:
         otherwise the data is copied into process memory (best for data kept around: a map
         would be re-read from disk if the kernel dropped those cache pages).
         """
-        entry = self._entry(name)
         tensor = self.map(name) if mapped else self.read(name)
         target = torch.device(device)
         if dtype is None or dtype == tensor.dtype:
             return tensor if target.type == "cpu" else tensor.to(target)
         # Move the narrower representation across devices, cast on the other side.
-        if target.type != "cpu" and dtype.itemsize > entry.dtype.itemsize:
+        if target.type != "cpu" and dtype.itemsize > tensor.dtype.itemsize:
             return tensor.to(target).to(dtype)
         return tensor.to(dtype).to(target)
 

@@ -270,8 +270,9 @@ CASES: list[tuple[str, Setup, str]] = [
         p / "config.json", num_hidden_layers=None), "base")), "num_hidden_layers"),
     ("num-layers-string", model_as("base", damaged("strlayers", lambda c, p: c.edit_json(
         p / "config.json", num_hidden_layers="four"), "base")), "num_hidden_layers"),
-    ("arch-unsupported", model_as("models[0]", damaged("arch", lambda c, p: c.edit_json(
-        p / "config.json", architectures=["TransformerXLForWeird"]))), "unsupported architecture"),
+    ("arch-ambiguous", model_as("models[0]", damaged("arch", lambda c, p: c.edit_json(
+        p / "config.json", architectures=["LlamaForCausalLM", "TransformerXLForWeird"]))),
+     "must name exactly one architecture"),
     ("no-weights", model_as("models[0]", damaged("noweights", lambda c, p: _weights(p).unlink())),
      "genome.models[0]"),
     ("pickle-only", model_as("models[0]", damaged("pickle", _pickle_only)), "genome.models[0]"),

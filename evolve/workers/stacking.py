@@ -21,7 +21,27 @@ import torch
 
 __all__ = ["StackingSource", "StackingSpec", "StackedModel", "layer_plan"]
 
-LAYERS = "model.layers."
+_NOT_PER_LAYER = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id")
+
+
+def _layer_list(model: torch.nn.Module, arch: Any) -> tuple[torch.nn.Module, str, list[torch.nn.Module], str]:
+    """(parent module, attribute, layers, their path) of the model's decoder-layer list: the module list the
+    checkpoint's layer prefix names, else the one whose first layer holds layer 0's tensors."""
+    named = dict(model.named_modules())
+    path = arch.layer_prefix.rstrip(".")
+    found = named.get(path)
+    if not isinstance(found, torch.nn.ModuleList):
+        wanted = set(arch.layers[0])
+        found, path = None, ""
+        for name, module in named.items():
+            if (isinstance(module, torch.nn.ModuleList) and len(module) == arch.num_layers()
+                    and {n for n, _ in module[0].named_parameters()} == wanted):
+                found, path = module, name
+                break
+        if found is None:
+            raise ValueError(f"layer stacking: no decoder-layer list of the model holds {arch.layer_prefix}N")
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr, list(found), path
 
 
 @dataclass(frozen=True)
@@ -78,11 +98,15 @@ class StackedModel:
     """The evaluated model, re-pointed per candidate (see the module docstring).
 
     ``model``: a transformers causal LM of the sources' architecture; ``sources``: their refs
-    and how to load them; ``dtype``: the recipe's dtype every tensor is rounded to.
+    and how to load them; ``dtype``: the recipe's dtype every tensor is rounded to.  The decoder's
+    layer list, the tensors before and after it and each layer's tensors come from the sources'
+    layout (:func:`merge_core.architecture.architecture_for`), whatever the family names them.
     """
 
     def __init__(self, model: torch.nn.Module, spec: StackingSpec, *, dtype: torch.dtype | None,
                  relative_to: Path | None = None, seed: int = 0) -> None:
+        from merge_core.architecture import architecture_for
+
         self.model = model
         self.refs = [s.ref for s in spec.sources]
         ref_param = next(model.parameters())
@@ -93,44 +117,71 @@ class StackedModel:
                        loaded.items()}
             self.tensors.append({name: t.to(device=ref_param.device, dtype=ref_param.dtype).contiguous()
                                  for name, t in rounded.items()})
-        decoder = model.model
-        layers = list(decoder.layers)
-        while len(layers) < spec.max_layers:  # more slots than the sources have layers
-            layers.append(copy.deepcopy(layers[-1]))
-        self.pool = layers
-        # Per-layer attention kinds (Qwen2/3, Gemma...: the decoder looks each layer's up by
-        # position): a stacked layer keeps the kind of the source layer it runs.
-        self.layer_types = list(getattr(model.config, "layer_types", None) or [])
-        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        config = model.config.to_dict()
+        self.arch = architecture_for(config, self.refs[0], self.tensors[0])
+        self.parent, self.attr, layers, path = _layer_list(model, self.arch)
+        # Each original layer is the template of its kind: its per-layer config entries (attention
+        # kind, rope use...) and its tensors (a dense layer among MoE ones).  A slot running a
+        # layer of another kind gets a copy of that kind's template (its attributes are set at
+        # construction from the config, so re-pointing tensors alone would keep the wrong kind).
+        self.per_layer = {key: list(value) for key, value in vars(model.config).items()
+                          if isinstance(value, list) and len(value) == len(layers) and key not in _NOT_PER_LAYER}
+        self.kinds = [self._kind(i) for i in range(len(layers))]
+        self.templates = {}
+        for i, kind in enumerate(self.kinds):
+            self.templates.setdefault(kind, layers[i])
+        self.pool: list[tuple[Any, torch.nn.Module]] = [(self.kinds[i], layer) for i, layer in enumerate(layers)]
+        while len(self.pool) < spec.max_layers:  # more slots than the sources have layers
+            self.pool.append((self.kinds[-1], copy.deepcopy(layers[-1])))
+        params = dict(model.named_parameters())  # tied parameters once, under their first name
+        self.outside = [name for name in params if not name.startswith(f"{path}.")]
+        missing = [name for name in self.outside if name not in self.tensors[0]]
+        if missing:
+            raise ValueError(f"layer stacking: the model's parameter {missing[0]} is not a tensor of "
+                             f"'{self.refs[0]}' (this model class names its weights unlike its checkpoint)")
+        self.post = {spec.name for spec in self.arch.post} | {self.arch.head or ""}
         self.bytes = sum(t.numel() * t.element_size() for d in self.tensors for t in d.values())
+
+    def _kind(self, layer: int) -> Any:
+        return (tuple(values[layer] for values in self.per_layer.values()), self.arch.layers[layer])
+
+    def _slot(self, k: int, kind: Any) -> torch.nn.Module:
+        have, module = self.pool[k]
+        if have != kind:
+            if kind not in self.templates:
+                raise ValueError(f"no layer of the evaluated model is of the kind {kind[0]}")
+            module = copy.deepcopy(self.templates[kind])
+            self.pool[k] = (kind, module)
+        return module
 
     def apply(self, plan: Sequence[tuple[int, int]]) -> None:
         """Make the model the stack ``plan`` describes ((source, layer) per output layer)."""
         if not plan or len(plan) > len(self.pool):
             raise ValueError(f"a stack of {len(plan)} layers (this run allows 1 to {len(self.pool)})")
-        model, decoder = self.model, self.model.model
+        model, prefix = self.model, self.arch.layer_prefix
+        modules = []
         for k, (source, layer) in enumerate(plan):
-            module = self.pool[k]
+            module = self._slot(k, self._kind(layer))
             tensors = self.tensors[source]
             for name, param in module.named_parameters():
-                param.data = tensors[f"{LAYERS}{layer}.{name}"]
-            attention = getattr(module, "self_attn", None)
-            if attention is not None and hasattr(attention, "layer_idx"):
-                attention.layer_idx = k  # the KV cache is indexed by position in the stack
-        decoder.layers = torch.nn.ModuleList(self.pool[: len(plan)])
-        model.config.num_hidden_layers = len(plan)
-        if self.layer_types:
-            model.config.layer_types = [self.layer_types[layer] for _, layer in plan]
-            for module, kind in zip(decoder.layers, model.config.layer_types):
-                for part in (module, getattr(module, "self_attn", None)):
-                    for attr in ("layer_type", "attention_type"):
-                        if part is not None and hasattr(part, attr):
-                            setattr(part, attr, kind)
+                param.data = tensors[f"{prefix}{layer}.{name}"]
+            for part in module.modules():  # the KV cache is indexed by position in the stack
+                if hasattr(part, "layer_idx"):
+                    part.layer_idx = k
+            modules.append(module)
+        setattr(self.parent, self.attr, torch.nn.ModuleList(modules))
+        config = model.config
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if hasattr(config, key) and isinstance(getattr(config, key), int):
+                setattr(config, key, len(plan))
+        for key, values in self.per_layer.items():
+            setattr(config, key, [values[layer] for _, layer in plan])
+        # As mergekit's passthrough: tensors before the layers from the first slice's source,
+        # after them (final norm, head) from the last's.  A tied head follows its embedding.
+        params = dict(model.named_parameters())
         first, last = self.tensors[plan[0][0]], self.tensors[plan[-1][0]]
-        decoder.embed_tokens.weight.data = first["model.embed_tokens.weight"]
-        decoder.norm.weight.data = last["model.norm.weight"]
-        if not self.tied and "lm_head.weight" in last:
-            model.lm_head.weight.data = last["lm_head.weight"]
+        for name in self.outside:
+            params[name].data = (last if name in self.post else first)[name]
 
     def memory_report(self) -> str:
         """Where the sources live and what they take."""

@@ -140,8 +140,8 @@ def _index_order(rows: np.ndarray) -> np.ndarray:
 
 def _rank_norm(inputs: TensorInputs, i: int) -> torch.Tensor:
     mags = deltas(inputs, i).abs_()
-    if mags.dim() < 2:
-        mags = mags.unsqueeze(0)
+    if mags.dim() < 2:  # a 1-D tensor is one row; a scalar (Apertus's xIELU beta) a row of one
+        mags = mags.reshape(1, -1)
     moved = mags.movedim(1, -1)
     length = moved.shape[-1]
     rows = moved.reshape(-1, length)
