@@ -39,7 +39,7 @@ from merge_core.model_ref import ModelInfo, load_model, refuse_same_model_twice
 from merge_core.params import Scope, resolve_param
 from merge_core.plan_types import InputModel, MergePlan, TensorSource, TensorTask
 from merge_core.recipe import Module, Recipe
-from merge_core.vocabulary import output_vocabulary, tokenizer_settings
+from merge_core.vocabulary import output_vocabulary, refuse_renumbered_tokens, tokenizer_settings
 
 
 def tensor_seed(run_seed: int | None, output: str) -> int:
@@ -278,7 +278,7 @@ class Planner:
                     f"vocab-size mismatch: '{refs[0]}' has {vocab[refs[0]]} tokens but '{ref}' has {vocab[ref]}; "
                     "set tokenizer_source: union (or base, or a model) to merge them by token"
                 )
-        _refuse_renumbered_tokens(infos, vocab)
+        refuse_renumbered_tokens(infos, vocab)
 
     @staticmethod
     def _fill_ranges(archs: dict[str, Architecture], slices: list[_Slice]) -> list[_Slice]:
@@ -452,27 +452,6 @@ class Planner:
             scopes.append(module_params)
         scopes.append(("parameters", recipe.parameters))
         return scopes
-
-
-def _refuse_renumbered_tokens(infos: Mapping[str, ModelInfo], rows: Mapping[str, Any]) -> None:
-    """ModelError when two models of equal vocabulary size number their tokens differently
-    (read from their tokenizer files): their token-indexed rows would be merged by id, each
-    row mixing unrelated tokens."""
-    from merge_core.vocabulary import token_ids, vocabulary_difference
-
-    first_ref, first = None, None
-    for ref, info in infos.items():
-        ids = token_ids(info.path)
-        if ids is None:
-            continue
-        if first is None:
-            first_ref, first = ref, ids
-            continue
-        why = vocabulary_difference(first, ids, int(rows.get(ref) or 0))
-        if why is not None:
-            raise ModelError(f"'{ref}' numbers its tokens differently from '{first_ref}' ({why}): their embedding "
-                             "rows would be merged by id, mixing unrelated tokens; set tokenizer_source: union (or base, "
-                             "or a model) to merge them by token")
 
 
 def _ref_path(source: _Source) -> str:

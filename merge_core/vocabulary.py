@@ -18,7 +18,8 @@ from typing import Any
 
 from merge_core.errors import ModelError
 
-__all__ = ["OutputVocabulary", "align_rows", "build_output_vocabulary", "token_ids", "vocabulary_difference"]
+__all__ = ["OutputVocabulary", "align_rows", "build_output_vocabulary", "output_vocabulary", "refuse_renumbered_tokens",
+           "token_ids", "tokenizer_settings", "vocabulary_difference"]
 
 
 def _from_tokenizer_json(data: dict[str, Any]) -> dict[str, int]:
@@ -356,3 +357,22 @@ def _embedding_name(arch: Any) -> str:
     if name:
         return name
     return next(spec.name for spec in arch.pre if spec.vocab_axis is not None)
+
+
+def refuse_renumbered_tokens(infos: dict[str, Any], rows: dict[str, Any]) -> None:
+    """ModelError when two models of equal vocabulary size number their tokens differently
+    (read from their tokenizer files): their token-indexed rows would be merged by id, each
+    row mixing unrelated tokens."""
+    first_ref, first = None, None
+    for ref, info in infos.items():
+        ids = token_ids(info.path)
+        if ids is None:
+            continue
+        if first is None:
+            first_ref, first = ref, ids
+            continue
+        why = vocabulary_difference(first, ids, int(rows.get(ref) or 0))
+        if why is not None:
+            raise ModelError(f"'{ref}' numbers its tokens differently from '{first_ref}' ({why}): their embedding "
+                             "rows would be merged by id, mixing unrelated tokens; set tokenizer_source: union (or base, "
+                             "or a model) to merge them by token")
