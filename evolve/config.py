@@ -78,6 +78,9 @@ class TaskConfig(_Strict):
     weight: float = 1.0
     metric: str = "acc,none"
     split: Optional[str] = None
+    # Ours: a floor on the metric (a constraint, in either objectives mode): a candidate scoring
+    # below it is infeasible (evolve.search.objectives). Search tasks only.
+    min: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +131,9 @@ class SearchConfig(_Strict):
     """
 
     strategy: Optional[str] = None
+    # "weighted" (None: the default): maximize the weighted sum of the tasks; "pareto": each task
+    # is an objective, the run keeps the non-dominated front (evolve.search.objectives).
+    objectives: Optional[Literal["weighted", "pareto"]] = None
     initial_design: Optional[int] = None
     racing: bool = True
     racing_level: Literal["incumbent", "cut"] = "incumbent"
@@ -325,6 +331,9 @@ def _check_tasks(config: EvolveConfig) -> None:
                 raise RecipeError(f"{key}[{i}].weight", f"must be a finite number, got {task.weight}")
             if task.split is not None and not task.split.strip():
                 raise RecipeError(f"{key}[{i}].split", "empty split name")
+            if task.min is not None and (key == "held_out" or not math.isfinite(task.min)):
+                raise RecipeError(f"{key}[{i}].min", "a floor must be a finite number" if key == "tasks" else
+                                  "floors apply to the search tasks only (held-out tasks are never optimised)")
             pair = (task.name, task.metric)
             if pair in pairs:
                 raise RecipeError(
@@ -340,7 +349,7 @@ def _check_tasks(config: EvolveConfig) -> None:
     if config.fewshot_seed is not None and not 0 <= config.fewshot_seed < 2**32:  # numpy's seed range
         raise RecipeError("fewshot_seed", f"must be in [0, 2**32), got {config.fewshot_seed}")
 
-    _check_search(config.search)
+    _check_search(config.search, len(config.tasks))
 
     v = config.vllm
     if v is not None:
@@ -364,17 +373,26 @@ def _check_tasks(config: EvolveConfig) -> None:
 # The search strategies' names (evolve.search.strategies maps them to classes; defined here so
 # that validating a config imports no optimizer).
 STRATEGY_NAMES = ("cmaes", "ipop-cmaes", "tpe")
+# The multi-objective ones (search.objectives: pareto; evolve.search.mo_strategies).
+MO_STRATEGY_NAMES = ("chebyshev-cmaes", "mo-tpe", "nsga2")
 
 
-def _check_search(s: SearchConfig | None) -> None:
+def _check_search(s: SearchConfig | None, num_tasks: int) -> None:
     if s is None:
         return
-    if s.strategy is not None and s.strategy not in STRATEGY_NAMES:
-        raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    pareto = s.objectives == "pareto"
+    names = MO_STRATEGY_NAMES if pareto else STRATEGY_NAMES
+    if s.strategy is not None and s.strategy not in names:
+        other = "weighted" if pareto else "pareto"
+        hint = f" ({s.strategy} is for search.objectives: {other})" if s.strategy in STRATEGY_NAMES + MO_STRATEGY_NAMES \
+            else ""
+        raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(names)}{hint}")
+    if pareto and num_tasks < 2:
+        raise RecipeError("search.objectives", "pareto needs at least two tasks (each task is an objective)")
     if s.initial_design is not None and s.initial_design < 0:
         raise RecipeError("search.initial_design", f"must be a number of evaluations >= 0, got {s.initial_design}")
-    if s.initial_design and s.strategy == "tpe":
-        raise RecipeError("search.initial_design", "tpe takes no initial design (its first trials are its own "
+    if s.initial_design and s.strategy in ("tpe", "mo-tpe", "nsga2"):
+        raise RecipeError("search.initial_design", f"{s.strategy} takes no initial design (its first trials are its own "
                           "random design): leave it out or set 0")
     if s.racing_confidence is not None and not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
         raise RecipeError("search.racing_confidence", f"must be a number > 0, got {s.racing_confidence}")
@@ -403,7 +421,8 @@ def _check_ranges(g: GenomeConfig) -> None:
 
 # Fields added after 0.1 whose None means "the default": left out of the normalized form when
 # None, so configs written before them hash (and resume) as they did.
-_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"), "search": ("initial_design", "racing_confidence"),
+_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range"),
+                       "search": ("initial_design", "racing_confidence", "objectives"),
                        "": ("search", "fewshot_seed", "stacking")}
 
 FEWSHOT_SEED = 1234
@@ -438,6 +457,9 @@ def racing_confidence_of(config: EvolveConfig, manifest: dict[str, Any] | None) 
 def normalized_config(config: EvolveConfig) -> dict[str, Any]:
     """The config as plain JSON data with every default filled in (the hashed form)."""
     data = config.model_dump(mode="json")
+    for task in data["tasks"] + data["held_out"]:
+        if task.get("min", 0) is None:  # floors came after 0.2
+            del task["min"]
     for section, keys in _OPTIONAL_SINCE_0_2.items():
         where = (data.get(section) or {}) if section else data
         for key in keys:
