@@ -138,14 +138,15 @@ def paired_bound(candidate: Mapping[str, Sequence[float]], job: RaceJob, z: floa
 def pareto_stop(bound: Bound, job: RaceJob) -> dict[str, Any] | None:
     """Why a candidate can stop with several objectives (None: go on): some task's upper bound
     is below its floor (``{"why": "floor", "task": ...}``), or a front member scores above every
-    task's upper bound (``{"why": "dominated", "by": id}``); otherwise it is scored in full."""
+    task's upper bound (``{"why": "dominated", "by": id}``); otherwise it is scored in full.  The
+    per-task upper bounds come along (``highs``) for the ledger."""
     highs = bound.highs or {}
     for task, floor in (job.floors or {}).items():
         if task in highs and highs[task] < floor:
-            return {"why": "floor", "task": task}
+            return {"why": "floor", "task": task, "highs": highs}
     for member, scores in (job.front or {}).items():
         if highs and all(scores.get(task, -math.inf) > high for task, high in highs.items()):
-            return {"why": "dominated", "by": member}
+            return {"why": "dominated", "by": member, "highs": highs}
     return None
 
 

