@@ -22,7 +22,8 @@ import yaml
 from evolve.search.objectives import Objectives, hypervolume, non_dominated
 from merge_core.fsutil import atomic_write
 
-__all__ = ["PARETO_DIR", "PARETO_JSON", "front_summary", "hypervolume_history", "read_pareto", "write_pareto"]
+__all__ = ["PARETO_DIR", "PARETO_JSON", "front_summary", "hypervolume_history", "print_front", "read_pareto",
+           "report_front", "write_pareto"]
 
 PARETO_DIR = "pareto"
 PARETO_JSON = "pareto.json"
@@ -108,3 +109,32 @@ def read_pareto(run_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def report_front(manifest: Mapping[str, Any], records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``merge-evolve report``'s view of a multi-objective run's front (from the ledger, so a
+    going run shows its front so far): objectives, floors, hypervolume and the members; None for
+    a weighted run (or a manifest without a readable config)."""
+    from evolve.config import parse_evolve_config
+    from merge_core.errors import MergeError
+
+    try:
+        config = parse_evolve_config(manifest.get("config"))
+    except (MergeError, ValueError):
+        return None
+    if config.search is None or config.search.objectives != "pareto":
+        return None
+    summary = front_summary(Objectives(config), records)
+    summary.pop("hypervolume_history")
+    return summary
+
+
+def print_front(front: Mapping[str, Any]) -> None:
+    """The front as ``merge-evolve report`` prints it: one line per member."""
+    floors = ", ".join(f"{k} >= {v}" for k, v in front["floors"].items())
+    print(f"pareto front: {len(front['front'])} members over {', '.join(front['objectives'])}"
+          f"{f' (floors: {floors})' if floors else ''}; hypervolume {front['hypervolume']:.4f}")
+    for m in front["front"]:
+        scores = ", ".join(f"{k}={v:.3f}" for k, v in m["train_scores"].items())
+        held = "-" if m["held_out_fitness"] is None else f"{m['held_out_fitness']:.4f}"
+        print(f"  {m['eval_id']:<12}{m['train_fitness']:>9.4f}{held:>10}  {scores}  pareto/{m['recipe']}")

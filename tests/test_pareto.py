@@ -216,3 +216,24 @@ def test_a_stale_front_member_file_is_removed(tmp_path):
     (tmp_path / PARETO_DIR / "c999999.yaml").write_text("stale")
     make_driver(tmp_path, config=config, max_fevals=12).run(ConflictPool())
     assert not (tmp_path / PARETO_DIR / "c999999.yaml").exists()
+
+
+def test_the_reports_list_and_draw_the_front(tmp_path, capsys):
+    from evolve.html_report import build_report
+    from evolve.report import report
+
+    make_driver(tmp_path, config=conflict_config("pareto", "chebyshev-cmaes", t2_min=0.2), max_fevals=24,
+                schedule="async").run(ConflictPool(order_seed=1))
+    front = read_pareto(tmp_path)["front"]
+    assert report(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert f"pareto front: {len(front)} members over t1, t2 (floors: t2 >= 0.2)" in out
+    assert all(f"pareto/{m['recipe']}" in out for m in front)
+    page = build_report(tmp_path, live=False)
+    for name in ('data-figure="pareto"', 'data-figure="hypervolume"', 'data-table="pareto"'):
+        assert name in page
+    assert page.count("<svg") >= 2 and all(m["eval_id"] in page for m in front)
+    weighted = tmp_path / "weighted"
+    make_driver(weighted, config=conflict_config(), max_fevals=12).run(ConflictPool())
+    assert 'data-figure="pareto"' not in build_report(weighted, live=False)
+    assert report(weighted) == 0 and "pareto front" not in capsys.readouterr().out
