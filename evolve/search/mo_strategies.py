@@ -109,7 +109,10 @@ class OptunaMO:
         self.names = [f"x{i:04d}" for i in range(len(lo))]
         self.distributions = {n: optuna.distributions.FloatDistribution(float(a), float(b))
                               for n, a, b in zip(self.names, lo, hi)}
-        constraints = _violation_of
+        # optuna >= 5 reads a trial's constraints from the trial (set_constraint); before, from a
+        # constraints_func (deprecated since 5.0): each sampler then ranks infeasible trials by violation.
+        self.native = hasattr(optuna.trial.Trial, "set_constraint")
+        constraints = None if self.native else _violation_of
         if sampler == "mo-tpe":
             chosen: Any = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                                      n_startup_trials=max(popsize, 10), constraints_func=constraints)
@@ -146,8 +149,10 @@ class OptunaMO:
             if trial is None:  # a replayed point with float noise: the nearest pending one
                 key = min(self.pending, key=lambda k: float(np.max(np.abs(np.frombuffer(k) - point))))
                 trial = self.pending.pop(key)
-            # optuna reads the constraint from the trial when it is told (constraints_func).
-            trial.set_user_attr("violation", float(value.violation))
+            if self.native:
+                trial.set_constraint("violation", float(value.violation))
+            else:
+                trial.set_user_attr("violation", float(value.violation))
             self.study.tell(trial, [float(v) for v in value.values])
 
     def stop(self) -> dict[str, Any]:
