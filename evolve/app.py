@@ -200,10 +200,14 @@ def _print_outcome(outcome: Any, storage: Path) -> None:
     line = f"best fitness {outcome.best['fitness']:.4f} ({outcome.best['eval_id']})"
     if outcome.best_held_out is not None:
         line += f", held-out {outcome.best_held_out['fitness']:.4f}"
+    if outcome.best.get("violation"):  # floors (tasks[i].min): none of the candidates met them all
+        line += f"; no candidate met every floor: this one is the closest (violation {outcome.best['violation']:.4f})"
     print(line)
     print(f"{outcome.evaluations} evaluations, {outcome.generations} generations, "
           f"worker busy fraction {outcome.busy_fraction:.2f}, stopped: {outcome.stop_reason}")
     print(f"best recipe: {storage / 'best_config.yaml'}")
+    if (storage / "pareto" / "pareto.json").exists():  # search.objectives: pareto (evolve.pareto_export)
+        print(f"pareto front: {storage / 'pareto'} (merge-evolve report lists it)")
     if (storage / "report.html").exists():
         print(f"report: {storage / 'report.html'}")
 

@@ -237,3 +237,14 @@ def test_the_reports_list_and_draw_the_front(tmp_path, capsys):
     make_driver(weighted, config=conflict_config(), max_fevals=12).run(ConflictPool())
     assert 'data-figure="pareto"' not in build_report(weighted, live=False)
     assert report(weighted) == 0 and "pareto front" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["evolve.pareto_export", "evolve.report", "evolve.search.objectives",
+                                    "evolve.html_report.pareto", "evolve.observers.pareto_log"])
+def test_each_new_module_imports_first_in_a_fresh_process(module):
+    """No import cycle through evolve.search's package face (the report imports the export first)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -46,7 +46,6 @@ import yaml
 from evolve.baselines import baseline_records
 from evolve.config import EvolveConfig, config_hash, fewshot_seed_of, racing_confidence_of
 from evolve.genome import Genome
-from evolve.pareto_export import write_pareto
 from evolve.protocols import HELD_OUT, TRAIN, EvaluationPool, Result, SearchObserver
 from evolve.racing import DEFAULT_FRACTIONS, DEFAULT_Z, RaceJob, decode_values, fitness_interval
 from evolve.search.compat import LEGACY_DEFAULTS, RESUME_KEYS, manifest_config, stored_value
@@ -436,6 +435,8 @@ class SearchDriver:
         outcome = self._outcome(self._stop_reason(), self.busy_fraction())
         self._write_best()
         if self.objectives.pareto:
+            from evolve.pareto_export import write_pareto  # (it imports this package: not at module level)
+
             write_pareto(self.storage, self.objectives, self.genome, self.records.values(),
                          run={"seed": self.seed, "config_hash": self.manifest["config_hash"],
                               "strategy": self._strategy_name(), "versions": self.versions})
