@@ -10,7 +10,8 @@ mergekit-evolve fields (same names and defaults as mergekit 0.1.5's ``EvolMergeC
   ``apply_chat_template`` (True), ``fewshot_as_multiturn`` (True).
 
 Ours: ``held_out`` (tasks re-scored on the best candidates, never optimised), a per-task
-``split`` (lm-eval split override) and a ``vllm:`` section (engine settings, used by the
+``split`` (lm-eval split override) and ``min`` (a floor, :mod:`evolve.search.objectives`),
+``search:`` (strategy, ``objectives: pareto``, racing) and a ``vllm:`` section (engine settings, used by the
 evaluation side). Unknown keys are errors (mergekit silently ignored them).
 
 Every problem is reported as one :class:`~merge_core.errors.RecipeError` whose path is the YAML
@@ -375,6 +376,8 @@ def _check_tasks(config: EvolveConfig) -> None:
 STRATEGY_NAMES = ("cmaes", "ipop-cmaes", "tpe")
 # The multi-objective ones (search.objectives: pareto; evolve.search.mo_strategies).
 MO_STRATEGY_NAMES = ("chebyshev-cmaes", "mo-tpe", "nsga2")
+# The default with objectives: pareto (scripts/bench_pareto.py: the largest hypervolume on the toy zoo).
+DEFAULT_MO_STRATEGY = "mo-tpe"
 
 
 def _check_search(s: SearchConfig | None, num_tasks: int) -> None:
@@ -391,8 +394,9 @@ def _check_search(s: SearchConfig | None, num_tasks: int) -> None:
         raise RecipeError("search.objectives", "pareto needs at least two tasks (each task is an objective)")
     if s.initial_design is not None and s.initial_design < 0:
         raise RecipeError("search.initial_design", f"must be a number of evaluations >= 0, got {s.initial_design}")
-    if s.initial_design and s.strategy in ("tpe", "mo-tpe", "nsga2"):
-        raise RecipeError("search.initial_design", f"{s.strategy} takes no initial design (its first trials are its own "
+    strategy = s.strategy or (DEFAULT_MO_STRATEGY if pareto else None)
+    if s.initial_design and strategy in ("tpe", "mo-tpe", "nsga2"):
+        raise RecipeError("search.initial_design", f"{strategy} takes no initial design (its first trials are its own "
                           "random design): leave it out or set 0")
     if s.racing_confidence is not None and not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
         raise RecipeError("search.racing_confidence", f"must be a number > 0, got {s.racing_confidence}")

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from evolve.search.objectives import Objectives, hypervolume, non_dominated
+from evolve.search.objectives import Objectives, hypervolume
 from merge_core.fsutil import atomic_write
 
 __all__ = ["PARETO_DIR", "PARETO_JSON", "front_summary", "hypervolume_history", "print_front", "read_pareto",
@@ -33,13 +33,13 @@ def hypervolume_history(objectives: Objectives, records: Iterable[Mapping[str, A
     """[evaluations, hypervolume of the front so far] after each train result, in ledger order."""
     ref = objectives.reference_point()
     out: list[list[float]] = []
-    points: list[tuple[float, ...]] = []
+    front: list[Mapping[str, Any]] = []
     volume = 0.0
     for n, rec in enumerate((r for r in records if r.get("kind") == "train"), start=1):
-        if objectives.front([rec]):  # feasible, scored on every document, not a cache hit
-            points = [p for i, p in enumerate(points + [objectives.values(rec)])
-                      if i in set(non_dominated(points + [objectives.values(rec)]))]
-            volume = hypervolume(points, ref)
+        grown = objectives.update_front(front, rec)
+        if grown != front:
+            front = grown
+            volume = hypervolume([objectives.values(r) for r in front], ref)
         out.append([n, volume])
     return out
 

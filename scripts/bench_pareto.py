@@ -106,7 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", type=int, default=100)
-    ap.add_argument("--strategies", nargs="+", default=["chebyshev-cmaes", "mo-tpe", "nsga2"])
+    ap.add_argument("--strategies", nargs="+", default=["mo-tpe", "chebyshev-cmaes", "nsga2"])
     ap.add_argument("--floor", default="toy_prompt_format=0.95", metavar="TASK=MIN")
     ap.add_argument("--racing", action="store_true", help="race candidates on documents (default: score all)")
     ap.add_argument("--held-out", action="store_true", help="keep the config's held-out tasks (more evaluations)")

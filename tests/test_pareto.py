@@ -67,6 +67,7 @@ def conflict_config(objectives=None, strategy=None, t2_min=None, **search):
     ({"search": {"strategy": "nsga2"}}, "search.strategy"),
     ({"search": {"objectives": "pareto", "strategy": "cmaes"}}, "search.strategy"),
     ({"search": {"objectives": "pareto", "strategy": "mo-tpe", "initial_design": 4}}, "search.initial_design"),
+    ({"search": {"objectives": "pareto", "initial_design": 4}}, "search.initial_design"),  # the default: mo-tpe
     ({"tasks": [{"name": "t1", "min": float("nan")}, "t2"]}, "tasks[0].min"),
     ({"tasks": [{"name": "t1", "min": "high"}, "t2"]}, "tasks[0].min"),
     ({"held_out": [{"name": "h1", "min": 0.5}]}, "held_out[0].min"),
@@ -108,6 +109,27 @@ def test_dominance_front_and_hypervolume():
     # two boxes of 3D: 0.5*1*1 + 1*0.5*1 - overlap 0.5*0.5*1
     assert hypervolume([(0.5, 1, 1), (1, 0.5, 1)], (0, 0, 0)) == pytest.approx(0.75)
     assert hypervolume([(0.2, 0.2)], (0.5, 0)) == 0.0
+
+
+def test_the_incremental_front_equals_the_whole_one_in_any_arrival_order():
+    obj = Objectives(conflict_config(t2_min=0.2))
+    rng = np.random.default_rng(0)
+    records = []
+    for seq in range(80):
+        t1 = float(rng.choice([0.1, 0.3, 0.5, 0.7, 0.9]))  # a trade-off, with ties and dominated points
+        t2 = round(1.0 - t1 - float(rng.choice([0.0, 0.1, 0.2])), 1)
+        status = "ok" if seq % 11 else "failed"
+        records.append({"kind": "train", "eval_id": f"c{seq}", "seq": seq, "recipe_hash": f"h{seq % 70}",
+                        "cached_from": "c0" if seq >= 70 else None, "status": status, "fitness": t1 + t2,
+                        "violation": max(0.2 - t2, 0.0), "scores": {"t1": {"acc,none": t1},
+                                                                    "t2": {"acc_norm,none": t2}}})
+    whole = [r["eval_id"] for r in obj.front(records)]
+    assert 3 <= len(whole) < 20
+    for order in range(3):
+        front: list = []
+        for i in rng.permutation(len(records)) if order else range(len(records)):
+            front = obj.update_front(front, records[i])
+        assert [r["eval_id"] for r in front] == whole
 
 
 def test_infeasible_is_told_below_every_feasible_and_ranked_by_violation():
@@ -208,6 +230,15 @@ def test_the_front_is_exported_with_held_out_scores(tmp_path):
     # best_config is the front's best weighted member
     provenance = json.loads((tmp_path / "best_config.provenance.json").read_text())
     assert provenance["eval_id"] == max(front, key=lambda m: m["train_fitness"])["eval_id"]
+
+
+def test_a_pareto_run_defaults_to_mo_tpe_and_a_weighted_one_to_cmaes(tmp_path):
+    pytest.importorskip("optuna")
+    make_driver(tmp_path / "p", config=conflict_config("pareto"), max_fevals=8).run(ConflictPool())
+    make_driver(tmp_path / "w", config=conflict_config(), max_fevals=8).run(ConflictPool())
+    assert RunStorage(tmp_path / "p").read_manifest()["strategy"] == "mo-tpe"
+    assert RunStorage(tmp_path / "w").read_manifest()["strategy"] == "cmaes"
+    assert not (tmp_path / "w" / PARETO_DIR).exists()
 
 
 def test_a_stale_front_member_file_is_removed(tmp_path):

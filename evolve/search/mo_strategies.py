@@ -4,14 +4,15 @@ They are told :class:`~evolve.search.objectives.Told` values (the per-task objec
 the floors' violation) instead of a fitness, and, like the others, follow from their seed and
 their ask/tell calls alone, so the ledger's replay rebuilds them; none waits for a generation:
 
-- ``chebyshev-cmaes`` (the default): CMA-ES (with the genome's space-filling start) told an
+- ``mo-tpe`` (the default: scripts/bench_pareto.py's largest hypervolume on the toy zoo):
+  optuna's TPE with several objectives (multivariate, with the constant liar for pending points;
+  optuna's constraint handling ranks infeasible trials by violation).
+- ``chebyshev-cmaes``: CMA-ES (with the genome's space-filling start) told an
   augmented Chebyshev scalarization of the objectives whose weights are drawn afresh, from a
   seeded stream, for every tell (ParEGO's idea on CMA-ES): each batch ranks the points by a
   different trade-off, so the search keeps CMA-ES's step adaptation while its samples spread
   along the front instead of converging to one point of it.  Objectives are normalized by the
   range seen so far; infeasible points rank after every feasible one, by violation.
-- ``mo-tpe``: optuna's TPE with several objectives (multivariate, with the constant liar for
-  pending points; optuna's constraint handling ranks infeasible trials by violation).
 - ``nsga2``: optuna's NSGA-II (steady-state under ask/tell: a trial's parents are the
   completed trials of the previous generation, never a barrier).
 
@@ -25,12 +26,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from evolve.config import DEFAULT_MO_STRATEGY
 from evolve.search.objectives import Told
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_MO_STRATEGY", "MO_DESIGN_STRATEGIES", "ChebyshevCMAES", "OptunaMO", "mo_registry"]
 
-DEFAULT_MO_STRATEGY = "chebyshev-cmaes"
 MO_DESIGN_STRATEGIES = ("chebyshev-cmaes",)
 RHO = 0.05  # the augmentation: among equal Chebyshev values, prefer the better sum
 WEIGHT_STREAM = 0xC4EB  # the weights' own stream of the run's seed, apart from CMA-ES's sampler
@@ -102,8 +103,8 @@ class OptunaMO:
         try:
             import optuna
         except ImportError:
-            raise RecipeError("search.strategy", f"{sampler} needs optuna: pip install 'merge-evolve[optuna]'"
-                              ) from None
+            raise RecipeError("search.strategy", f"{sampler} needs optuna: pip install 'merge-evolve[optuna]' (or "
+                              "set search.strategy: chebyshev-cmaes, which needs nothing more)") from None
         optuna.logging.set_verbosity(logging.WARNING)
         lo, hi = bounds
         self.names = [f"x{i:04d}" for i in range(len(lo))]

@@ -153,6 +153,26 @@ class Objectives:
         points = [self.values(r) for r in pool]
         return [pool[i] for i in sorted(non_dominated(points))]
 
+    def update_front(self, front: Sequence[Mapping[str, Any]], record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """``front`` (a :meth:`front` result) with one more record, as :meth:`front` of all of
+        them would give it, in O(len(front)): the live search keeps its front this way."""
+        if not self.front([record]):
+            return list(front)
+        value = self.values(record)
+        out = []
+        for member in front:
+            other = self.values(member)
+            if member["recipe_hash"] == record["recipe_hash"] or other == value:
+                if member.get("seq", 0) <= record.get("seq", 0):
+                    return list(front)  # the first asked stays
+                continue  # replaced by the earlier one
+            if dominates(other, value):
+                return list(front)
+            if not dominates(value, other):
+                out.append(member)
+        out.append(record)
+        return sorted(out, key=lambda r: r.get("seq", 0))
+
     def reference_point(self) -> tuple[float, ...]:
         """The hypervolume's reference: 0 on every metric (or its floor, where one is set)."""
         return tuple(float(t.min) if t.min is not None else 0.0 for t in self.tasks)

@@ -2,7 +2,8 @@
 
 The reference is the incumbent (scored on every document): the candidate is paired with its
 per-document values.  With one objective, it must be able to reach the incumbent's fitness
-(``RaceSettings.level`` "incumbent") or the latest tell's selection cut ("cut").  With several
+(``RaceSettings.level`` "incumbent") or the latest tell's selection cut ("cut"); with floors,
+while no candidate met them, no fitness level applies (a feasible one would be the incumbent).  With several
 (``search.objectives: pareto``) there is no fitness level: it stops only when a front member
 scores above each of its per-task upper bounds.  With floors, it also stops once some task's
 upper bound is below its floor (it cannot be feasible).
@@ -41,8 +42,12 @@ def race_job(racing: Any, traj: Trajectory, records: Mapping[str, dict[str, Any]
     front = None
     if objectives.pareto:
         threshold = objectives.floor - 1.0  # below any fitness: only the front and the floors stop it
-        front = {r["eval_id"]: {t: float(r["scores"][t]) for t in weights} for r in objectives.front(traj.results.values())
+        front = {r["eval_id"]: {t: float(r["scores"][t]) for t in weights} for r in traj.front
                  if all(isinstance(r["scores"].get(t), (int, float)) for t in weights)}
+    elif not objectives.feasible(best):
+        # No feasible incumbent yet: any candidate meeting the floors would be the new one, whatever
+        # its fitness; only the floors stop it.
+        threshold = objectives.floor - 1.0
     else:
         threshold = float(best["fitness"]) if racing.level == "incumbent" else cut
     job = RaceJob(threshold=threshold, reference_id=best["eval_id"], reference=cached[1],

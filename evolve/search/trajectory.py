@@ -104,6 +104,7 @@ class Trajectory:
         self.strategy = strategy
         self.genome = genome
         self.objectives = objectives  # None: the plain weighted fitness, no floors
+        self.front: list[dict[str, Any]] = []  # objectives.pareto: the results' Pareto front (Objectives.front)
         self.schedule = schedule
         self.max_fevals = max_fevals
         self.held_out = held_out
@@ -207,6 +208,8 @@ class Trajectory:
         if eval_id in self.results:
             raise TrajectoryError(f"result {eval_id} appears twice")
         self.results[eval_id] = record
+        if self.objectives is not None and self.objectives.pareto:
+            self.front = self.objectives.update_front(self.front, record)
         self.pending.ids.append(eval_id)
         if self.schedule == SYNC:
             gen = self.generations.get(self.tells, [])
@@ -261,8 +264,7 @@ class Trajectory:
 
     def front_ids(self) -> list[str]:
         """The ids of the Pareto front of the results so far (:meth:`Objectives.front`)."""
-        assert self.objectives is not None
-        return [r["eval_id"] for r in self.objectives.front(self.results.values())]
+        return [r["eval_id"] for r in self.front]
 
     def held_out_scored(self, train_id: str) -> None:
         """A held-out result for ``train_id`` is in the ledger."""
