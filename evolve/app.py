@@ -213,6 +213,10 @@ def _print_outcome(outcome: Any, storage: Any) -> None:
     from evolve.summary import outcome_lines
 
     print("\n".join(outcome_lines(outcome, storage.path, storage.load_evaluations(repair=False))))
+    if outcome.best is not None and outcome.best.get("violation"):  # floors (tasks[i].min) none met
+        print(f"no candidate met every floor: the best is the closest (violation {outcome.best['violation']:.4f})")
+    if (storage.path / "pareto" / "pareto.json").exists():  # search.objectives: pareto (evolve.pareto_export)
+        print(f"pareto front: {storage.path / 'pareto'} (merge-evolve report lists it)")
 
 
 def _answer_complete(outcome: Any, options: RunOptions, relative_to: Path, seed: int) -> int:

@@ -10,7 +10,8 @@ mergekit-evolve fields (same names and defaults as mergekit 0.1.5's ``EvolMergeC
   ``apply_chat_template`` (True), ``fewshot_as_multiturn`` (True).
 
 Ours: ``held_out`` (tasks re-scored on the best candidates, never optimised), a per-task
-``split`` (lm-eval split override) and a ``vllm:`` section (engine settings, used by the
+``split`` (lm-eval split override) and ``min`` (a floor, :mod:`evolve.search.objectives`),
+``search:`` (strategy, ``objectives: pareto``, racing) and a ``vllm:`` section (engine settings, used by the
 evaluation side). Unknown keys are errors (mergekit silently ignored them).
 
 Every problem is reported as one :class:`~merge_core.errors.RecipeError` whose path is the YAML
@@ -25,12 +26,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from evolve.genes import BASE_METHODS, METHOD_GENES, NOTHING_TO_SEARCH, SEARCHABLE
 from merge_core.errors import RecipeError
-from merge_core.yaml_io import BoundedLoader, load_yaml_file, short_repr
+from merge_core.yaml_io import load_yaml_mapping, short_repr
 
 # BASE_METHODS and METHOD_GENES (what can be searched, per merge method) are defined in
 # evolve.genes and stay importable from here.
@@ -70,6 +70,9 @@ class TaskConfig(_Strict):
     weight: float = 1.0
     metric: str = "acc,none"
     split: Optional[str] = None
+    # Ours: a floor on the metric (a constraint, in either objectives mode): a candidate scoring
+    # below it is infeasible (evolve.search.objectives). Search tasks only.
+    min: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -120,6 +123,9 @@ class SearchConfig(_Strict):
     """
 
     strategy: Optional[str] = None
+    # "weighted" (None: the default): maximize the weighted sum of the tasks; "pareto": each task
+    # is an objective, the run keeps the non-dominated front (evolve.search.objectives).
+    objectives: Optional[Literal["weighted", "pareto"]] = None
     initial_design: Optional[int] = None
     racing: bool = True
     racing_level: Literal["incumbent", "cut"] = "incumbent"
@@ -145,34 +151,6 @@ class EvolveConfig(_Strict):
     fewshot_seed: Optional[int] = None
     vllm: Optional[VllmConfig] = None
     search: Optional[SearchConfig] = None
-
-
-class UniqueKeyLoader(BoundedLoader):
-    """A bounded SafeLoader (:mod:`merge_core.yaml_io`: no alias bombs, no huge files) that
-    refuses a mapping with a repeated key (plain YAML keeps the last one, so a duplicated
-    ``tasks:`` or ``limit:`` would silently replace the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: let the base class report it
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {short_repr(key)} (first at line {first})", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The YAML mapping in ``path``; a one-line RecipeError naming the file (and the line) when it
-    cannot be read, is not text, is too large, is not YAML, repeats a key or is not a mapping."""
-    data = load_yaml_file(path, what, UniqueKeyLoader)
-    if not isinstance(data, dict):
-        raise RecipeError(str(path), f"{what} must be a YAML mapping, got {type(data).__name__}")
-    return data
 
 
 def load_evolve_config(path: str | Path) -> EvolveConfig:
@@ -346,6 +324,9 @@ def _check_tasks(config: EvolveConfig) -> None:
                 raise RecipeError(f"{key}[{i}].weight", f"must be a finite number, got {task.weight}")
             if task.split is not None and not task.split.strip():
                 raise RecipeError(f"{key}[{i}].split", "empty split name")
+            if task.min is not None and (key == "held_out" or not math.isfinite(task.min)):
+                raise RecipeError(f"{key}[{i}].min", "a floor must be a finite number" if key == "tasks" else
+                                  "floors apply to the search tasks only (held-out tasks are never optimised)")
             pair = (task.name, task.metric)
             if pair in pairs:
                 raise RecipeError(
@@ -361,7 +342,7 @@ def _check_tasks(config: EvolveConfig) -> None:
     if config.fewshot_seed is not None and not 0 <= config.fewshot_seed < 2**32:  # numpy's seed range
         raise RecipeError("fewshot_seed", f"must be in [0, 2**32), got {config.fewshot_seed}")
 
-    _check_search(config.search)
+    _check_search(config.search, len(config.tasks))
 
     v = config.vllm
     if v is not None:
@@ -385,17 +366,29 @@ def _check_tasks(config: EvolveConfig) -> None:
 # The search strategies' names (evolve.search.strategies maps them to classes; defined here so
 # that validating a config imports no optimizer).
 STRATEGY_NAMES = ("cmaes", "ipop-cmaes", "tpe")
+# The multi-objective ones (search.objectives: pareto; evolve.search.mo_strategies).
+MO_STRATEGY_NAMES = ("chebyshev-cmaes", "mo-tpe", "nsga2")
+# The default with objectives: pareto (scripts/bench_pareto.py: the largest hypervolume on the toy zoo).
+DEFAULT_MO_STRATEGY = "mo-tpe"
 
 
-def _check_search(s: SearchConfig | None) -> None:
+def _check_search(s: SearchConfig | None, num_tasks: int) -> None:
     if s is None:
         return
-    if s.strategy is not None and s.strategy not in STRATEGY_NAMES:
-        raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    pareto = s.objectives == "pareto"
+    names = MO_STRATEGY_NAMES if pareto else STRATEGY_NAMES
+    if s.strategy is not None and s.strategy not in names:
+        other = "weighted" if pareto else "pareto"
+        hint = f" ({s.strategy} is for search.objectives: {other})" if s.strategy in STRATEGY_NAMES + MO_STRATEGY_NAMES \
+            else ""
+        raise RecipeError("search.strategy", f"unknown strategy {s.strategy!r}; choose one of {', '.join(names)}{hint}")
+    if pareto and num_tasks < 2:
+        raise RecipeError("search.objectives", "pareto needs at least two tasks (each task is an objective)")
     if s.initial_design is not None and s.initial_design < 0:
         raise RecipeError("search.initial_design", f"must be a number of evaluations >= 0, got {s.initial_design}")
-    if s.initial_design and s.strategy == "tpe":
-        raise RecipeError("search.initial_design", "tpe takes no initial design (its first trials are its own "
+    strategy = s.strategy or (DEFAULT_MO_STRATEGY if pareto else None)
+    if s.initial_design and strategy in ("tpe", "mo-tpe", "nsga2"):
+        raise RecipeError("search.initial_design", f"{strategy} takes no initial design (its first trials are its own "
                           "random design): leave it out or set 0")
     if s.racing_confidence is not None and not (math.isfinite(s.racing_confidence) and s.racing_confidence > 0):
         raise RecipeError("search.racing_confidence", f"must be a number > 0, got {s.racing_confidence}")
@@ -424,7 +417,8 @@ def _check_ranges(g: GenomeConfig) -> None:
 
 # Fields added after 0.1 whose None means "the default": left out of the normalized form when
 # None, so configs written before them hash (and resume) as they did.
-_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range", "tokenizer"), "search": ("initial_design", "racing_confidence"),
+_OPTIONAL_SINCE_0_2 = {"genome": ("weight_range", "density_range", "tokenizer"),
+                       "search": ("initial_design", "racing_confidence", "objectives"),
                        "": ("search", "fewshot_seed", "stacking")}
 
 FEWSHOT_SEED = 1234
@@ -459,6 +453,9 @@ def racing_confidence_of(config: EvolveConfig, manifest: dict[str, Any] | None) 
 def normalized_config(config: EvolveConfig) -> dict[str, Any]:
     """The config as plain JSON data with every default filled in (the hashed form)."""
     data = config.model_dump(mode="json")
+    for task in data["tasks"] + data["held_out"]:
+        if task.get("min", 0) is None:  # floors came after 0.2
+            del task["min"]
     for section, keys in _OPTIONAL_SINCE_0_2.items():
         where = (data.get(section) or {}) if section else data
         for key in keys:

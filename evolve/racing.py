@@ -41,6 +41,7 @@ __all__ = [
     "encode_values",
     "fitness_interval",
     "paired_bound",
+    "pareto_stop",
     "stopped_early",
 ]
 
@@ -76,6 +77,10 @@ class RaceJob:
     weights: Mapping[str, float]
     z: float = DEFAULT_Z
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    # Several objectives (search.objectives: pareto) and floors: the front members' per-task
+    # scores (id -> task -> score) and each floored task's minimum; see :func:`pareto_stop`.
+    front: Mapping[str, Mapping[str, float]] | None = None
+    floors: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Bound:
     low: float
     high: float
     scores: dict[str, float]
+    highs: dict[str, float] | None = None  # per task: the upper bound of its score
 
 
 def doc_order(n: int, seed: int, task: str) -> list[int]:
@@ -109,7 +115,7 @@ def paired_bound(candidate: Mapping[str, Sequence[float]], job: RaceJob, z: floa
     the reference's documents).
     """
     z = job.z if z is None else z
-    estimate, variance, scores = 0.0, 0.0, {}
+    estimate, variance, scores, highs = 0.0, 0.0, {}, {}
     for task, weight in job.weights.items():
         seen = np.asarray(candidate[task], dtype=np.float64)
         ref = np.asarray(job.reference[task], dtype=np.float64)
@@ -122,10 +128,26 @@ def paired_bound(candidate: Mapping[str, Sequence[float]], job: RaceJob, z: floa
         spread = max(second - mean_diff ** 2, 0.0)
         fpc = (total - n) / (total - 1) if total > 1 else 0.0
         scores[task] = min(max(job.reference_scores[task] + mean_diff, 0.0), 1.0)
+        highs[task] = job.reference_scores[task] + mean_diff + z * math.sqrt(spread / max(n, 1) * fpc)
         estimate += weight * (job.reference_scores[task] + mean_diff)
         variance += weight ** 2 * spread / max(n, 1) * fpc
     half = z * math.sqrt(variance)
-    return Bound(estimate, estimate - half, estimate + half, scores)
+    return Bound(estimate, estimate - half, estimate + half, scores, highs)
+
+
+def pareto_stop(bound: Bound, job: RaceJob) -> dict[str, Any] | None:
+    """Why a candidate can stop with several objectives (None: go on): some task's upper bound
+    is below its floor (``{"why": "floor", "task": ...}``), or a front member scores above every
+    task's upper bound (``{"why": "dominated", "by": id}``); otherwise it is scored in full.  The
+    per-task upper bounds come along (``highs``) for the ledger."""
+    highs = bound.highs or {}
+    for task, floor in (job.floors or {}).items():
+        if task in highs and highs[task] < floor:
+            return {"why": "floor", "task": task, "highs": highs}
+    for member, scores in (job.front or {}).items():
+        if highs and all(scores.get(task, -math.inf) > high for task, high in highs.items()):
+            return {"why": "dominated", "by": member, "highs": highs}
+    return None
 
 
 def fitness_interval(values: Mapping[str, Sequence[float]], weights: Mapping[str, float],

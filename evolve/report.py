@@ -20,6 +20,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     input models and the equal merge, :mod:`evolve.baselines`) of a run directory."""
     from evolve.baselines import baseline_provenance, baseline_summary
     from evolve.ledger_check import readable_records
+    from evolve.pareto_export import report_front
     from evolve.racing import stopped_early
     from evolve.storage import RunStorage, best_record
 
@@ -63,6 +64,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "held_out_gain_over_best_parent": gains["held_out_gain_over_best_parent"],
         "best_config": str(storage_path / "best_config.yaml") if (storage_path / "best_config.yaml").exists() else None,
         "ledger_problems": problems,
+        "pareto": report_front(manifest, records),  # None unless search.objectives: pareto
     }
 
 
@@ -125,3 +127,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{r['eval_id']:<14}{r['fitness']:>9.4f}{held:>10}  {scores}")
     if summary["best_config"]:
         print(f"best recipe: {summary['best_config']}")
+    if summary.get("pareto"):
+        from evolve.pareto_export import print_front
+
+        print_front(summary["pareto"])

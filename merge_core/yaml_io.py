@@ -19,7 +19,8 @@ import yaml
 
 from merge_core.errors import RecipeError
 
-__all__ = ["MAX_YAML_BYTES", "MAX_YAML_NODES", "BoundedLoader", "load_yaml_file", "load_yaml_text", "short_repr"]
+__all__ = ["MAX_YAML_BYTES", "MAX_YAML_NODES", "BoundedLoader", "UniqueKeyLoader", "load_yaml_file", "load_yaml_mapping",
+           "load_yaml_text", "short_repr"]
 
 MAX_YAML_BYTES = 4 * 1024 * 1024  # a recipe of thousands of slices is ~1 MB
 MAX_YAML_NODES = 200_000  # values after alias expansion; real recipes and configs have a few thousand
@@ -117,3 +118,31 @@ def load_yaml_file(path: Path, what: str, loader: type[BoundedLoader] = BoundedL
     except OSError as exc:
         raise RecipeError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
     return load_yaml_text(text, str(path), loader)
+
+
+class UniqueKeyLoader(BoundedLoader):
+    """A bounded SafeLoader (no alias bombs, no huge files) that
+    refuses a mapping with a repeated key (plain YAML keeps the last one, so a duplicated
+    ``tasks:`` or ``limit:`` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let the base class report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)} (first at line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a one-line RecipeError naming the file (and the line) when it
+    cannot be read, is not text, is too large, is not YAML, repeats a key or is not a mapping."""
+    data = load_yaml_file(path, what, UniqueKeyLoader)
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), f"{what} must be a YAML mapping, got {type(data).__name__}")
+    return data

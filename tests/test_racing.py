@@ -297,3 +297,23 @@ def test_a_run_stored_before_the_default_changed_resumes_at_its_confidence(tmp_p
     with pytest.raises(StorageError, match="racing_confidence differs"):
         make_driver(tmp_path, config=make_config(search={"strategy": "cmaes", "racing_confidence": 1.0}),
                     schedule="async", max_fevals=40).check_stored_run()
+
+
+def test_a_pareto_run_stops_only_candidates_a_front_member_dominates_or_a_floor_excludes(tmp_path):
+    from test_search import make_config
+
+    config = make_config(tasks=[{"name": "t1", "weight": 0.4}, {"name": "t2", "weight": 0.6, "min": 0.3}],
+                         search={"objectives": "pareto"})
+    make_driver(tmp_path, config=config, schedule="async", max_fevals=60,
+                racing=RaceSettings()).run(RacingPool(num_workers=3, order_seed=1))
+    ledger = {r["eval_id"]: r for r in RunStorage(tmp_path).load_evaluations() if r["kind"] == "train"}
+    stopped = [r for r in ledger.values() if (r.get("race") or {}).get("stopped") and r.get("cached_from") is None]
+    assert stopped, "no candidate was stopped early"
+    for r in stopped:
+        race = r["race"]
+        assert race["why"] in ("dominated", "floor")  # never the weighted threshold
+        if race["why"] == "floor":
+            assert race["highs"][race["task"]] < 0.3
+        else:
+            member = ledger[race["by"]]
+            assert "per_doc" in member and all(member["scores"][t] > h for t, h in race["highs"].items())

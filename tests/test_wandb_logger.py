@@ -107,3 +107,36 @@ def test_genome_table_columns_are_gene_names(offline, tmp_path: Path) -> None:
     assert table.columns[:3] == ["eval_id", "fitness", "status"]
     assert table.columns[3:] == genome.gene_names()
     assert table.columns[3:7] == ["g0/spatial/weight", "g0/spatial/density", "g0/arith/weight", "g0/arith/density"]
+
+
+def test_a_pareto_run_logs_its_hypervolume_and_front(offline, tmp_path: Path) -> None:
+    from evolve.search.objectives import Objectives
+
+    config = parse_evolve_config({**CONFIG.model_dump(), "tasks": ["toy_arith", "toy_spatial"],
+                                  "search": {"objectives": "pareto"}})
+    genome = Genome(config.genome, num_layers=4)
+    store = tmp_path / "run"
+    store.mkdir()
+    obs = WandbObserver(config, project=None, entity=None, run_dir=store, seed=0)
+    logged: list[dict] = []
+    obs.run.log = logged.append
+    x = genome.initial_point(False, np.random.default_rng(0))
+
+    def rec(i: int, a: float, s: float) -> dict:
+        return {"eval_id": f"e{i}", "kind": "train", "fitness": a + s, "status": "ok", "x": x, "seq": i,
+                "recipe_hash": f"h{i}", "cached_from": None,
+                "scores": {"toy_arith": {"acc,none": a}, "toy_spatial": {"acc,none": s}}}
+
+    try:
+        obs.on_start(SimpleNamespace(genome=genome, records={}, objectives=Objectives(config)))
+        records = [rec(0, 0.5, 0.5), rec(1, 1.0, 0.2), rec(2, 0.4, 0.4)]
+        for r in records:
+            obs.on_record(r)
+        obs.on_generation(0, records, 0.2)
+    finally:
+        obs.close()
+    assert [d["pareto/hypervolume"] for d in logged[:3]] == pytest.approx([0.25, 0.25 + 0.5 * 0.2, 0.35])
+    assert logged[2]["pareto/front_size"] == 2
+    table = logged[-1]["pareto/front"]
+    assert table.columns == ["eval_id", "fitness", "toy_arith", "toy_spatial"]
+    assert [row[0] for row in table.data] == ["e0", "e1"]

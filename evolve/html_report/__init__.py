@@ -47,6 +47,7 @@ def _figures(data: RunData, gains: dict[str, Any]) -> list[Any]:
     run has nothing to show for one yet)."""
     from evolve.html_report import compare, plots, series
     from evolve.html_report.page import FIGURES, Figure
+    from evolve.html_report.pareto import pareto_figures
 
     config, genome, baselines, best = data.config, data.genome, data.baselines, data.best
     colors = plots.baseline_colors(baselines)
@@ -82,11 +83,12 @@ def _figures(data: RunData, gains: dict[str, Any]) -> list[Any]:
         else {}
     return [Figure(name, title, CAPTIONS[name],
                    svgs.get(name) or plots.placeholder_svg(empty.get(name, "nothing to show yet"), f"fig-{name}"))
-            for name, title in FIGURES]
+            for name, title in FIGURES] + pareto_figures(data, colors)  # a multi-objective run's front
 
 
 def _tables(data: RunData, gains: dict[str, Any]) -> list[tuple[str, str]]:
     from evolve.html_report.page import failures_html, table
+    from evolve.html_report.pareto import pareto_tables
     from evolve.html_report.series import failure_table
 
     held = data.held_out
@@ -102,7 +104,7 @@ def _tables(data: RunData, gains: dict[str, Any]) -> list[tuple[str, str]]:
                   ", ".join(f"{k}={v:.3f}" for k, v in (r.get("scores") or {}).items() if isinstance(v, float)))
                  for r in ok], numeric=(1, 2), name="top")
     return [("Baselines", baselines), ("Top candidates", top),
-            ("Failures", failures_html(failure_table(data.records))),
+            *pareto_tables(data), ("Failures", failures_html(failure_table(data.records))),
             ("Provenance", table(["", ""], provenance_rows(data, gains), name="provenance"))]
 
 

@@ -19,8 +19,8 @@ from evolve.html_report.compare import HeatPanel, TaskPanel, TradeoffPanel
 from evolve.html_report.labels import GAP, label_offsets, reference_dashes
 from evolve.html_report.series import BatchStat, FitnessTrace, Timeline
 
-__all__ = ["BEST_COLOR", "EQUAL_COLOR", "baseline_colors", "dynamics_svg", "fitness_svg", "genome_svg",
-           "placeholder_svg", "task_svg", "timeline_svg", "tradeoff_svg"]
+__all__ = ["BEST_COLOR", "EQUAL_COLOR", "baseline_colors", "dynamics_svg", "fitness_svg", "genome_svg", "new_figure",
+           "placeholder_svg", "styled", "task_svg", "timeline_svg", "to_svg", "tradeoff_svg"]
 
 BEST_COLOR = "#1f5fbf"
 EQUAL_COLOR = "#e67e22"
@@ -325,3 +325,7 @@ def timeline_svg(timeline: Timeline) -> str:
     ax.grid(axis="y", visible=False)
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=4)
     return _svg(fig, "fig-timeline")
+
+
+# For the figures drawn in other modules (evolve.html_report.pareto): the same figure, style and SVG.
+new_figure, styled, to_svg = _figure, _styled, _svg

@@ -6,6 +6,8 @@ generation's genomes as a table.  On each new best: ``best_config.yaml`` as an a
 baselines (:mod:`evolve.baselines`) go to the summary (``baseline/<name>/fitness``,
 ``best_parent_fitness``), and the best's gain over the best parent to the summary
 (``best_gain_over_parents``) and the time series (``best/gain_over_parents``).
+A multi-objective run also logs its front's hypervolume per evaluation and the front as a table
+per generation (:mod:`evolve.observers.pareto_log`).
 ``WANDB_MODE=offline`` (or ``disabled``) works with no key and no network.
 
 One W&B run per storage path: its id is made at the first start from the storage path and a
@@ -27,6 +29,7 @@ from typing import Any
 
 from evolve.baselines import baseline_summary, best_parent
 from evolve.config import config_hash, normalized_config
+from evolve.observers.pareto_log import ParetoLog
 from evolve.observers.summary import best_train_fitness, train_count
 from merge_core.fsutil import atomic_write
 
@@ -54,11 +57,13 @@ class WandbObserver:
         self.best: float | None = None
         self.parent: float | None = None  # the best parent's train fitness
         self.evaluations = 0
+        self.pareto: ParetoLog | None = None  # a multi-objective run's front
 
     def on_start(self, driver: Any) -> None:
         self.gene_names = driver.genome.gene_names()
         self.best = best_train_fitness(driver.records.values())
         self.evaluations = train_count(driver.records.values())
+        self.pareto = ParetoLog.for_driver(driver)
         summary = baseline_summary(driver.records.values())
         for entry in summary:
             for key in ("fitness", "held_out_fitness"):
@@ -88,6 +93,8 @@ class WandbObserver:
                 data["best/gain_over_parents"] = self.best - self.parent
         data.update({f"eval/{k}": v for k, v in _flat_scores(record).items()})
         data.update({f"timing/{k}": v for k, v in (record.get("timings") or {}).items()})
+        if self.pareto is not None:
+            data.update(self.pareto.observe(record))
         self.run.log(data)
 
     def on_generation(self, number: int, records: list[dict[str, Any]], sigma: float) -> None:
@@ -110,6 +117,9 @@ class WandbObserver:
         columns = ["eval_id", "fitness", "status"] + (genes or [f"x{i}" for i in range(width)])
         rows = [[r["eval_id"], r["fitness"], r["status"], *r["x"]] for r in records]
         data["gen/genomes"] = self._wandb.Table(columns=columns, data=rows)
+        if self.pareto is not None:
+            front_columns, front_rows = self.pareto.table()
+            data["pareto/front"] = self._wandb.Table(columns=front_columns, data=front_rows)
         self.run.log(data)
 
     def on_new_best(self, record: dict[str, Any], recipe: dict[str, Any], best_config: Any) -> None:

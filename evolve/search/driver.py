@@ -52,8 +52,11 @@ from evolve.search.compat import LEGACY_DEFAULTS, RESUME_KEYS, manifest_config, 
 from evolve.search.design import default_design_size
 from evolve.search.failures import FailureWatch
 from evolve.search.fitness import default_penalty
+from evolve.search.mo_strategies import DEFAULT_MO_STRATEGY, MO_DESIGN_STRATEGIES
+from evolve.search.objectives import Objectives
 from evolve.search.outcome import SearchOutcome
 from evolve.search.provenance import best_provenance, package_versions
+from evolve.search.race_jobs import race_job
 from evolve.search.records import ASK, ask_record, cached_record, held_out_record, train_record
 from evolve.search.replay import replay_ledger
 from evolve.search.strategies import DEFAULT_STRATEGY, DESIGN_STRATEGIES, make_strategy
@@ -125,6 +128,7 @@ class SearchDriver:
         self.schedule = schedule
         self.racing = racing
         self.strategy_name = strategy
+        self.objectives = Objectives(config)
         self._reference: tuple[str, dict[str, list[float]]] | None = None  # decoded per-doc values
         # Run state, filled by run() from the stored ledger, then by the loop.
         self.records: dict[str, dict[str, Any]] = {}  # train and held-out records by id
@@ -181,17 +185,18 @@ class SearchDriver:
                 "versions": self.versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _strategy_name(self) -> str:
-        """Forced, else the stored run's, else the default."""
+        """Forced, else the config's, else the stored run's, else the default (of the objectives mode)."""
         if self.strategy_name is not None:
             return self.strategy_name
-        return str(stored_value(self.storage.read_manifest(), "strategy", DEFAULT_STRATEGY))
+        default = DEFAULT_MO_STRATEGY if self.objectives.pareto else DEFAULT_STRATEGY
+        return str(stored_value(self.storage.read_manifest(), "strategy", default))
 
     def _design_size(self, popsize: int) -> int:
         """Evaluations of the space-filling start: the config's, else the stored run's, else the
         default (:func:`default_design_size` for CMA-ES on a genome that takes one by default)."""
         if self.config.search is not None and self.config.search.initial_design is not None:
             return self.config.search.initial_design
-        use = self._strategy_name() in DESIGN_STRATEGIES and self.genome.design_by_default
+        use = self._strategy_name() in DESIGN_STRATEGIES + MO_DESIGN_STRATEGIES and self.genome.design_by_default
         return int(stored_value(self.storage.read_manifest(), "initial_design",
                                 default_design_size(popsize) if use else 0))
 
@@ -199,9 +204,10 @@ class SearchDriver:
         x0 = self.genome.initial_point(self.config.random_init, np.random.default_rng(self.seed))
         strategy = make_strategy(self._strategy_name(), x0, self.sigma0, bounds=self.genome.bounds, popsize=popsize,
                                  seed=self.seed, scales=self.genome.scales, mirrors=schedule == SYNC,
-                                 design_size=self._design_size(popsize), design_space=self.genome)
+                                 design_size=self._design_size(popsize), design_space=self.genome,
+                                 objectives=len(self.config.tasks) if self.objectives.pareto else 0)
         return Trajectory(strategy, self.genome, schedule=schedule, max_fevals=self.max_fevals,
-                          held_out=bool(self.config.held_out))
+                          held_out=bool(self.config.held_out), objectives=self.objectives)
 
     def check_stored_run(self) -> SearchOutcome | None:
         """Refuse, before any worker starts, a run directory this run cannot continue (other
@@ -318,25 +324,12 @@ class SearchDriver:
             race = None
 
     def _race_job(self) -> RaceJob | None:
-        """The race a train candidate runs now: paired with the incumbent's per-document values,
-        to the incumbent's fitness or the latest tell's selection cut (``RaceSettings.level``;
-        None: racing off, or no reference or cut yet)."""
-        traj = self._traj
-        cut = traj.selection_cut()
-        if self.racing is None or cut is None or traj.best_id is None:
+        """The race a train candidate runs now (:func:`evolve.search.race_jobs.race_job`)."""
+        if self.racing is None:
             return None
-        best = self.records[traj.best_id]
-        threshold = float(best["fitness"]) if self.racing.level == "incumbent" else cut
-        if "per_doc" not in best:
-            return None
-        if self._reference is None or self._reference[0] != best["eval_id"]:
-            self._reference = (best["eval_id"], {t: decode_values(v) for t, v in best["per_doc"].items()})
-        weights = {t.name: float(t.weight) for t in self.config.tasks}
-        if set(weights) != set(self._reference[1]):
-            return None
-        return RaceJob(threshold=threshold, reference_id=best["eval_id"], reference=self._reference[1],
-                       reference_scores={t: float(best["scores"][t]) for t in weights}, weights=weights,
-                       z=self.racing.z, fractions=self.racing.fractions)
+        job, self._reference = race_job(self.racing, self._traj, self.records, self.config, self.objectives,
+                                        self._reference)
+        return job
 
     def _held_workers(self) -> int:
         if not self.draining:
@@ -389,6 +382,9 @@ class SearchDriver:
         self.finished_untold = True
         if self._traj.consider(self._traj.untold()):
             self._announce_best()
+        if self.objectives.pareto:  # every front member is re-scored on the held-out tasks
+            for train_id in self._traj.front_ids():
+                self._traj.queue_held_out(train_id)
         return bool(self._traj.heldout_queue)
 
     def busy_fraction(self) -> float:
@@ -437,6 +433,12 @@ class SearchDriver:
                 self._fill(pool)
         outcome = self._outcome(self._stop_reason(), self.busy_fraction())
         self._write_best()
+        if self.objectives.pareto:
+            from evolve.pareto_export import write_pareto  # (it imports this package: not at module level)
+
+            write_pareto(self.storage, self.objectives, self.genome, self.records.values(),
+                         run={"seed": self.seed, "config_hash": self.manifest["config_hash"],
+                              "strategy": self._strategy_name(), "versions": self.versions})
         return outcome
 
     def _stop_reason(self) -> str:
@@ -481,8 +483,11 @@ class SearchDriver:
             search={"popsize": traj.popsize, "sigma0": self.sigma0, "max_fevals": self.max_fevals,
                     "generations": outcome.generations, "schedule": traj.schedule,
                     "strategy": self._strategy_name(), "initial_design": self.manifest.get("initial_design", 0),
-                    "racing": self.racing is not None},
+                    "racing": self.racing is not None, "objectives": self.objectives.mode},
             versions=self.versions, baselines=baseline_records(self.records.values()))  # scored before run()
+        if self.objectives.constrained:  # with floors: whether the best meets them (it does if any candidate does)
+            provenance["feasible"] = self.objectives.feasible(best)
+            provenance["violation"] = self.objectives.violation_of(best)
         if "per_doc" in best:  # scored per document (racing): how sure the best's fitness is
             weights = {t.name: float(t.weight) for t in self.config.tasks}
             values = {t: decode_values(v) for t, v in best["per_doc"].items()}

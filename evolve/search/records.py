@@ -2,7 +2,8 @@
 
 - ``ask``: a candidate was asked (before it is submitted): id, ask call, sequence number,
   vector and recipe hash.  Replaying these is how a run rebuilds its optimizer.
-- ``train``: a candidate's result: scores, fitness, status (and the failure reason), worker
+- ``train``: a candidate's result: scores, fitness, status (and the failure reason), with floors
+  ``violation`` (:mod:`evolve.search.objectives`; 0: feasible), worker
   and node, timings, its tell batch and place (``generation``/``index``), or ``cached_from``
   the earlier candidate with the same recipe.  With racing also ``documents``/``documents_full``
   (scored / all), ``race`` (stopped or not, the interval, the threshold, the reference) and,
@@ -19,6 +20,7 @@ from evolve.config import TaskConfig
 from evolve.protocols import HELD_OUT, TRAIN, Result
 from evolve.racing import encode_values
 from evolve.search.fitness import json_scores, weighted_fitness
+from evolve.search.objectives import violation
 from evolve.search.trajectory import Candidate
 
 __all__ = ["ASK", "ask_record", "cached_record", "held_out_record", "scored", "train_record"]
@@ -45,12 +47,15 @@ def scored(result: Result, tasks: Sequence[TaskConfig], penalty: float, submitte
     else:
         reason = reason or "evaluation failed (no reason given)"
     timings = {k: float(v) for k, v in result.timings.items() if isinstance(v, (int, float))}
+    extra = {}
+    if status == "ok" and any(t.min is not None for t in tasks):  # floors: how far below them (0: feasible)
+        extra["violation"] = violation(tasks, result.scores)
     if submitted is not None:
         timings["wall_s"] = time.monotonic() - submitted
     timings["done_unix"] = time.time()  # when the driver got it: throughput, gaps, W&B time axis
     return {"status": status, "reason": reason if status == "failed" else None,
             "scores": json_scores(result.scores or {}), "fitness": float(fitness), "worker": result.worker,
-            "node": result.node, "timings": timings}
+            "node": result.node, "timings": timings, **extra}
 
 
 def _train_base(cand: Candidate, position: tuple[int, int]) -> dict[str, Any]:
@@ -78,6 +83,8 @@ def cached_record(cand: Candidate, position: tuple[int, int], source: dict[str, 
     record = _train_base(cand, position)
     for key in ("status", "reason", "scores", "fitness"):
         record[key] = source[key]
+    if "violation" in source:
+        record["violation"] = source["violation"]
     if "race" in source:  # an estimate stays an estimate
         record["race"] = source["race"]
     record.update(cached_from=source["eval_id"], worker=None, node=None, timings={})

@@ -23,9 +23,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from evolve.config import STRATEGY_NAMES
+from evolve.config import MO_STRATEGY_NAMES, STRATEGY_NAMES
 from evolve.search.cmaes import CMAES
 from evolve.search.design import DesignSpace, InitialDesign
+from evolve.search.mo_strategies import mo_registry
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_STRATEGY", "DESIGN_STRATEGIES", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
@@ -134,9 +135,14 @@ DESIGN_STRATEGIES = ("cmaes", "ipop-cmaes")
 
 
 def make_strategy(name: str, x0: Sequence[float], sigma0: float, *, design_size: int = 0,
-                  design_space: DesignSpace | None = None, **kwargs: Any) -> Any:
+                  design_space: DesignSpace | None = None, objectives: int = 0, **kwargs: Any) -> Any:
     """The strategy registered as ``name`` (kwargs: bounds, popsize, seed, scales, mirrors),
-    after a design of ``design_size`` points of ``design_space`` (the genome) when > 0."""
+    after a design of ``design_size`` points of ``design_space`` (the genome) when > 0; a
+    multi-objective one (:mod:`evolve.search.mo_strategies`) for ``objectives`` objectives."""
+    if name in MO_STRATEGY_NAMES:
+        assert objectives >= 2, "a multi-objective strategy needs the number of objectives"
+        return mo_registry(make_strategy)[name](x0, sigma0, objectives=objectives, design_size=design_size,
+                                                 design_space=design_space, **kwargs)
     try:
         cls = STRATEGIES[name]
     except KeyError:

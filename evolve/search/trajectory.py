@@ -33,6 +33,7 @@ import numpy as np
 from evolve.genome import Genome, recipe_hash
 from evolve.protocols import HELD_OUT
 from evolve.racing import stopped_early
+from evolve.search.objectives import Objectives
 
 __all__ = ["ASYNC", "SCHEDULES", "SYNC", "Candidate", "Strategy", "Trajectory", "TrajectoryError"]
 
@@ -97,11 +98,13 @@ class Trajectory:
     """The search state built from events (see the module docstring)."""
 
     def __init__(self, strategy: Strategy, genome: Genome, *, schedule: str, max_fevals: int,
-                 held_out: bool) -> None:
+                 held_out: bool, objectives: Objectives | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         self.strategy = strategy
         self.genome = genome
+        self.objectives = objectives  # None: the plain weighted fitness, no floors
+        self.front: list[dict[str, Any]] = []  # objectives.pareto: the results' Pareto front (Objectives.front)
         self.schedule = schedule
         self.max_fevals = max_fevals
         self.held_out = held_out
@@ -205,6 +208,8 @@ class Trajectory:
         if eval_id in self.results:
             raise TrajectoryError(f"result {eval_id} appears twice")
         self.results[eval_id] = record
+        if self.objectives is not None and self.objectives.pareto:
+            self.front = self.objectives.update_front(self.front, record)
         self.pending.ids.append(eval_id)
         if self.schedule == SYNC:
             gen = self.generations.get(self.tells, [])
@@ -217,7 +222,9 @@ class Trajectory:
 
     def _tell(self, ids: list[str]) -> list[str]:
         points = [self.candidates[i].point for i in ids]
-        self.strategy.tell(points, [float(self.results[i]["fitness"]) for i in ids])
+        obj = self.objectives
+        self.strategy.tell(points, [obj.told(self.results[i]) if obj is not None else float(self.results[i]["fitness"])
+                                    for i in ids])
         self.last_told = list(ids)
         self.tells += 1
         self.asked_since_tell = False
@@ -241,13 +248,23 @@ class Trajectory:
               and not stopped_early(self.results[i])]
         if not ok:
             return False
-        best = max(ok, key=lambda r: (r["fitness"], -r["index"]))
-        if self.best_id is not None and best["fitness"] <= self.results[self.best_id]["fitness"]:
+        # With floors: feasible first, then the least violation (Objectives.rank_key).
+        rank = self.objectives.rank_key if self.objectives is not None else (lambda r: (r["fitness"],))
+        best = max(ok, key=lambda r: (*rank(r), -r["index"]))
+        if self.best_id is not None and rank(best) <= rank(self.results[self.best_id]):
             return False
         self.best_id = best["eval_id"]
-        if self.held_out and self.best_id not in self.heldout_done and self.best_id not in self.heldout_queue:
-            self.heldout_queue.append(self.best_id)
+        self.queue_held_out(self.best_id)
         return True
+
+    def queue_held_out(self, train_id: str) -> None:
+        """Queue ``train_id`` for held-out scoring unless it was scored or queued already."""
+        if self.held_out and train_id not in self.heldout_done and train_id not in self.heldout_queue:
+            self.heldout_queue.append(train_id)
+
+    def front_ids(self) -> list[str]:
+        """The ids of the Pareto front of the results so far (:meth:`Objectives.front`)."""
+        return [r["eval_id"] for r in self.front]
 
     def held_out_scored(self, train_id: str) -> None:
         """A held-out result for ``train_id`` is in the ledger."""

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evolve.racing import RaceJob, chunk_ends, doc_order, paired_bound
+from evolve.racing import RaceJob, chunk_ends, doc_order, paired_bound, pareto_stop
 
 __all__ = ["RaceEvaluation", "RaceOutcome", "race_plan"]
 
@@ -103,10 +103,11 @@ class RaceEvaluation:
             if done >= self.total:
                 break
             bound = paired_bound(seen, job)
-            if bound.high < job.threshold:
+            why = pareto_stop(bound, job) if bound.high >= job.threshold else {"why": "threshold"}
+            if why is not None:
                 race = {"stopped": True, "documents": done, "of": self.total, "estimate": bound.estimate,
                         "low": bound.low, "high": bound.high, "threshold": job.threshold,
-                        "reference": job.reference_id}
+                        "reference": job.reference_id, **why}
                 return RaceOutcome(bound.scores, None, done, self.total, race)
         scores = {name: float(np.mean(v)) for name, v in seen.items()}
         race = {"stopped": False, "documents": self.total, "of": self.total, "threshold": job.threshold,
