@@ -192,6 +192,12 @@ def architecture_for(config: Mapping[str, Any], reference: str = "model",
                          f"block like model.layers.0. (names look like {names[0]!r})")
     token_indexed = {n for n in names if vocab_size is not None and len(tensors[n].shape) >= 1
                      and tensors[n].shape[0] == vocab_size}
+    if not token_indexed:  # no or another vocab_size (padded rows): the token embedding's own rows
+        embedded = [n for n in names if _is_embedding_name(n) and len(tensors[n].shape) == 2
+                    and not any(p in n for p in ("pos", "wpe"))]
+        if embedded:
+            rows = tensors[embedded[0]].shape[0]
+            token_indexed = {n for n in names if len(tensors[n].shape) >= 1 and tensors[n].shape[0] == rows}
     prefix = _pick_block(blocks, token_indexed, declared, reference)
     numbers = sorted(blocks[prefix])
     if numbers != list(range(len(numbers))):

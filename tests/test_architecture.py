@@ -46,6 +46,14 @@ def test_llama_layout():
     assert arch.layer_index("model.layers.2.input_layernorm.weight") == 2 and arch.layer_index("lm_head.weight") is None
 
 
+def test_token_indexed_tensors_without_a_matching_vocab_size():
+    """Padded embedding rows (config vocab_size 15, 16 rows): the embedding's rows index tokens."""
+    names = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,), "lm_head.weight": (16, 8),
+             **_decoder("model.layers.", 2)}
+    arch = architecture_for({"architectures": ["X"], "vocab_size": 15, "num_hidden_layers": 2}, "m", _shapes(names))
+    assert arch.embedding == "model.embed_tokens.weight" and arch.head == "lm_head.weight"
+
+
 def test_gpt2_layout_tied_with_position_embeddings():
     names = {"transformer.wte.weight": (16, 8), "transformer.wpe.weight": (32, 8), "transformer.ln_f.weight": (8,),
              **_decoder("transformer.h.", 2)}
