@@ -119,6 +119,25 @@ def test_per_document_values_are_the_scores_and_a_subset_scores_the_same_documen
         assert part.per_doc[task.name] == {d: whole.per_doc[task.name][d] for d in subset[task.name]}
 
 
+def test_documents_asked_out_of_order_keep_their_own_values(evaluator):
+    # A race asks for documents in a seeded order; lm-eval 0.4.13 names logged samples by their
+    # position in the list given but scores them in dataset order. Two documents of different
+    # values asked in descending order must keep their own values (fails without the sort).
+    whole = evaluator.evaluate(TASKS, per_doc=True)
+    checked = 0
+    for task in TASKS:
+        values = whole.per_doc[task.name]
+        ones = [d for d, v in values.items() if v == 1.0]
+        zeros = [d for d, v in values.items() if v == 0.0]
+        if not ones or not zeros:
+            continue
+        docs = sorted([ones[0], zeros[0]], reverse=True)
+        part = evaluator.evaluate([task], samples={task.name: docs}, per_doc=True)
+        assert part.per_doc[task.name] == {d: values[d] for d in docs}
+        checked += 1
+    assert checked, "no task has documents of both values to tell apart"
+
+
 def test_a_race_runs_on_the_backend_and_stops_a_weak_candidate(evaluator, zoo_dir):
     from evolve.racing import RaceJob
     from evolve.workers.race_eval import RaceEvaluation, race_plan

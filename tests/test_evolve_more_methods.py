@@ -52,7 +52,7 @@ def test_toy_search(method: str, zoo_dir: Path, tmp_path: Path, monkeypatch, cap
     argv = ["evolve.yml", "--storage-path", "run", "--no-ray", "--max-fevals", "8", "--force-population-size", "4",
             "--no-baselines", "--random-seed", "0", "-q"]
     assert merge_evolve(argv) == 0
-    assert "best fitness" in capsys.readouterr().out
+    assert "best: train " in capsys.readouterr().out
 
     ledger = [json.loads(line) for line in Path("run/evaluations.jsonl").read_text().splitlines()]
     train = [r for r in ledger if r["kind"] == "train"]

@@ -130,7 +130,10 @@ def evaluate_lm(
             lm=lm,
             task_dict=task_set.task_dict,
             limit=None if samples is not None else s.limit,
-            samples={name: list(docs) for name, docs in samples.items()} if samples is not None else None,
+            # Sorted: lm-eval 0.4.13 iterates the chosen documents in dataset order but names each
+            # logged sample by its position in the list given (evaluator.py: indices[doc_id]), so
+            # an unsorted list (a race's seeded order) would put values on the wrong documents.
+            samples={name: sorted(docs) for name, docs in samples.items()} if samples is not None else None,
             bootstrap_iters=0,  # stderr only; the scores do not depend on it
             log_samples=per_doc,
             apply_chat_template=s.apply_chat_template,
