@@ -57,9 +57,9 @@ def test_merge_evolve_runs_on_the_family(family: str, tmp_path: Path) -> None:
 
 
 def test_vllm_refuses_a_moe_whose_experts_transformers_fuses(tmp_path: Path, monkeypatch, capsys) -> None:
-    import evolve.evaluation
+    import evolve.flag_checks
 
-    monkeypatch.setattr(evolve.evaluation, "vllm_available", lambda: True)
+    monkeypatch.setattr(evolve.flag_checks, "vllm_available", lambda: True)  # checked before anything else
     models = build_family("qwen3_moe", tmp_path / "models", variants=1, task_tokenizer=True)
     config = {"genome": {"models": [str(models["m1"])], "base_model": str(models["base"]),
                          "merge_method": "task_arithmetic"}, **TASKS}
