@@ -279,3 +279,22 @@ def test_each_new_module_imports_first_in_a_fresh_process(module):
 
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sampler", ["mo-tpe", "nsga2", "tpe"])
+def test_an_optuna_strategy_asked_the_same_point_twice_tells_both(sampler):
+    """NSGA-II may propose a point twice (bench_pareto.py seed 4 did): each tell takes its own trial."""
+    pytest.importorskip("optuna")
+    from evolve.search.mo_strategies import OptunaMO
+    from evolve.search.strategies import OptunaTPE
+
+    kw = {"bounds": ([0.0, 0.0], [1.0, 1.0]), "popsize": 4, "seed": 0}
+    s = OptunaTPE([0.5, 0.5], 0.2, scales=[1, 1], **kw) if sampler == "tpe" else \
+        OptunaMO([0.5, 0.5], 0.2, objectives=2, sampler=sampler, **kw)
+    s.study.enqueue_trial({"x0000": 0.5, "x0001": 0.5})
+    a, b = s.ask(2)
+    assert np.array_equal(a, b)
+    told = [0.3, 0.4] if sampler == "tpe" else [Told((0.3, 0.1), 0.0), Told((0.4, 0.2), 0.0)]
+    s.tell([a, b], told)
+    assert len(s.pending) == 0 and len(s.study.trials) == 2
+    assert all(t.state.name == "COMPLETE" for t in s.study.trials)

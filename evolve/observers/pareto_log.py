@@ -17,8 +17,7 @@ class ParetoLog:
 
     def __init__(self, objectives: Objectives, records: Iterable[Mapping[str, Any]] = ()) -> None:
         self.objectives = objectives
-        self.candidates = [r for r in records if r.get("kind") == "train" and objectives.front([r])]
-        self.front = objectives.front(self.candidates)
+        self.front = objectives.front(r for r in records if r.get("kind") == "train")
 
     @classmethod
     def for_driver(cls, driver: Any) -> ParetoLog | None:
@@ -30,9 +29,7 @@ class ParetoLog:
 
     def observe(self, record: Mapping[str, Any]) -> dict[str, float]:
         """Take a train record; the metrics to log with it."""
-        if self.objectives.front([record]):  # feasible, scored in full, not a cache hit
-            self.candidates = [*self.front, record]
-            self.front = self.objectives.front(self.candidates)
+        self.front = self.objectives.update_front(self.front, record)
         points = [self.objectives.values(r) for r in self.front]
         return {"pareto/hypervolume": hypervolume(points, self.objectives.reference_point()),
                 "pareto/front_size": float(len(self.front))}

@@ -2,7 +2,8 @@
 
 - :class:`SearchDriver` (:mod:`.driver`): one run directory's loop, resumable at any instant.
 - :class:`CMAES` (:mod:`.cmaes`): the optimizer (pycma), seeded, with savable state.
-- :mod:`.strategies`: the strategies by name; :mod:`.design`: CMA-ES's space-filling start.
+- :mod:`.strategies`: the strategies by name; :mod:`.design`: CMA-ES's space-filling start;
+  :mod:`.mo_strategies`: the multi-objective ones; :mod:`.objectives`: weighted or Pareto, floors.
 - :mod:`.fitness`: the weighted fitness of task scores and the penalty of a failure.
 - :mod:`.provenance`: package versions and the best candidate's provenance.
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from evolve.config import DEFAULT_MO_STRATEGY
 from evolve.search.objectives import Told
+from evolve.search.pending import PendingTrials
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_MO_STRATEGY", "MO_DESIGN_STRATEGIES", "ChebyshevCMAES", "OptunaMO", "mo_registry"]
@@ -123,7 +124,7 @@ class OptunaMO:
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=chosen)
         self.study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
         self._popsize = popsize
-        self.pending: dict[bytes, Any] = {}
+        self.pending = PendingTrials()
         self.recent: list[np.ndarray] = []
 
     @property
@@ -139,17 +140,14 @@ class OptunaMO:
         for _ in range(number):
             trial = self.study.ask(self.distributions)
             point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
-            self.pending[point.tobytes()] = trial
+            self.pending.add(point, trial)
             out.append(point)
         self.recent = (self.recent + out)[-self._popsize:]
         return out
 
     def tell(self, points: Sequence[np.ndarray], told: Sequence[Told]) -> None:
         for point, value in zip(points, told):
-            trial = self.pending.pop(np.asarray(point, dtype=np.float64).tobytes(), None)
-            if trial is None:  # a replayed point with float noise: the nearest pending one
-                key = min(self.pending, key=lambda k: float(np.max(np.abs(np.frombuffer(k) - point))))
-                trial = self.pending.pop(key)
+            trial = self.pending.pop(point)
             if self.native:
                 trial.set_constraint("violation", float(value.violation))
             else:

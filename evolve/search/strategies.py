@@ -27,6 +27,7 @@ from evolve.config import MO_STRATEGY_NAMES, STRATEGY_NAMES
 from evolve.search.cmaes import CMAES
 from evolve.search.design import DesignSpace, InitialDesign
 from evolve.search.mo_strategies import mo_registry
+from evolve.search.pending import PendingTrials
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_STRATEGY", "DESIGN_STRATEGIES", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
@@ -92,7 +93,7 @@ class OptunaTPE:
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
         self.study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
         self._popsize = popsize
-        self.pending: dict[bytes, Any] = {}
+        self.pending = PendingTrials()
         self.recent: list[np.ndarray] = []
 
     @property
@@ -108,17 +109,14 @@ class OptunaTPE:
         for _ in range(number):
             trial = self.study.ask(self.distributions)
             point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
-            self.pending[point.tobytes()] = trial
+            self.pending.add(point, trial)
             out.append(point)
         self.recent = (self.recent + out)[-self._popsize:]
         return out
 
     def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
         for point, value in zip(points, fitness):
-            trial = self.pending.pop(np.asarray(point, dtype=np.float64).tobytes(), None)
-            if trial is None:  # a replayed point with float noise: the nearest pending one
-                key = min(self.pending, key=lambda k: float(np.max(np.abs(np.frombuffer(k) - point))))
-                trial = self.pending.pop(key)
+            trial = self.pending.pop(point)
             self.study.tell(trial, float(value))
 
     def stop(self) -> dict[str, Any]:

@@ -62,8 +62,9 @@ class Strategy(Protocol):
     def ask(self, number: int) -> list[np.ndarray]:
         """``number`` new points."""
 
-    def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
-        """Update with evaluated points (higher fitness is better)."""
+    def tell(self, points: Sequence[np.ndarray], fitness: Sequence[Any]) -> None:
+        """Update with evaluated points: what :meth:`evolve.search.objectives.Objectives.told`
+        gives (a fitness, higher is better; a multi-objective strategy gets ``Told`` values)."""
 
     @property
     def sigma(self) -> float:

@@ -1,0 +1,45 @@
+"""The optuna trials asked and not told yet, by point (the optuna strategies' ask/tell bridge).
+
+The trajectory tells points, not trials: each told point is matched to a trial asked for it.
+Two asks may give the same point (NSGA-II's crossover and mutation can repeat a parent; an
+enqueued start point can be proposed again), so each point keeps a queue of its trials, told in
+ask order; a replayed point that differs from the asked one by float noise (another machine's
+BLAS) takes the nearest pending point's oldest trial.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PendingTrials"]
+
+
+class PendingTrials:
+    """Trials asked and not told yet, by point (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._by_point: dict[bytes, deque[Any]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_point.values())
+
+    def add(self, point: np.ndarray, trial: Any) -> None:
+        """Remember ``trial`` as asked for ``point``."""
+        self._by_point.setdefault(np.asarray(point, dtype=np.float64).tobytes(), deque()).append(trial)
+
+    def pop(self, point: Any) -> Any:
+        """The oldest trial asked for ``point`` (else for the nearest pending point); removed."""
+        key = np.asarray(point, dtype=np.float64).tobytes()
+        if key not in self._by_point:
+            if not self._by_point:
+                raise KeyError("no trial is pending: a point was told twice")
+            target = np.asarray(point, dtype=np.float64)
+            key = min(self._by_point, key=lambda k: float(np.max(np.abs(np.frombuffer(k) - target))))
+        queue = self._by_point[key]
+        trial = queue.popleft()
+        if not queue:
+            del self._by_point[key]
+        return trial
