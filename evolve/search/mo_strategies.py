@@ -16,7 +16,7 @@ their ask/tell calls alone, so the ledger's replay rebuilds them; none waits for
 - ``nsga2``: optuna's NSGA-II (steady-state under ask/tell: a trial's parents are the
   completed trials of the previous generation, never a barrier).
 
-``mo-tpe`` and ``nsga2`` need the ``[optuna]`` extra.
+``mo-tpe`` and ``nsga2`` use optuna (a dependency of the project).
 """
 
 from __future__ import annotations

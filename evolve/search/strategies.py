@@ -9,7 +9,7 @@ deterministic given its seed and its ask/tell calls, so the ledger's replay rebu
   plain CMA-ES stop early, it keeps searching).  A restart starts from a seeded uniform point
   of the box; ``sigma`` is the current run's.
 - ``tpe``: optuna's Tree-structured Parzen Estimator (multivariate, with the constant liar for
-  points still being evaluated), the model-based alternative (the ``[optuna]`` extra).  The
+  points still being evaluated), the model-based alternative (optuna, a dependency).  The
   start point is its first trial; ``sigma`` is the spread of the last ``popsize`` points.
 
 ``cmaes`` and ``ipop-cmaes`` start with a space-filling design (:mod:`evolve.search.design`)
