@@ -67,6 +67,17 @@ def _stop(proc: subprocess.Popen, signum: int, *, group: bool = False) -> tuple[
     return proc.returncode, err, time.monotonic() - start
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc); False
+    once it has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _assert_resumes(config: Path, store: Path, budget: int, *extra: str) -> None:
     """The same command continues to the budget; no candidate is scored twice."""
     assert merge_evolve(_argv(config, store, "--no-ray", "--max-fevals", str(budget), *extra)) == 0
@@ -132,7 +143,13 @@ def test_a_second_signal_ends_the_run_at_once_and_nothing_is_lost(task_models, t
     proc = _start(_argv(config, store, "--num-workers", "1", "--max-fevals", "200"))
     _wait_for_results(proc, store, 2)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # the first one's cleanup (closing Ray) takes seconds: the second lands in it
+    # Two signals sent before Python runs its handler count as one: wait until the first was
+    # handled (SIGTERM no longer caught: its default action is back), then the cleanup (closing
+    # Ray) still has seconds to go and the second lands in it.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _catches(proc.pid, signal.SIGTERM):
+        time.sleep(0.05)
+    assert not _catches(proc.pid, signal.SIGTERM), "the first SIGTERM was never handled"
     code, err, took = _stop(proc, signal.SIGTERM)
     # Ended by the signal itself (the default action the first one set): a shell reports 143.
     assert code == -signal.SIGTERM, err
