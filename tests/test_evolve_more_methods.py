@@ -66,4 +66,14 @@ def test_toy_search(method: str, zoo_dir: Path, tmp_path: Path, monkeypatch, cap
     assert merge_yaml(["run/best_config.yaml", "remerged", "-q"]) == 0
     ours = load_file("remerged/model.safetensors")
     final = load_file("run/final_model/model.safetensors")
-    assert sorted(ours) == sorted(final) and all(torch.equal(ours[k], final[k]) for k in final)
+    assert sorted(ours) == sorted(final)
+    for name, tensor in final.items():
+        # Bit for bit, but for della_linear: its drops are the same on every machine, but its
+        # float32 sums round with the thread count (merge-yaml leaves a core to its I/O threads),
+        # which moves a few elements (6 of 65,536 here) across a bf16 rounding boundary: 1 ulp.
+        if method == "della_linear":
+            assert torch.equal(ours[name] == 0, tensor == 0), name
+            torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=2**-7, msg=name)
+            assert (ours[name] != tensor).float().mean().item() < 1e-3, name
+        else:
+            assert torch.equal(ours[name], tensor), name
