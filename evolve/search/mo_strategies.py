@@ -28,7 +28,7 @@ import numpy as np
 
 from evolve.config import DEFAULT_MO_STRATEGY
 from evolve.search.objectives import Told
-from evolve.search.pending import PendingTrials
+from evolve.search.pending import OptunaAsks
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_MO_STRATEGY", "MO_DESIGN_STRATEGIES", "ChebyshevCMAES", "OptunaMO", "mo_registry"]
@@ -107,10 +107,6 @@ class OptunaMO:
             raise RecipeError("search.strategy", f"{sampler} needs optuna: pip install 'merge-evolve[optuna]' (or "
                               "set search.strategy: chebyshev-cmaes, which needs nothing more)") from None
         optuna.logging.set_verbosity(logging.WARNING)
-        lo, hi = bounds
-        self.names = [f"x{i:04d}" for i in range(len(lo))]
-        self.distributions = {n: optuna.distributions.FloatDistribution(float(a), float(b))
-                              for n, a, b in zip(self.names, lo, hi)}
         # optuna >= 5 reads a trial's constraints from the trial (set_constraint); before, from a
         # constraints_func (deprecated since 5.0): each sampler then ranks infeasible trials by violation.
         self.native = hasattr(optuna.trial.Trial, "set_constraint")
@@ -122,10 +118,8 @@ class OptunaMO:
             chosen = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(popsize, 4),
                                                    constraints_func=constraints)
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=chosen)
-        self.study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
         self._popsize = popsize
-        self.pending = PendingTrials()
-        self.recent: list[np.ndarray] = []
+        self.pending = OptunaAsks(self.study, x0, bounds, popsize)  # the start point is the first trial
 
     @property
     def popsize(self) -> int:
@@ -133,17 +127,10 @@ class OptunaMO:
 
     @property
     def sigma(self) -> float:
-        return float(np.mean(np.std(self.recent, axis=0))) if len(self.recent) > 1 else 0.0
+        return self.pending.sigma
 
     def ask(self, number: int) -> list[np.ndarray]:
-        out = []
-        for _ in range(number):
-            trial = self.study.ask(self.distributions)
-            point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
-            self.pending.add(point, trial)
-            out.append(point)
-        self.recent = (self.recent + out)[-self._popsize:]
-        return out
+        return self.pending.ask(number)
 
     def tell(self, points: Sequence[np.ndarray], told: Sequence[Told]) -> None:
         for point, value in zip(points, told):

@@ -10,11 +10,11 @@ BLAS) takes the nearest pending point's oldest trial.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["PendingTrials"]
+__all__ = ["OptunaAsks", "PendingTrials"]
 
 
 class PendingTrials:
@@ -43,3 +43,39 @@ class PendingTrials:
         if not queue:
             del self._by_point[key]
         return trial
+
+
+class OptunaAsks(PendingTrials):
+    """The optuna strategies' asking: each asked point a trial of ``study`` over the box
+    ``bounds`` (one float parameter per coordinate, ``x0000``...), remembered until told;
+    ``sigma`` is the spread of the last ``popsize`` points asked."""
+
+    def __init__(self, study: Any, x0: Sequence[float], bounds: tuple[Sequence[float], Sequence[float]],
+                 popsize: int) -> None:
+        import optuna
+
+        super().__init__()
+        lo, hi = bounds
+        self.study, self.popsize = study, popsize
+        self.names = [f"x{i:04d}" for i in range(len(lo))]
+        self.distributions = {n: optuna.distributions.FloatDistribution(float(a), float(b))
+                              for n, a, b in zip(self.names, lo, hi)}
+        # The start point (inside the box) is the study's first trial.
+        study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
+        self.recent: list[np.ndarray] = []
+
+    def ask(self, number: int) -> list[np.ndarray]:
+        """``number`` new points, each a trial asked of the study."""
+        out = []
+        for _ in range(number):
+            trial = self.study.ask(self.distributions)
+            point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
+            self.add(point, trial)
+            out.append(point)
+        self.recent = (self.recent + out)[-self.popsize:]
+        return out
+
+    @property
+    def sigma(self) -> float:
+        """Mean per-coordinate spread of the last ``popsize`` points asked."""
+        return float(np.mean(np.std(self.recent, axis=0))) if len(self.recent) > 1 else 0.0

@@ -27,7 +27,7 @@ from evolve.config import MO_STRATEGY_NAMES, STRATEGY_NAMES
 from evolve.search.cmaes import CMAES
 from evolve.search.design import DesignSpace, InitialDesign
 from evolve.search.mo_strategies import mo_registry
-from evolve.search.pending import PendingTrials
+from evolve.search.pending import OptunaAsks
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_STRATEGY", "DESIGN_STRATEGIES", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
@@ -84,17 +84,11 @@ class OptunaTPE:
             raise RecipeError("search.strategy", "tpe needs optuna: pip install 'merge-evolve[optuna]'") from None
         optuna.logging.set_verbosity(logging.WARNING)
         self._optuna = optuna
-        lo, hi = bounds
-        self.names = [f"x{i:04d}" for i in range(len(lo))]
-        self.distributions = {n: optuna.distributions.FloatDistribution(float(a), float(b))
-                              for n, a, b in zip(self.names, lo, hi)}
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                              n_startup_trials=max(popsize, 10))
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
-        self.study.enqueue_trial({n: float(np.clip(v, a, b)) for n, v, a, b in zip(self.names, x0, lo, hi)})
         self._popsize = popsize
-        self.pending = PendingTrials()
-        self.recent: list[np.ndarray] = []
+        self.pending = OptunaAsks(self.study, x0, bounds, popsize)  # the start point is the first trial
 
     @property
     def popsize(self) -> int:
@@ -102,17 +96,10 @@ class OptunaTPE:
 
     @property
     def sigma(self) -> float:
-        return float(np.mean(np.std(self.recent, axis=0))) if len(self.recent) > 1 else 0.0
+        return self.pending.sigma
 
     def ask(self, number: int) -> list[np.ndarray]:
-        out = []
-        for _ in range(number):
-            trial = self.study.ask(self.distributions)
-            point = np.array([trial.params[n] for n in self.names], dtype=np.float64)
-            self.pending.add(point, trial)
-            out.append(point)
-        self.recent = (self.recent + out)[-self._popsize:]
-        return out
+        return self.pending.ask(number)
 
     def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
         for point, value in zip(points, fitness):
