@@ -233,6 +233,7 @@ class Planner:
             order.append(recipe.base_model)
             first_path[recipe.base_model] = "base_model"
         infos = {ref: self.model_info(ref, first_path[ref]) for ref in order}
+        self._refuse_same_model_twice(recipe)  # once per structure: not per evolve candidate
         archs = {ref: architecture_for(info.config, ref, info.tensors) for ref, info in infos.items()}
         donor = recipe.base_model or order[0]
         self._merging_vocabulary = self.vocabulary is not None or tokenizer_settings(recipe) is not None
@@ -384,7 +385,6 @@ class Planner:
         except MethodError as err:
             raise RecipeError("merge_method", str(err)) from None
         st = self._structure(recipe, method)
-        self._refuse_same_model_twice(recipe)
         tokenizer_source = self._tokenizer_source(recipe, st.models)
         # Parameters come from THIS recipe (the cached structure may stem from another one).
         slices, module_params = _normalize(recipe)

@@ -1,3 +1,4 @@
+
 """bf16 parity with mergekit 0.1.5: what the README claims, asserted element by element.
 
 The claim (README, "merge-yaml"): with ``dtype: bfloat16`` the inputs are rounded to bf16 on load,
@@ -36,7 +37,7 @@ from merge_core.kernels.random_fields import draw_seed
 from merge_core.kernels.sparsify import Masker, make_plan
 from merge_core.methods import get_method
 from merge_core.methods.base import TensorInputs, TensorParams
-from tiny_models import make_tiny_llama
+from tiny_models import load_checkpoint_tensors, make_tiny_llama
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -81,13 +82,6 @@ CASES: dict[str, tuple[str, dict, list[tuple[str, dict | None]]]] = {
                           ("m2", {"weight": 0.7, "density": 0.6, "gamma": 0.02})]),
     "sce": ("sce", {"select_topk": 0.5}, [("m1", None), ("m2", None), ("m3", None)]),
 }
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
 
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +151,7 @@ def _mergekit_yaml(mergekit_py: str, recipe: dict, out: Path) -> dict[str, torch
     proc = subprocess.run([str(Path(mergekit_py).parent / "mergekit-yaml"), str(config), str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _load(out)
+    return load_checkpoint_tensors(out)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -172,12 +166,12 @@ def test_merge_yaml_bf16_is_mergekit_float32_rounded_once(case, bf16_zoo, tmp_pa
     config = tmp_path / "ours.yml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert merge_yaml([str(config), str(tmp_path / "ours"), "--quiet"]) == 0
-    ours = _load(tmp_path / "ours")
+    ours = load_checkpoint_tensors(tmp_path / "ours")
     exact = _mergekit_yaml(mergekit_py, {**recipe, "dtype": "float32", "out_dtype": "bfloat16"}, tmp_path / "mk32")
     theirs = _mergekit_yaml(mergekit_py, recipe, tmp_path / "mk16")
     assert sorted(ours) == sorted(exact) == sorted(theirs)
-    base = _load(bf16_zoo["base"])
-    inputs = {m: _load(bf16_zoo[m]) for m, _ in models}
+    base = load_checkpoint_tensors(bf16_zoo["base"])
+    inputs = {m: load_checkpoint_tensors(bf16_zoo[m]) for m, _ in models}
     totals: dict[str, float] = {}
     vs_bf16 = {"differ": 0.0, "over1": 0.0, "max": 0.0}
     for name, got in ours.items():

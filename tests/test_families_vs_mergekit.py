@@ -1,3 +1,4 @@
+
 """Differential tests per family: ``merge-yaml`` against ``mergekit-yaml`` 0.1.5 on tiny random
 float32 checkpoints of every family the installed transformers builds (tests/family_models.py).
 
@@ -17,9 +18,9 @@ import pytest
 import torch
 import yaml
 from family_models import FAMILIES, MERGEKIT_ORACLE, build_family, load_and_run
-from safetensors.torch import load_file
 
 from merge_core.cli import main as merge_yaml
+from tiny_models import load_checkpoint_tensors
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -97,13 +98,6 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory, mergekit_py: str) -> P
     return root
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
-
-
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors as the models hold them (MoE experts fused, as merges write them)."""
     from merge_core.tensor_io import CheckpointReader
@@ -173,11 +167,11 @@ def test_family_merges_match_mergekit_and_load(family: str, family_runs: Path) -
         key = f"{family}__{case}"
         failed = _mergekit_failed(status, key)
         ours = _merge_ours(family_runs, key)
-        got = _tensors(ours)
+        got = load_checkpoint_tensors(ours)
         if case in PASSTHROUGH_SOURCES:
             _check_passthrough(got, family_runs / "models" / family, case)
         if not failed:
-            theirs = _tensors(family_runs / "mergekit" / key)
+            theirs = load_checkpoint_tensors(family_runs / "mergekit" / key)
             if inferred and case in PASSTHROUGH_SOURCES:
                 # mergekit's inferred layouts take every tensor outside the layers from the first
                 # slice; ours takes the final norm and head from the last (checked above), as its

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from merge_core.cli import main as merge_yaml
 from merge_core.lora import open_checkpoint
 from merge_core.model_ref import load_model
-from tiny_models import make_tiny_llama
+from tiny_models import load_checkpoint_tensors, make_tiny_llama
 
 pytestmark = pytest.mark.mergekit
 
@@ -131,10 +131,7 @@ def test_a_recipe_with_an_adapter_matches_mergekit(lora_zoo, tmp_path, mergekit_
     proc = subprocess.run([mergekit_yaml, str(config), str(tmp_path / "theirs"), "--lora-merge-cache",
                            str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    theirs = {}
-    for file in (tmp_path / "theirs").glob("*.safetensors"):
-        theirs.update(load_file(str(file)))
+    ours, theirs = load_checkpoint_tensors(tmp_path / "ours"), load_checkpoint_tensors(tmp_path / "theirs")
     assert sorted(ours) == sorted(theirs)
     for tensor, expected in theirs.items():
         torch.testing.assert_close(ours[tensor], expected, atol=2e-6, rtol=2e-5, msg=tensor)

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merge_core.cli import main as merge_yaml
-from tiny_models import make_tiny_llama
+from tiny_models import load_checkpoint_tensors, make_tiny_llama
 
 pytestmark = pytest.mark.mergekit
 
@@ -126,9 +126,7 @@ def test_merged_vocabularies_match_mergekit(vocab_zoo, mergekit_outputs, tmp_pat
     config.write_text(yaml.safe_dump({**recipe, "dtype": "float32"}, sort_keys=False))
     ours_dir, theirs_dir = tmp_path / "ours", mergekit_outputs[case]
     assert merge_yaml([str(config), str(ours_dir), "-q"]) == 0
-    ours, theirs = load_file(str(ours_dir / "model.safetensors")), {}
-    for file in theirs_dir.glob("*.safetensors"):
-        theirs.update(load_file(str(file)))
+    ours, theirs = load_checkpoint_tensors(ours_dir), load_checkpoint_tensors(theirs_dir)
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
         assert ours[name].shape == expected.shape, name

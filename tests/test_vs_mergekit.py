@@ -1,3 +1,4 @@
+
 """Differential tests: our ``merge-yaml`` against ``mergekit-yaml`` 0.1.5 on tiny Llama checkpoints.
 
 mergekit runs as a subprocess from its own venv (a test-only oracle; the product never imports
@@ -12,12 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
 from merge_core.cli import main as merge_yaml
-from tiny_models import make_tiny_llama
+from tiny_models import load_checkpoint_tensors, make_tiny_llama
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -50,13 +50,6 @@ def ft_zoo(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> di
     return out
 
 
-def _load_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
 def _merge_both(recipe: dict, tmp: Path, mergekit_py: str) -> tuple[dict, dict]:
     config = tmp / "recipe.yml"
     config.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -66,7 +59,7 @@ def _merge_both(recipe: dict, tmp: Path, mergekit_py: str) -> tuple[dict, dict]:
     proc = subprocess.run([mergekit_yaml, str(config), str(theirs)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _load_dir(ours), _load_dir(theirs)
+    return load_checkpoint_tensors(ours), load_checkpoint_tensors(theirs)
 
 
 def _assert_same(ours: dict, theirs: dict, case: str, dtype: str) -> None:

@@ -128,3 +128,13 @@ def write_bpe_tokenizer(path: Path, vocab_size: int, corpus: list[str]) -> None:
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(str(path))
+
+
+def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors checkpoint in folder ``path`` (one file or shards)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
