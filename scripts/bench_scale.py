@@ -3,6 +3,7 @@
 
     python scripts/bench_scale.py [--workers 8 32 128] [--sigmas 0.5 1.0] [--seeds 3]
                                   [--budget-per-worker 20] [--dimension 16]
+                                  [--objectives weighted|pareto] [--strategy NAME]
 
 The real :class:`~evolve.search.SearchDriver` (its ledger on a temporary directory, tmpfs when
 there is one) drives a simulated pool: each job takes a log-normal time with median 1 and the
@@ -11,8 +12,9 @@ to the next completion (no sleeping).  Busy fraction = worker-time spent on jobs
 held: every worker from the start, each until the driver releases it once nothing is left to
 hand out (as the Ray pool kills idle actors; one idle worker is kept while jobs still run).  The objective is synthetic with a known optimum
 (1.0 at the hidden target weights): ``0.4 exp(-d2) + 0.6 / (1 + d2)`` of the squared distance
-of the decoded task-arithmetic weights to the target.  Each cell is the median over ``--seeds``
-seeds.  The last line reads ``min async busy fraction: X (8-128 workers, sigma 0.5-1.0)``.
+of the decoded task-arithmetic weights to the target.  With ``--objectives pareto`` the two
+terms are two objectives (a multi-objective strategy, ``--strategy`` or the default), and "best"
+is the front's best weighted-sum member.  Each cell is the median over ``--seeds`` seeds.  The last line reads ``min async busy fraction: X (8-128 workers, sigma 0.5-1.0)``.
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ class SimulatedPool:
 
 
 def one_run(root: Path, schedule: str, workers: int, sigma: float, seed: int, budget: int,
-            groups: int, models: int) -> tuple[float, float, int]:
+            groups: int, models: int, search: dict) -> tuple[float, float, int]:
     """(busy fraction, best fitness, train evaluations) of one simulated search."""
     config = parse_evolve_config({
         "genome": {"models": [f"m{i}" for i in range(models)], "merge_method": "task_arithmetic",
                    "base_model": "base", "layer_granularity": NUM_LAYERS // groups},
         "tasks": [{"name": "t1", "weight": 0.4}, {"name": "t2", "weight": 0.6}],
+        **({"search": search} if search else {}),
     })
     genome = Genome(config.genome, NUM_LAYERS)
     target = np.random.default_rng(1000 + seed).uniform(0.1, 0.9, groups * models)
@@ -122,21 +125,28 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget-per-worker", type=int, default=20)
     ap.add_argument("--dimension", type=int, default=16, help="genes: 4 layer groups x (dimension/4) models")
+    ap.add_argument("--objectives", choices=("weighted", "pareto"), default="weighted",
+                    help="pareto: each task an objective (a multi-objective strategy)")
+    ap.add_argument("--strategy", help="a search.strategy name (default: the config default for --objectives)")
+    ap.add_argument("--schedules", nargs="+", choices=("sync", "async"), default=["sync", "async"])
     args = ap.parse_args()
+    search = {k: v for k, v in (("objectives", args.objectives if args.objectives != "weighted" else None),
+                                ("strategy", args.strategy)) if v}
     groups, models = 4, max(1, args.dimension // 4)
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() else None
     print(f"simulated pool, log-normal job times (median 1), {groups * models} genes, budget "
-          f"{args.budget_per_worker} x workers, median of {args.seeds} seeds; optimum 1.0", flush=True)
+          f"{args.budget_per_worker} x workers, median of {args.seeds} seeds; optimum 1.0; "
+          f"search {search or 'default'}", flush=True)
     print(f"{'workers':>7} {'sigma':>5} {'schedule':>8} {'busy':>6} {'best':>7} {'evals':>6} {'s':>6}", flush=True)
     async_busy = []
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         for workers in args.workers:
             for sigma in args.sigmas:
-                for schedule in ("sync", "async"):
+                for schedule in args.schedules:
                     start = time.perf_counter()
                     runs = [one_run(Path(tmp), schedule, workers, sigma, seed, args.budget_per_worker * workers,
-                                    groups, models) for seed in range(args.seeds)]
+                                    groups, models, search) for seed in range(args.seeds)]
                     busy = statistics.median(r[0] for r in runs)
                     best = statistics.median(r[1] for r in runs)
                     evals = int(statistics.median(r[2] for r in runs))
@@ -146,7 +156,8 @@ def main() -> int:
                           f"{time.perf_counter() - start:>6.1f}", flush=True)
     lo_w, hi_w = min(args.workers), max(args.workers)
     lo_s, hi_s = min(args.sigmas), max(args.sigmas)
-    print(f"min async busy fraction: {min(async_busy):.3f} ({lo_w}-{hi_w} workers, sigma {lo_s:g}-{hi_s:g})")
+    if async_busy:
+        print(f"min async busy fraction: {min(async_busy):.3f} ({lo_w}-{hi_w} workers, sigma {lo_s:g}-{hi_s:g})")
     return 0
 
 

@@ -119,6 +119,7 @@ class CandidateWorker:
         self.staging: dict[str, torch.Tensor] | None = None
         self.stacked: StackedModel | None = None
         self.scratch: Path | None = None  # the model folder of a merged vocabulary (removed at close)
+        self.own_vocabulary: Any = None  # an OwnVocabularyScorer in a run that merges vocabularies
         if spec.stacking is not None:
             self._setup_stacking(spec, settings)
         else:
@@ -155,6 +156,13 @@ class CandidateWorker:
             if not is_own_vocabulary(load_plan.vocabulary, load_plan.models[donor].reference):
                 model_dir = self.scratch = vocabulary_model_dir(model_dir, load_plan.vocabulary)
                 settings = dataclasses.replace(settings, resized_vocabulary=True)
+            if self.backend == "hf":  # (vLLM: refused in the preflight)
+                from evolve.workers.own_vocabulary import OwnVocabularyScorer
+
+                self.own_vocabulary = OwnVocabularyScorer(
+                    Planner(relative_to=spec.relative_to, allow_crimes=spec.allow_crimes), spec.eval_settings,
+                    merge_device=spec.merge_device, threads=spec.threads,
+                    round_to_recipe_dtype=spec.round_to_recipe_dtype, seed=spec.seed)
         # The evaluator first: on a GPU the model (or vLLM's engine, which claims
         # gpu_memory_utilization of the device and checks that against what is free) takes its
         # memory, and the merger then sizes its inputs to what is left (resident on the GPU, or
@@ -241,6 +249,11 @@ class CandidateWorker:
                 self.stacked.apply(layer_plan(recipe, self.stacked.refs))
                 timings["merge"] = time.perf_counter() - start
                 return self._score(eval_id, task_set, race, tasks, start, timings)
+            if self.own_vocabulary is not None:
+                own = self._own_vocabulary_plan(recipe)
+                if own is not None:
+                    scores, reason = self.own_vocabulary.score(own, tasks, timings)
+                    return self._result(eval_id, start, timings, scores=scores, reason=reason)
             plan = self._plan(recipe)
             if self.staging is None:
                 self.merger.merge_into(plan, self.params)
@@ -262,6 +275,20 @@ class CandidateWorker:
             return self._score(eval_id, task_set, race, tasks, start, timings)
         except Exception as exc:  # one bad candidate must not take the worker down
             return self._result(eval_id, start, timings, reason=one_line(exc))
+
+    def _own_vocabulary_plan(self, recipe: dict[str, Any]) -> Any:
+        """The plan of a recipe that leaves its vocabulary to its models when that is not the
+        run's merged one (a parent's baseline: scored with its own tokenizer); else None, and
+        the side model is released."""
+        from evolve.workers.own_vocabulary import names_no_vocabulary
+        from evolve.workers.vocabulary_model import is_own_vocabulary
+
+        if names_no_vocabulary(recipe):
+            plan = self.own_vocabulary.plan(recipe)
+            if not all(is_own_vocabulary(self.planner.vocabulary, m.reference) for m in plan.models):
+                return plan
+        self.own_vocabulary.release()
+        return None
 
     def _score(self, eval_id: str, task_set: str, race: Any, tasks: list[Any], start: float,
                timings: dict[str, float]) -> Result:
@@ -315,6 +342,8 @@ class CandidateWorker:
     def close(self) -> None:
         """Release the model and the loaded inputs (a stacking run's sources too)."""
         self.stacked = None
+        if self.own_vocabulary is not None:
+            self.own_vocabulary.release()
         self.evaluator.close()
         if self.scratch is not None:  # a merged vocabulary's model folder
             shutil.rmtree(self.scratch, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""A run that merges vocabularies scores each parent with its own tokenizer and vocabulary.
+
+The chat parent adds tokens ("4=", "0=", ...) that the toy arithmetic questions contain: the
+merged (union) tokenizer cuts every question at them, a row the base never had.  The base's
+baseline (a passthrough recipe naming no tokenizer) must score what the base itself scores;
+scored in the merged vocabulary it scores otherwise (the control, so the test can fail).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("lm_eval")
+
+from evolve.config import parse_evolve_config  # noqa: E402
+from evolve.evaluation import EvalSettings, evaluator_class  # noqa: E402
+from evolve.genome import Genome  # noqa: E402
+from evolve.preflight import model_recipe  # noqa: E402
+from evolve.search import TRAIN  # noqa: E402
+from evolve.workers import CandidateWorker, WorkerSpec  # noqa: E402
+
+
+def _with_added_tokens(src: Path, dst: Path) -> Path:
+    """``src`` plus added tokens "0=" .. "9=" (those its tokenizer does not have), rows appended."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    new = [f"{d}=" for d in range(10) if f"{d}=" not in tok.get_vocab()]
+    assert len(new) >= 5, new
+    tok.add_tokens(new)
+    tok.save_pretrained(dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = torch.cat([weights[name], weights[name][: len(new)].flip(1).clone()])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += len(new)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def union_run(task_models, tmp_path_factory):
+    chat = _with_added_tokens(task_models["e2"], tmp_path_factory.mktemp("own") / "chat")
+    config = parse_evolve_config({
+        "genome": {"models": [str(task_models["e1"]), str(chat)], "merge_method": "task_arithmetic",
+                   "base_model": str(task_models["base"]), "layer_granularity": 2, "tokenizer_source": "union"},
+        "tasks": [{"name": "toy_arith"}], "limit": 12, "apply_chat_template": False})
+    genome = Genome(config.genome, 4)
+    settings = EvalSettings.from_config(config, device="cpu", builtin_tasks=False, batch_size=8, seed=7)
+    spec = WorkerSpec(template_recipe=genome.decode(genome.initial_point(False, np.random.default_rng(0))),
+                      settings=settings, train_tasks=list(config.tasks), threads=1)
+    worker = CandidateWorker(spec)
+    yield worker, config, settings, chat
+    worker.close()
+
+
+def _own_scores(model: Path, config, settings) -> dict:
+    evaluator = evaluator_class("hf")(model, settings, threads=1)
+    try:
+        scored = evaluator.evaluate(list(config.tasks))
+        assert scored.error is None
+        return dict(scored.scores)
+    finally:
+        evaluator.close()
+
+
+@pytest.mark.slow
+def test_a_parents_baseline_is_scored_with_its_own_tokenizer(union_run, task_models):
+    worker, config, settings, chat = union_run
+    assert worker.scratch is not None  # the worker's model has the merged (larger) vocabulary
+    # The chat model's vocabulary is the union (its own model serves); the base's is not.
+    for ref, side in ((chat, False), (task_models["base"], True), (task_models["e1"], True)):
+        recipe = model_recipe(str(ref), 4, "float32")
+        result = worker.run(f"baseline/{ref.name}", recipe, TRAIN)
+        assert result.status == "ok", result.reason
+        assert result.scores == _own_scores(ref, config, settings), ref.name
+        assert (worker.own_vocabulary.held is not None) == side, ref.name
+    # The side model is released once a candidate (a recipe naming the vocabulary) comes.
+    assert worker.own_vocabulary.held is not None
+    candidate = worker.run("c0", dict(worker.spec.template_recipe), TRAIN)
+    assert candidate.status == "ok", candidate.reason
+    assert worker.own_vocabulary.held is None
+
+
+@pytest.mark.slow
+def test_scored_in_the_merged_vocabulary_the_base_would_score_otherwise(union_run, task_models):
+    """The control: the same passthrough in the run's merged vocabulary (a recipe that names it)."""
+    worker, config, settings, _ = union_run
+    recipe = {**model_recipe(str(task_models["base"]), 4, "float32"), "tokenizer_source": "union"}
+    merged = worker.run("merged-base", recipe, TRAIN)
+    assert merged.status == "ok", merged.reason
+    own = worker.run("own-base", model_recipe(str(task_models["base"]), 4, "float32"), TRAIN)
+    assert merged.scores != own.scores
