@@ -22,7 +22,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     from evolve.ledger_check import readable_records
     from evolve.pareto_export import report_front
     from evolve.racing import stopped_early
-    from evolve.storage import RunStorage, best_record
+    from evolve.storage import RunStorage, best_record, candidate_rank
 
     if not (storage_path / "evaluations.jsonl").exists() and not (storage_path / "run.json").exists():
         raise RecipeError("--storage-path", f"'{storage_path}' holds no merge-evolve run")
@@ -33,13 +33,13 @@ def summarize(storage_path: Path) -> dict[str, Any]:
     train = [r for r in records if r.get("kind") == "train"]
     held = {r["of"]: r for r in records if r.get("kind") == "held_out"}
     # Ranked: successful candidates scored on every document (a raced one stopped early has an estimate).
-    ok = sorted((r for r in train if r["status"] == "ok" and not stopped_early(r)), key=lambda r: -r["fitness"])
+    ok = sorted((r for r in train if r["status"] == "ok" and not stopped_early(r)), key=candidate_rank, reverse=True)
     failed = [r for r in train if r["status"] == "failed"]
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
         h = held.get(r["eval_id"])
         return {"eval_id": r["eval_id"], "fitness": r["fitness"], "scores": r["scores"],
-                "held_out_fitness": h["fitness"] if h else None}
+                "held_out_fitness": h["fitness"] if h else None, "violation": r.get("violation") or 0.0}
 
     best = best_record(train, storage.read_provenance())
     best_held = held.get(best["eval_id"]) if best else None
@@ -124,7 +124,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for r in summary["top"]:
         held = "-" if r["held_out_fitness"] is None else f"{r['held_out_fitness']:.4f}"
         scores = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r["scores"].items())
-        print(f"{r['eval_id']:<14}{r['fitness']:>9.4f}{held:>10}  {scores}")
+        below = f"  (below a floor by {r['violation']:.3f})" if r.get("violation") else ""
+        print(f"{r['eval_id']:<14}{r['fitness']:>9.4f}{held:>10}  {scores}{below}")
     if summary["best_config"]:
         print(f"best recipe: {summary['best_config']}")
     if summary.get("pareto"):

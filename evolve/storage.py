@@ -33,7 +33,7 @@ def best_record(train: Iterable[dict[str, Any]], provenance: dict[str, Any] | No
     """The run's best train record as the reports name it: the one ``best_config`` was written
     for (the search's incumbent, ``provenance``: its provenance JSON), else the best successful
     record scored on every document (a raced candidate stopped early has only an estimate; the
-    first of equals), else None.  During an asynchronous run the ledger may hold a better result
+    feasible first, :func:`candidate_rank`; the first of equals), else None.  During an asynchronous run the ledger may hold a better result
     not yet told to the search: it becomes the incumbent at its tell."""
     ok = [r for r in train if r.get("status") == "ok"]
     chosen = (provenance or {}).get("eval_id")
@@ -41,7 +41,14 @@ def best_record(train: Iterable[dict[str, Any]], provenance: dict[str, Any] | No
         if rec["eval_id"] == chosen:
             return rec
     full = [r for r in ok if not stopped_early(r)]
-    return max(full, key=lambda r: r["fitness"]) if full else None
+    return max(full, key=candidate_rank) if full else None
+
+
+def candidate_rank(record: dict[str, Any]) -> tuple[bool, float, float]:
+    """How a train record ranks, larger better: feasible first (successful, above every task
+    floor: no ``violation``), then the least violation, then the weighted fitness."""
+    violation = float(record.get("violation") or 0.0)
+    return (record.get("status") == "ok" and violation == 0.0, -violation, float(record.get("fitness") or 0.0))
 
 
 class StorageError(MergeError):

@@ -182,6 +182,32 @@ def test_a_constrained_run_never_exports_an_infeasible_best(tmp_path):
     assert max(r["fitness"] for r in infeasible) > best["fitness"]
 
 
+def test_the_reports_rank_feasible_candidates_first_and_mark_the_others(tmp_path, capsys):
+    from evolve.html_report import build_report
+    from evolve.report import report, summarize
+
+    # 3 of 48 candidates above the floor: infeasible ones reach both top lists (5 and 10 long)
+    make_driver(tmp_path, config=conflict_config(t2_min=0.75), max_fevals=48).run(ConflictPool(order_seed=1))
+    (tmp_path / "best_config.provenance.json").unlink()  # the reports' own ranking, not the incumbent's
+    train = [r for r in RunStorage(tmp_path).load_evaluations() if r["kind"] == "train" and r["status"] == "ok"]
+    feasible = max((r for r in train if r["violation"] == 0), key=lambda r: r["fitness"])
+    assert max(r["fitness"] for r in train) > feasible["fitness"]  # the fittest is below the floor
+    summary = summarize(tmp_path)
+    assert summary["best"]["eval_id"] == summary["top"][0]["eval_id"] == feasible["eval_id"]
+    flags = [r["violation"] > 0 for r in summary["top"]]
+    assert flags == sorted(flags)  # no infeasible one before a feasible one
+    assert report(tmp_path) == 0
+    ids = {r["eval_id"] for r in train}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.split(" ", 1)[0] in ids]
+    assert lines[0].startswith(feasible["eval_id"])
+    assert any(flags) and any("below a floor by" in line for line in lines)
+    page = build_report(tmp_path, live=False)
+    top = page[page.index('data-table="top"'):]
+    assert top.index(feasible["eval_id"]) < min(top.index(r["eval_id"]) for r in train if r["violation"] > 0
+                                                 if r["eval_id"] in top)
+    assert "below a floor by" in top
+
+
 @pytest.mark.parametrize("strategy", MO_STRATEGY_NAMES)
 def test_kill_and_resume_of_a_pareto_run_continues_the_same_trajectory(tmp_path, strategy):
     if strategy != "chebyshev-cmaes":

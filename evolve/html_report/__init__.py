@@ -90,6 +90,7 @@ def _tables(data: RunData, gains: dict[str, Any]) -> list[tuple[str, str]]:
     from evolve.html_report.page import failures_html, table
     from evolve.html_report.pareto import pareto_tables
     from evolve.html_report.series import failure_table
+    from evolve.storage import candidate_rank
 
     held = data.held_out
     baselines = table(["baseline", "model", "train fitness", "held-out fitness", "failure"],
@@ -97,10 +98,12 @@ def _tables(data: RunData, gains: dict[str, Any]) -> list[tuple[str, str]]:
                         e["held_out_fitness"], e["reason"] or "") for e in data.baselines],
                       numeric=(2, 3), name="baselines") if data.baselines else \
         '<p data-table="baselines">No baselines in this run (it ran with --no-baselines, or they are being scored).</p>'
+    # Feasible first (above every task floor), as the search ranks them.
     ok = sorted((r for r in data.train if r.get("status") == "ok" and not r.get("cached_from")),
-                key=lambda r: -r["fitness"])[:10]
+                key=candidate_rank, reverse=True)[:10]
     top = table(["candidate", "fitness", "held-out", "scores"],
-                [(r["eval_id"], r["fitness"], (held.get(r["eval_id"]) or {}).get("fitness"),
+                [(r["eval_id"] + (f" (below a floor by {r['violation']:.3f})" if r.get("violation") else ""),
+                  r["fitness"], (held.get(r["eval_id"]) or {}).get("fitness"),
                   ", ".join(f"{k}={v:.3f}" for k, v in (r.get("scores") or {}).items() if isinstance(v, float)))
                  for r in ok], numeric=(1, 2), name="top")
     return [("Baselines", baselines), ("Top candidates", top),

@@ -133,9 +133,13 @@ class Objectives:
         viol = self.violation_of(record) if record.get("status") == "ok" else 0.0
         return fitness if viol == 0.0 else self.floor - viol / (1.0 + viol)
 
-    def rank_key(self, record: Mapping[str, Any]) -> tuple[bool, float, float]:
-        """Larger is better: feasible first, then less violation, then weighted fitness."""
-        return (self.feasible(record), -self.violation_of(record), float(record["fitness"]))
+    @staticmethod
+    def rank_key(record: Mapping[str, Any]) -> tuple[bool, float, float]:
+        """Larger is better: feasible first, then less violation, then weighted fitness
+        (:func:`evolve.storage.candidate_rank`, which the reports use too)."""
+        from evolve.storage import candidate_rank
+
+        return candidate_rank(dict(record))
 
     def front(self, records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The non-dominated feasible train records scored on every document (cache hits and
