@@ -88,7 +88,7 @@ def _run_claimed(options: RunOptions, resume: bool, claim: StorageClaim) -> int:
         genome: Any = StackingGenome(stacked.refs, stacked.depth, slots=config.stacking.slots,
                                      min_layers=config.stacking.min_layers, max_layers=config.stacking.max_layers)
     else:
-        models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes, vllm=options.vllm)
+        models = preflight.check_models(config, relative_to, allow_crimes=options.allow_crimes)
         if options.vllm:
             preflight.check_vllm_layout(models)
         # The run writes its files and STORAGE/final_model there: never over an input model.

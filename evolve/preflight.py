@@ -154,8 +154,7 @@ def _model_refs(config: EvolveConfig) -> list[tuple[str, str]]:
     return refs
 
 
-def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool = False,
-                 vllm: bool = False) -> CheckedModels:
+def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool = False) -> CheckedModels:
     """Read and check every model of the genome (see the module docstring); no tensor is loaded."""
     import numpy as np
 
@@ -197,25 +196,11 @@ def check_models(config: EvolveConfig, relative_to: Path, *, allow_crimes: bool 
     genome = Genome(config.genome, depth[first])
     template = genome.decode(genome.initial_point(False, np.random.default_rng(0)))
     try:
-        plan = Planner(infos, relative_to=relative_to, allow_crimes=allow_crimes).plan(recipe_from_dict(template))
+        Planner(infos, relative_to=relative_to, allow_crimes=allow_crimes).plan(recipe_from_dict(template))
     except (RecipeError, ModelError) as err:
         message = err.message if isinstance(err, RecipeError) and not err.path else str(err)
         raise RecipeError("genome", f"the genome's models cannot be merged: {message}") from None
-    if vllm:
-        _refuse_a_vocabulary_vllm_cannot_hold(plan, evaluated)
     return CheckedModels(infos, depth[first], evaluated)
-
-
-def _refuse_a_vocabulary_vllm_cannot_hold(plan: Any, evaluated: str) -> None:
-    """With ``--vllm`` the engine is built from the evaluated model's folder, with its own
-    vocabulary: a merged vocabulary other than that one cannot be pushed into it."""
-    from evolve.workers.vocabulary_model import is_own_vocabulary
-
-    vocab = plan.vocabulary
-    if vocab is not None and not is_own_vocabulary(vocab, evaluated):
-        raise RecipeError("--vllm", f"the models' merged vocabulary ({len(vocab.tokens)} tokens) is not "
-                                    f"'{evaluated}''s own, and vLLM's engine keeps that model's; evaluate with "
-                                    "the HF backend (drop --vllm)")
 
 
 def check_vllm_layout(models: CheckedModels) -> None:

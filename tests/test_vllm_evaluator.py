@@ -288,6 +288,73 @@ def test_candidate_worker_merges_into_a_resident_dict_and_pushes(zoo_root: Path)
         worker.close()
 
 
+def _chat_variant(src: Path, dst: Path) -> Path:
+    """``src`` plus two added chat tokens (rows appended), as a chat fine-tune's checkpoint."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = torch.cat([weights[name], weights[name][:2].clone()])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += 2
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_merged_vocabulary_is_pushed_into_an_engine_of_that_size(zoo_root: Path, tmp_path: Path) -> None:
+    """genome.tokenizer_source: union over the zoo and a chat fine-tune with added tokens: the
+    engine starts with the merged vocabulary and placeholder weights, every candidate is pushed
+    whole and scores as the HF evaluator scores it."""
+    import numpy as np
+
+    from evolve.config import parse_evolve_config
+    from evolve.evaluation import EvalError
+    from evolve.genome import Genome
+    from evolve.protocols import TRAIN
+    from evolve.workers import CandidateWorker, WorkerSpec
+
+    chat = _chat_variant(zoo_root / "format", tmp_path / "format_chat")
+    data = yaml.safe_load(TOY_CONFIG.read_text())
+    data["genome"]["models"] = [str(zoo_root / "spatial"), str(zoo_root / "arith"), str(chat)]
+    data["genome"]["base_model"] = str(zoo_root / "base")
+    data["genome"]["tokenizer_source"] = "union"
+    data["limit"] = 20
+    config = parse_evolve_config(data)
+    genome = Genome(config.genome, 4)
+    lo, hi = (np.asarray(b) for b in genome.bounds)
+    rng = np.random.default_rng(1)
+    a, b = (genome.decode(rng.uniform(lo, hi)) for _ in range(2))
+
+    def spec(backend: str) -> WorkerSpec:
+        settings = _settings(limit=20, backend=backend, vllm={"max_num_seqs": 64})
+        return WorkerSpec(template_recipe=a, settings=settings, train_tasks=list(config.tasks), threads=1)
+
+    hf = CandidateWorker(spec("hf"))
+    expected = {name: hf.run(name, recipe, TRAIN).scores for name, recipe in (("a", a), ("b", b))}
+    hf.close()
+    worker = CandidateWorker(spec("vllm"))
+    try:
+        rows = json.loads((zoo_root / "base" / "config.json").read_text())["vocab_size"] + 2
+        assert worker.scratch is not None and worker.params["model.embed_tokens.weight"].shape[0] == rows
+        with pytest.raises(EvalError, match="placeholder weights"):  # nothing pushed yet
+            worker.evaluator.evaluate(list(config.tasks))
+        for name, recipe in (("a", a), ("b", b), ("a2", a)):
+            result = worker.run(name, recipe, TRAIN)
+            assert result.status == "ok", result.reason
+            assert _close(result.scores, expected[name[0]]), (name, result.scores, expected[name[0]])
+    finally:
+        worker.close()
+
+
 # -- with vLLM: a whole run -----------------------------------------------------------------
 
 

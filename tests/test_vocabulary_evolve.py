@@ -1,7 +1,7 @@
 """merge-evolve and merged vocabularies: ``genome.tokenizer_source: union`` over models of one
 tokenizer (the evaluated model's own vocabulary) and over models whose vocabularies differ (a chat
-fine-tune with added tokens: the workers evaluate in the merged vocabulary); vLLM refuses the
-latter in one line."""
+fine-tune with added tokens: the workers evaluate in the merged vocabulary).  With vLLM:
+tests/test_vllm_evaluator.py."""
 
 from __future__ import annotations
 
@@ -75,19 +75,6 @@ def test_models_of_other_vocabularies_are_evolved_in_the_merged_one(task_models,
     assert json.loads((final / "config.json").read_text())["vocab_size"] == rows
     assert load(str(final / "model.safetensors"))["model.embed_tokens.weight"].shape[0] == rows
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(final).get_vocab()
-
-
-def test_vllm_refuses_a_merged_vocabulary_in_one_line(task_models, tmp_path):
-    from evolve.config import load_evolve_config
-    from evolve.preflight import check_models
-    from merge_core.errors import RecipeError
-
-    chat = _with_chat_tokens(task_models["e2"], tmp_path / "chat")
-    config = load_evolve_config(_config(tmp_path / "c.yml", [str(task_models["e1"]), str(chat)],
-                                        str(task_models["base"])))
-    check_models(config, tmp_path)  # the HF backend takes it
-    with pytest.raises(RecipeError, match=r"^--vllm: the models' merged vocabulary \(\d+ tokens\) is not"):
-        check_models(config, tmp_path, vllm=True)
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ class EvalSettings:
     passed explicitly to every load, so transformers never asks on a terminal.
     ``resized_vocabulary``: the model folder's config has a merged vocabulary's size and its
     weights the model's own: the token-indexed tensors are sized to the config (HF backend;
-    :mod:`evolve.workers.vocabulary_model`).
+    vLLM starts with placeholder weights; :mod:`evolve.workers.vocabulary_model`).
     """
 
     limit: Optional[Union[int, float]] = None

@@ -67,6 +67,10 @@ def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, An
       (vLLM refuses a longer one; the config's 4096 default is longer than small models').
     - CPU: enforce_eager always (there are no CUDA graphs to capture).
     - tensor_parallel_size must be 1: the in-place push needs the single in-process worker.
+    - ``settings.resized_vocabulary`` (a run that merges vocabularies: ``model_dir`` has the
+      merged ``vocab_size`` and tokenizer, and its weight files the model's own vocabulary):
+      the engine starts with placeholder weights (``load_format: dummy``; the files' token-indexed
+      tensors do not fit it) and every weight is pushed before the first evaluation.
     """
     engine = engine_settings(settings)
     cpu = settings.resolved_device().type == "cpu"
@@ -93,6 +97,8 @@ def engine_kwargs(model_dir: str | Path, settings: EvalSettings) -> dict[str, An
     }
     if engine["max_num_seqs"] is not None:
         kwargs["max_num_seqs"] = int(engine["max_num_seqs"])
+    if settings.resized_vocabulary:
+        kwargs["load_format"] = "dummy"
     return kwargs
 
 
@@ -223,6 +229,9 @@ class VLLMEvaluator(ResidentEvaluator):
         self._layer_of, self._layers = _checkpoint_layers(self.model_dir, self.llm.collective_rpc("packed_modules")[0])
         self.catalog = TaskCatalog(settings.task_search_paths, builtin_tasks=settings.builtin_tasks)
         self._task_sets = {}
+        # Started with placeholder weights: the checkpoint tensors not pushed yet (scoring
+        # before all are pushed would score random weights).
+        self._unpushed = set(self._layer_of) if settings.resized_vocabulary else set()
         self.setup_seconds = time.perf_counter() - start
         self.pushes = 0
 
@@ -245,7 +254,16 @@ class VLLMEvaluator(ResidentEvaluator):
             if not self.llm.reset_prefix_cache():
                 raise EvalError("vLLM could not reset its prefix cache after a weight push")
         self.pushes += 1
+        self._unpushed.difference_update(state_dict)
         return time.perf_counter() - start
+
+    def evaluate(self, tasks: Sequence[Any], **kwargs: Any) -> Any:
+        """As :meth:`ResidentEvaluator.evaluate`; EvalError while an engine started with
+        placeholder weights has some not pushed yet."""
+        if self._unpushed:
+            raise EvalError(f"vLLM engine started with placeholder weights; {len(self._unpushed)} tensors not "
+                            f"pushed yet (e.g. {min(self._unpushed)!r})")
+        return super().evaluate(tasks, **kwargs)
 
     def _check_whole_layers(self, names: Mapping[str, Any]) -> None:
         unknown = next((n for n in names if n not in self._layer_of), None)

@@ -4,7 +4,9 @@ Every candidate of such a run has the run's merged vocabulary (its rows re-index
 :mod:`merge_core.vocabulary`), which is not the evaluated model's own.  The worker loads that
 model once with the merged vocabulary: a scratch folder holding its config (``vocab_size`` set),
 the merged tokenizer, and links to its weight files; transformers sizes the token-indexed tensors
-to the config (``resized_vocabulary``), and each evaluation writes every weight first.
+to the config (``resized_vocabulary``), and each evaluation writes every weight first.  vLLM's
+engine is started from the same folder with placeholder weights (its weights are pushed whole,
+:func:`evolve.evaluation.vllm.engine_kwargs`); the links give the checkpoint's tensor names.
 """
 
 from __future__ import annotations
