@@ -358,11 +358,12 @@ def test_a_merged_vocabulary_is_pushed_into_an_engine_of_that_size(zoo_root: Pat
 # -- with vLLM: a whole run -----------------------------------------------------------------
 
 
-def _run(tmp_path: Path, zoo_root: Path, name: str, *extra: str) -> list[dict]:
+def _run(tmp_path: Path, zoo_root: Path, name: str, *extra: str, genome: dict | None = None) -> list[dict]:
     from evolve.cli import main as merge_evolve
 
     config = yaml.safe_load(TOY_CONFIG.read_text())
     config["limit"] = 20
+    config["genome"].update(genome or {})
     work = tmp_path / name
     work.mkdir()
     (work / "zoo").symlink_to(zoo_root, target_is_directory=True)
@@ -396,3 +397,14 @@ def test_whole_run_with_vllm_matches_hf(zoo_root: Path, tmp_path: Path, capsys) 
         other = reference[record["eval_id"]]
         assert record["recipe_hash"] == other["recipe_hash"]
         assert abs(record["fitness"] - other["fitness"]) <= 0.01, (record, other)
+
+
+@pytest.mark.slow
+def test_whole_run_with_vllm_and_a_merged_vocabulary(zoo_root: Path, tmp_path: Path) -> None:
+    chat = _chat_variant(zoo_root / "format", tmp_path / "format_chat")
+    genome = {"models": ["zoo/spatial", "zoo/arith", str(chat)], "tokenizer_source": "union"}
+    ledger = _run(tmp_path, zoo_root, "vllm", "--vllm", genome=genome)
+    scored = [r for r in ledger if r["kind"] in ("train", "baseline", "held_out")]
+    assert {r["kind"] for r in scored} == {"train", "baseline", "held_out"}
+    assert all(r["status"] == "ok" for r in scored), [r.get("reason") for r in scored]
+    assert all("push" in r["timings"] for r in ledger if r["kind"] == "train" and r["cached_from"] is None)
