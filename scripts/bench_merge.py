@@ -16,6 +16,8 @@
    preallocated torch copy of the same model (read + write bytes per second), each merge timed
    right after a copy and the median of those paired ratios printed (the bandwidth drifts).
    Targets: >= 0.8 for linear/task_arithmetic, >= 0.5 for ties/dare/della/breadcrumbs.
+4. What inputs of other vocabularies and LoRA adapters cost a candidate's in-memory merge
+   (``scripts/bench_inputs.py``; ``--skip-inputs`` leaves it out).  Target: ratios ~1.0.
 """
 
 from __future__ import annotations
@@ -259,6 +261,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="in-memory methods to time, comma-separated (default: all)")
     parser.add_argument("--skip-commands", action="store_true", help="skip the whole-command timings")
+    parser.add_argument("--skip-inputs", action="store_true",
+                        help="skip the per-candidate cost of merged vocabularies and LoRA adapters")
     parser.add_argument("--recipes", default=None,
                         help=f"whole-command recipes to time, comma-separated (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--in-memory-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -282,6 +286,10 @@ def main() -> None:
                        set(args.recipes.split(",")) if args.recipes else None)
     if not args.skip_in_memory:
         bench_in_memory(models, set(args.methods.split(",")) if args.methods else None, args.in_memory_dtype)
+    if not args.skip_inputs:
+        from bench_inputs import bench_input_kinds
+
+        bench_input_kinds(args.workdir / args.params, models)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,10 @@ scored in the merged vocabulary it scores otherwise (the control, so the test ca
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 pytest.importorskip("lm_eval")
 
@@ -25,26 +21,17 @@ from evolve.genome import Genome  # noqa: E402
 from evolve.preflight import model_recipe  # noqa: E402
 from evolve.search import TRAIN  # noqa: E402
 from evolve.workers import CandidateWorker, WorkerSpec  # noqa: E402
+from tiny_models import with_added_tokens  # noqa: E402
 
 
 def _with_added_tokens(src: Path, dst: Path) -> Path:
-    """``src`` plus added tokens "0=" .. "9=" (those its tokenizer does not have), rows appended."""
+    """``src`` plus added tokens "0=" .. "9=" (those its tokenizer does not have)."""
     from transformers import AutoTokenizer
 
-    shutil.copytree(src, dst)
-    tok = AutoTokenizer.from_pretrained(dst)
-    new = [f"{d}=" for d in range(10) if f"{d}=" not in tok.get_vocab()]
+    have = AutoTokenizer.from_pretrained(src).get_vocab()
+    new = [f"{d}=" for d in range(10) if f"{d}=" not in have]
     assert len(new) >= 5, new
-    tok.add_tokens(new)
-    tok.save_pretrained(dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = torch.cat([weights[name], weights[name][: len(new)].flip(1).clone()])
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["vocab_size"] += len(new)
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
+    return with_added_tokens(src, dst, new)
 
 
 @pytest.fixture(scope="module")

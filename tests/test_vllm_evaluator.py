@@ -243,33 +243,45 @@ def test_push_refuses_part_of_a_fused_layer(zoo_root: Path, spatial_engine) -> N
 # -- with vLLM: the worker ------------------------------------------------------------------
 
 
-def test_candidate_worker_merges_into_a_resident_dict_and_pushes(zoo_root: Path) -> None:
+def _two_candidates(zoo_root: Path, seed: int, **genome_fields):
+    """(config, a, b): the toy config on ``zoo_root`` (``genome_fields`` changed), limit 20, and
+    two random candidates of its genome."""
     import numpy as np
-    import torch
 
     from evolve.config import parse_evolve_config
     from evolve.genome import Genome
-    from evolve.protocols import TRAIN
-    from evolve.workers import CandidateWorker, WorkerSpec
 
     data = yaml.safe_load(TOY_CONFIG.read_text())
     data["genome"]["models"] = [str(zoo_root / Path(m).name) for m in data["genome"]["models"]]
     data["genome"]["base_model"] = str(zoo_root / "base")
+    data["genome"].update(genome_fields)
     data["limit"] = 20
     config = parse_evolve_config(data)
     genome = Genome(config.genome, 4)
     lo, hi = (np.asarray(b) for b in genome.bounds)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     a, b = (genome.decode(rng.uniform(lo, hi)) for _ in range(2))
+    return config, a, b
 
-    def spec(backend: str, **kw) -> WorkerSpec:
-        settings = _settings(limit=20, backend=backend, vllm={"max_num_seqs": 64})
-        return WorkerSpec(template_recipe=a, settings=settings, train_tasks=list(config.tasks), threads=1, **kw)
 
-    hf = CandidateWorker(spec("hf"))
+def _worker_spec(config, template: dict, backend: str, **kw):
+    from evolve.workers import WorkerSpec
+
+    settings = _settings(limit=20, backend=backend, vllm={"max_num_seqs": 64})
+    return WorkerSpec(template_recipe=template, settings=settings, train_tasks=list(config.tasks), threads=1, **kw)
+
+
+def test_candidate_worker_merges_into_a_resident_dict_and_pushes(zoo_root: Path) -> None:
+    import torch
+
+    from evolve.protocols import TRAIN
+    from evolve.workers import CandidateWorker
+
+    config, a, b = _two_candidates(zoo_root, 0)
+    hf = CandidateWorker(_worker_spec(config, a, "hf"))
     expected = {name: hf.run(name, recipe, TRAIN).scores for name, recipe in (("a", a), ("b", b))}
     hf.close()
-    worker = CandidateWorker(spec("vllm", fault_injection={"nan": ["nan"]}))
+    worker = CandidateWorker(_worker_spec(config, a, "vllm", fault_injection={"nan": ["nan"]}))
     try:
         assert all(t.dtype == torch.bfloat16 for t in worker.params.values())  # the recipe's dtype
         buffers = {name: t.data_ptr() for name, t in worker.params.items()}
@@ -289,59 +301,26 @@ def test_candidate_worker_merges_into_a_resident_dict_and_pushes(zoo_root: Path)
 
 
 def _chat_variant(src: Path, dst: Path) -> Path:
-    """``src`` plus two added chat tokens (rows appended), as a chat fine-tune's checkpoint."""
-    import shutil
+    from tiny_models import with_added_tokens
 
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
-    shutil.copytree(src, dst)
-    tok = AutoTokenizer.from_pretrained(dst)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.save_pretrained(dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = torch.cat([weights[name], weights[name][:2].clone()])
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["vocab_size"] += 2
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
+    return with_added_tokens(src, dst, ["<|im_start|>", "<|im_end|>"], special=True)
 
 
 def test_a_merged_vocabulary_is_pushed_into_an_engine_of_that_size(zoo_root: Path, tmp_path: Path) -> None:
     """genome.tokenizer_source: union over the zoo and a chat fine-tune with added tokens: the
     engine starts with the merged vocabulary and placeholder weights, every candidate is pushed
     whole and scores as the HF evaluator scores it."""
-    import numpy as np
-
-    from evolve.config import parse_evolve_config
     from evolve.evaluation import EvalError
-    from evolve.genome import Genome
     from evolve.protocols import TRAIN
-    from evolve.workers import CandidateWorker, WorkerSpec
+    from evolve.workers import CandidateWorker
 
     chat = _chat_variant(zoo_root / "format", tmp_path / "format_chat")
-    data = yaml.safe_load(TOY_CONFIG.read_text())
-    data["genome"]["models"] = [str(zoo_root / "spatial"), str(zoo_root / "arith"), str(chat)]
-    data["genome"]["base_model"] = str(zoo_root / "base")
-    data["genome"]["tokenizer_source"] = "union"
-    data["limit"] = 20
-    config = parse_evolve_config(data)
-    genome = Genome(config.genome, 4)
-    lo, hi = (np.asarray(b) for b in genome.bounds)
-    rng = np.random.default_rng(1)
-    a, b = (genome.decode(rng.uniform(lo, hi)) for _ in range(2))
-
-    def spec(backend: str) -> WorkerSpec:
-        settings = _settings(limit=20, backend=backend, vllm={"max_num_seqs": 64})
-        return WorkerSpec(template_recipe=a, settings=settings, train_tasks=list(config.tasks), threads=1)
-
-    hf = CandidateWorker(spec("hf"))
+    config, a, b = _two_candidates(zoo_root, 1, models=[str(zoo_root / "spatial"), str(zoo_root / "arith"), str(chat)],
+                                   tokenizer_source="union")
+    hf = CandidateWorker(_worker_spec(config, a, "hf"))
     expected = {name: hf.run(name, recipe, TRAIN).scores for name, recipe in (("a", a), ("b", b))}
     hf.close()
-    worker = CandidateWorker(spec("vllm"))
+    worker = CandidateWorker(_worker_spec(config, a, "vllm"))
     try:
         rows = json.loads((zoo_root / "base" / "config.json").read_text())["vocab_size"] + 2
         assert worker.scratch is not None and worker.params["model.embed_tokens.weight"].shape[0] == rows

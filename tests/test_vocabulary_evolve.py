@@ -6,17 +6,15 @@ tests/test_vllm_evaluator.py."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 pytest.importorskip("lm_eval")
 
 from evolve.cli import main as merge_evolve  # noqa: E402
+from tiny_models import with_added_tokens  # noqa: E402
 
 
 def _config(path: Path, models: list[str], base: str) -> Path:
@@ -33,20 +31,7 @@ def _argv(config: Path, store: Path) -> list[str]:
 
 
 def _with_chat_tokens(src: Path, dst: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    shutil.copytree(src, dst)
-    tok = AutoTokenizer.from_pretrained(dst)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.save_pretrained(dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = torch.cat([weights[name], weights[name][:2].clone()])
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["vocab_size"] += 2
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
+    return with_added_tokens(src, dst, ["<|im_start|>", "<|im_end|>"], special=True)
 
 
 @pytest.mark.slow

@@ -138,3 +138,30 @@ def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(file)))
     return out
+
+
+def with_added_tokens(src: Path, dst: Path, tokens: list[str], *, special: bool = False) -> Path:
+    """A copy of model ``src`` in ``dst`` whose tokenizer adds ``tokens`` (as special tokens when
+    ``special``, a chat fine-tune's ``<|im_start|>``), with as many rows appended to the embedding
+    and ``lm_head`` (the first rows, reversed along the hidden axis) and ``vocab_size`` to match."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)  # (symlinked files are copied as files)
+    tok = AutoTokenizer.from_pretrained(dst)
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+    else:
+        tok.add_tokens(list(tokens))
+    tok.save_pretrained(dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weights:
+            weights[name] = torch.cat([weights[name], weights[name][: len(tokens)].flip(1).clone()])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += len(tokens)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
