@@ -219,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as err:
         print(f"merge-evolve: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # stdout's reader went away (`merge-evolve report ... | head`)
+        from merge_core.fsutil import drop_closed_stdout
+
+        if verb != "report":
+            print("merge-evolve: standard output was closed (broken pipe); what was recorded is intact: run the "
+                  "same command again to resume", file=sys.stderr)
+        return drop_closed_stdout()
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise

@@ -54,7 +54,11 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "cache_hits": len([r for r in train if r.get("cached_from") is not None]),
         "failed": len(failed),
         "failure_reasons": sorted({r.get("reason") or "" for r in failed})[:5],
-        "generations": len({r["generation"] for r in train}),
+        # Whole generations (popsize results each: the tells, as the run's closing line counts
+        # them), and the results of the one not complete yet.
+        "generations": len(train) // manifest["popsize"] if manifest.get("popsize") else
+        len({r["generation"] for r in train}),
+        "partial_generation": len(train) % manifest["popsize"] if manifest.get("popsize") else 0,
         "best": brief(best) if best else None,
         "top": [brief(r) for r in ok[:5]],
         "baselines": [{k: e[k] for k in ("name", "model", "role", "fitness", "held_out_fitness", "reason")}
@@ -110,10 +114,16 @@ def _print_baselines(summary: dict[str, Any]) -> None:
         print(line)
 
 
+def _partial(summary: dict[str, Any]) -> str:
+    n = summary.get("partial_generation") or 0
+    return f" (+{n} of the next)" if n else ""
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     print(f"run {summary['storage_path']}: {summary['evaluations']} evaluations "
           f"({summary['cache_hits']} cache hits, {summary['failed']} failed) over "
-          f"{summary['generations']} generations; budget {summary['budget']}, seed {summary['seed']}")
+          f"{summary['generations']} generations{_partial(summary)}; budget {summary['budget']}, "
+          f"seed {summary['seed']}")
     for reason in summary["failure_reasons"]:
         print(f"  failure: {reason}")
     _print_baselines(summary)

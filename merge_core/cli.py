@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge-yaml: error: {err}", file=sys.stderr)
         return _finish(EXIT_BAD_INPUT, argv is None)
     if not args.quiet:
-        print(f"merged model written to {out}")
+        try:
+            print(f"merged model written to {out}", flush=True)
+        except BrokenPipeError:  # the model is written; only the line had no reader
+            from merge_core.fsutil import drop_closed_stdout
+
+            drop_closed_stdout()
     return _finish(0, argv is None)
 
 

@@ -99,3 +99,23 @@ def refuse_overwrite(out: Path | str, protected: Iterable[tuple[str, Path | str]
         if how is not None:
             raise MergeError(f"{what} '{out}' {how} {name} ({real_path(path)}): writing there would destroy it; "
                              "choose another output path")
+
+
+# 128 + SIGPIPE: what shells report for a writer whose reader went away (`... | head`).
+EXIT_BROKEN_PIPE = 141
+
+
+def drop_closed_stdout() -> int:
+    """After a BrokenPipeError on standard output (its reader, ``head`` say, stopped reading):
+    point stdout at /dev/null so the interpreter's last flush does not fail again with a
+    traceback; returns :data:`EXIT_BROKEN_PIPE`."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE

@@ -343,3 +343,34 @@ def test_models_that_number_their_tokens_differently_are_not_merged_by_id(tiny_m
     assert not (tmp_path / "out").exists()
     same = _recipe(tmp_path, [str(tiny_models["a"]), str(tiny_models["c"])], name="same.yml")
     assert merge_yaml([str(same), str(tmp_path / "out"), "-q"]) == 0  # one tokenizer: merged as before
+
+
+# -- a reader that stops reading (`... | head`) ------------------------------------------------
+
+
+def _with_closed_stdout(argv: list[str]) -> tuple[int, str]:
+    """Run a console script with a standard output whose reader is already gone; (code, stderr)."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout fails with EPIPE, deterministically
+    try:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from {} import main; sys.exit(main())".format(argv[0]),
+                               *argv[1:]], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+def test_report_into_a_closed_pipe_ends_quietly_with_141(finished_run):
+    code, err = _with_closed_stdout(["evolve.cli", "report", "--storage-path", str(finished_run)])
+    assert code == 141 and err == "", err
+
+
+def test_merge_yaml_into_a_closed_pipe_writes_the_model_and_exits_0(tiny_models, tmp_path):
+    recipe = _recipe(tmp_path, [str(tiny_models["a"]), str(tiny_models["c"])])
+    code, err = _with_closed_stdout(["merge_core.cli", str(recipe), str(tmp_path / "out")])
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "out" / "config.json").is_file()

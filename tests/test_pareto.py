@@ -193,6 +193,9 @@ def test_the_reports_rank_feasible_candidates_first_and_mark_the_others(tmp_path
     feasible = max((r for r in train if r["violation"] == 0), key=lambda r: r["fitness"])
     assert max(r["fitness"] for r in train) > feasible["fitness"]  # the fittest is below the floor
     summary = summarize(tmp_path)
+    popsize = RunStorage(tmp_path).read_manifest()["popsize"]  # whole generations, as the run's last line
+    assert summary["generations"] * popsize + summary["partial_generation"] == len(train) == 48
+    assert summary["partial_generation"] == 48 % popsize
     assert summary["best"]["eval_id"] == summary["top"][0]["eval_id"] == feasible["eval_id"]
     flags = [r["violation"] > 0 for r in summary["top"]]
     assert flags == sorted(flags)  # no infeasible one before a feasible one
