@@ -113,7 +113,7 @@ def one_run(root: Path, schedule: str, workers: int, sigma: float, seed: int, bu
     pool = SimulatedPool(workers, sigma, seed, target)
     store = root / f"{schedule}-{workers}-{sigma}-{seed}"
     driver = SearchDriver(genome, RunStorage(store), config, seed=seed, max_fevals=budget, schedule=schedule,
-                          sigma0=0.2, versions={"bench": "1"})
+                          sigma0=0.2, versions={"bench": "1"}, strategy=config.search.strategy if config.search else None)
     outcome = driver.run(pool)
     return pool.busy_fraction(), float(outcome.best["fitness"]) if outcome.best else float("nan"), outcome.evaluations
 

@@ -185,7 +185,8 @@ class SearchDriver:
                 "versions": self.versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _strategy_name(self) -> str:
-        """Forced, else the config's, else the stored run's, else the default (of the objectives mode)."""
+        """Forced (``strategy``: the app passes the config's ``search.strategy``), else the stored
+        run's, else the default (of the objectives mode)."""
         if self.strategy_name is not None:
             return self.strategy_name
         default = DEFAULT_MO_STRATEGY if self.objectives.pareto else DEFAULT_STRATEGY
