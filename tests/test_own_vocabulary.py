@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("lm_eval")
 
@@ -76,6 +77,25 @@ def test_a_parents_baseline_is_scored_with_its_own_tokenizer(union_run, task_mod
     candidate = worker.run("c0", dict(worker.spec.template_recipe), TRAIN)
     assert candidate.status == "ok", candidate.reason
     assert worker.own_vocabulary.held is None
+
+
+@pytest.mark.slow
+def test_a_lora_parent_is_scored_as_its_merged_model(union_run, task_models, tmp_path):
+    """``base+adapter`` (the base's vocabulary): scored like the folder merge-yaml writes for it."""
+    from test_lora_evolve import write_adapter
+
+    from merge_core.cli import main as merge_yaml
+
+    worker, config, settings, _ = union_run
+    ref = f"{task_models['base']}+{write_adapter(task_models['base'], tmp_path / 'adapter', seed=5)}"
+    recipe = model_recipe(ref, 4, "float32")
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    assert merge_yaml([str(tmp_path / "r.yml"), str(tmp_path / "merged"), "-q"]) == 0
+    result = worker.run("baseline/lora", recipe, TRAIN)
+    assert result.status == "ok", result.reason
+    assert worker.own_vocabulary.held is not None
+    assert result.scores == _own_scores(tmp_path / "merged", config, settings)
+    assert result.scores != _own_scores(task_models["base"], config, settings)  # the adapter counts
 
 
 @pytest.mark.slow

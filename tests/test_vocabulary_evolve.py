@@ -81,6 +81,10 @@ def test_the_readme_example_chat_fine_tunes_and_a_lora_evolved_together(task_mod
     store = tmp_path / "run"
     assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "6",
                          "--force-population-size", "3", "--no-save-final-model"]) == 0
+    records = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    parents = {r["model"]: r for r in records if r.get("kind") == "baseline" and r.get("role") in ("base", "model")}
+    assert f"{task_models['base']}+{adapter}" in parents  # scored in its own vocabulary (the base's)
+    assert all(r["status"] == "ok" for r in parents.values()), [r.get("reason") for r in parents.values()]
     best = yaml.safe_load((store / "best_config.yaml").read_text())
     assert best["tokenizer"]["source"] == "union" and f"+{adapter}" in json.dumps(best)
     assert merge_yaml([str(store / "best_config.yaml"), str(tmp_path / "merged"), "-q"]) == 0
