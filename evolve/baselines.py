@@ -249,13 +249,15 @@ def baseline_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per baseline, parents (base first) then the equal merge.
 
     Each: ``name``, ``model``, ``role``, ``fitness`` / ``held_out_fitness`` (None unless scored
-    successfully), ``scores`` / ``held_out_scores``, ``reason`` (of a failure, else None).
+    successfully), ``scores`` / ``held_out_scores``, ``reason`` (of a failure, else None),
+    ``note`` (how it was scored where not as usual, else None).
     """
     out: dict[str, dict[str, Any]] = {}
     for rec in baseline_records(records):
         entry = out.setdefault(rec["name"], {"name": rec["name"], "model": rec.get("model"), "role": rec.get("role"),
                                              "fitness": None, "held_out_fitness": None, "scores": {},
-                                             "held_out_scores": {}, "reason": None})
+                                             "held_out_scores": {}, "reason": None, "note": None})
+        entry["note"] = entry["note"] or rec.get("note")
         prefix = "held_out_" if rec.get("task_set") == HELD_OUT else ""
         if rec.get("status") == "ok":
             entry[f"{prefix}fitness"] = rec["fitness"]

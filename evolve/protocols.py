@@ -41,6 +41,7 @@ class Result:
     documents_full: int | None = None
     per_doc: dict[str, list[float]] | None = None
     race: dict[str, Any] | None = None
+    note: str | None = None  # how it was scored, where not as asked (kept in the ledger record)
 
 
 class EvaluationPool(Protocol):

@@ -61,7 +61,7 @@ def summarize(storage_path: Path) -> dict[str, Any]:
         "partial_generation": len(train) % manifest["popsize"] if manifest.get("popsize") else 0,
         "best": brief(best) if best else None,
         "top": [brief(r) for r in ok[:5]],
-        "baselines": [{k: e[k] for k in ("name", "model", "role", "fitness", "held_out_fitness", "reason")}
+        "baselines": [{k: e[k] for k in ("name", "model", "role", "fitness", "held_out_fitness", "reason", "note")}
                       for e in baseline_summary(records)],
         "best_parent": gains["best_parent"],
         "gain_over_best_parent": gains["gain_over_best_parent"],
@@ -104,7 +104,7 @@ def _print_baselines(summary: dict[str, Any]) -> None:
     print(f"baselines{'':<17}{'fitness':>9}{'held-out':>10}")
     for e in summary["baselines"]:
         label = e["name"] if e["model"] is None or e["model"] == e["name"] else f"{e['name']} ({e['model']})"
-        failed = f"  failed: {e['reason']}" if e["reason"] else ""
+        failed = f"  failed: {e['reason']}" if e["reason"] else (f"  ({e['note']})" if e.get("note") else "")
         print(f"  {label[:24]:<24}{_fitness(e['fitness']):>9}{_fitness(e['held_out_fitness']):>10}{failed}")
     gain = summary["gain_over_best_parent"]
     if gain is not None:

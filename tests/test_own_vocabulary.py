@@ -8,10 +8,12 @@ scored in the merged vocabulary it scores otherwise (the control, so the test ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("lm_eval")
@@ -107,3 +109,42 @@ def test_scored_in_the_merged_vocabulary_the_base_would_score_otherwise(union_ru
     assert merged.status == "ok", merged.reason
     own = worker.run("own-base", model_recipe(str(task_models["base"]), 4, "float32"), TRAIN)
     assert merged.scores != own.scores
+
+
+@pytest.mark.slow
+def test_a_parent_whose_own_model_does_not_fit_is_scored_in_the_merged_vocabulary_and_noted(
+        task_models, tmp_path, monkeypatch, capsys):
+    """Out of memory loading a parent's own model (a GPU full with the worker's inputs): the
+    parent is scored in the run's vocabulary instead, and the ledger and report say so."""
+    from evolve.cli import main as merge_evolve
+    from evolve.workers import own_vocabulary
+    from evolve.workers.worker import OWN_VOCABULARY_FALLBACK
+
+    def no_room(self, model_dir):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+    monkeypatch.setattr(own_vocabulary.OwnVocabularyScorer, "_evaluator", no_room)
+    chat = _with_added_tokens(task_models["e2"], tmp_path / "chat")
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "genome": {"models": [str(task_models["e1"]), str(chat)], "merge_method": "task_arithmetic",
+                   "base_model": str(task_models["base"]), "layer_granularity": 2, "tokenizer_source": "union"},
+        "tasks": [{"name": "toy_arith"}], "limit": 8, "apply_chat_template": False}))
+    store = tmp_path / "run"
+    assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "3",
+                         "--force-population-size", "3", "--no-save-final-model"]) == 0
+    records = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    parents = {r["name"]: r for r in records if r.get("kind") == "baseline" and r.get("role") in ("base", "model")}
+    assert all(r["status"] == "ok" for r in parents.values())
+    # base and e1 lack the chat tokens: noted; the chat model's vocabulary is the union: as usual
+    assert parents["base"]["note"] == parents["e1"]["note"] == OWN_VOCABULARY_FALLBACK
+    assert "note" not in parents["chat"]
+    from evolve.report import report
+
+    capsys.readouterr()
+    assert report(store) == 0
+    assert f"({OWN_VOCABULARY_FALLBACK})" in capsys.readouterr().out
+    from evolve.html_report import build_report
+
+    page = build_report(store, live=False)
+    assert OWN_VOCABULARY_FALLBACK in page[page.index('data-table="baselines"'):]

@@ -93,9 +93,9 @@ def _tables(data: RunData, gains: dict[str, Any]) -> list[tuple[str, str]]:
     from evolve.storage import candidate_rank
 
     held = data.held_out
-    baselines = table(["baseline", "model", "train fitness", "held-out fitness", "failure"],
+    baselines = table(["baseline", "model", "train fitness", "held-out fitness", "failure or note"],
                       [(e["name"], e["model"] or "equal-weights merge (1/M each)", e["fitness"],
-                        e["held_out_fitness"], e["reason"] or "") for e in data.baselines],
+                        e["held_out_fitness"], e["reason"] or e.get("note") or "") for e in data.baselines],
                       numeric=(2, 3), name="baselines") if data.baselines else \
         '<p data-table="baselines">No baselines in this run (it ran with --no-baselines, or they are being scored).</p>'
     # Feasible first (above every task floor), as the search ranks them.

@@ -50,6 +50,8 @@ def scored(result: Result, tasks: Sequence[TaskConfig], penalty: float, submitte
     extra = {}
     if status == "ok" and any(t.min is not None for t in tasks):  # floors: how far below them (0: feasible)
         extra["violation"] = violation(tasks, result.scores)
+    if result.note:
+        extra["note"] = result.note
     if submitted is not None:
         timings["wall_s"] = time.monotonic() - submitted
     timings["done_unix"] = time.time()  # when the driver got it: throughput, gaps, W&B time axis

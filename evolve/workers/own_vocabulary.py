@@ -16,6 +16,7 @@ inputs are read from CPU memory (streamed), never made resident on the device.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,8 +96,15 @@ class OwnVocabularyScorer:
         self.held = (model_dir, evaluator)
         return evaluator
 
-    def release(self) -> None:
-        """Drop the held model (before the next candidate, and at close)."""
+    def release(self, *, after_failure: bool = False) -> None:
+        """Drop the held model (before the next candidate, and at close); ``after_failure``: a
+        load or merge ran out of memory, return what it had allocated too.  Nothing to do
+        (every candidate of a run asks) costs nothing."""
+        if self.held is None and not after_failure:
+            return
         if self.held is not None:
             self.held[1].close()
             self.held = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

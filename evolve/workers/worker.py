@@ -39,7 +39,10 @@ from evolve.workers.race_eval import RaceEvaluation, race_plan
 from evolve.workers.stacking import StackedModel, StackingSpec, layer_plan
 from merge_core.errors import MergeError
 
-__all__ = ["CandidateWorker", "WorkerPoolError", "WorkerSpec"]
+__all__ = ["CandidateWorker", "OWN_VOCABULARY_FALLBACK", "WorkerPoolError", "WorkerSpec"]
+
+# The note of a parent scored in the run's merged vocabulary because its own model did not fit.
+OWN_VOCABULARY_FALLBACK = "scored in the merged vocabulary: its own model did not fit in memory"
 
 
 class WorkerPoolError(MergeError):
@@ -249,11 +252,21 @@ class CandidateWorker:
                 self.stacked.apply(layer_plan(recipe, self.stacked.refs))
                 timings["merge"] = time.perf_counter() - start
                 return self._score(eval_id, task_set, race, tasks, start, timings)
+            note = None
             if self.own_vocabulary is not None:
                 own = self._own_vocabulary_plan(recipe)
                 if own is not None:
-                    scores, reason = self.own_vocabulary.score(own, tasks, timings)
-                    return self._result(eval_id, start, timings, scores=scores, reason=reason)
+                    try:
+                        scores, reason = self.own_vocabulary.score(own, tasks, timings)
+                        return self._result(eval_id, start, timings, scores=scores, reason=reason)
+                    except (MemoryError, RuntimeError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+                        if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and \
+                                "can't allocate memory" not in str(exc):  # the CPU allocator's words
+                            raise
+                        # Its own model does not fit next to the worker's: score it in the run's
+                        # vocabulary (its own rows for its tokens) rather than not at all, and say so.
+                        self.own_vocabulary.release(after_failure=True)
+                        note = OWN_VOCABULARY_FALLBACK
             plan = self._plan(recipe)
             if self.staging is None:
                 self.merger.merge_into(plan, self.params)
@@ -272,7 +285,9 @@ class CandidateWorker:
             if self.weights_in_engine:
                 pushed = {t.output: self.params[t.output] for t in plan.tasks}
                 timings["push"] = self.evaluator.push_weights(pushed)  # type: ignore[attr-defined]
-            return self._score(eval_id, task_set, race, tasks, start, timings)
+            result = self._score(eval_id, task_set, race, tasks, start, timings)
+            result.note = note
+            return result
         except Exception as exc:  # one bad candidate must not take the worker down
             return self._result(eval_id, start, timings, reason=one_line(exc))
 
