@@ -12,7 +12,8 @@ workers.  Each score is one ledger record of kind ``baseline``::
      "fitness", "worker", "node", "timings"}
 
 The preflight's scores of the starting model are reused for its baseline (it is not scored
-twice).  A stored baseline is never scored again (a resumed run reuses it), unless it failed for
+twice), unless the run merges vocabularies (the preflight scores it in the run's vocabulary,
+as candidates are scored; its baseline, in its own).  A stored baseline is never scored again (a resumed run reuses it), unless it failed for
 a passing reason (out of memory, a dead worker) or no longer matches (another recipe or task
 list).  The search ignores these records; the progress line, W&B, ``best_config`` provenance
 and the reports read them with the functions below (standard library only: ``report`` imports
@@ -178,9 +179,14 @@ def score_baselines(pool: Any, storage: Any, config: Any, models: Any, genome: A
         stored[eval_id] = rec
         shown.recorded(eval_id)
 
+    from evolve.preflight import preflight_recipe
+
+    # The preflight scored the evaluated model as candidates are scored: the same as its
+    # baseline unless the run merges vocabularies (a parent is scored in its own).
+    scored_first = preflight_recipe(config, models, genome.dtype)
     submitted: dict[str, float] = {}
     for eval_id, (job, task_set, _) in jobs.items():
-        reuse = preflight.get(task_set) if job.model == models.evaluated else None
+        reuse = preflight.get(task_set) if job.model == models.evaluated and job.recipe == scored_first else None
         if reuse is not None:
             record(eval_id, reuse, None)
         else:

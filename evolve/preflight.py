@@ -243,16 +243,30 @@ def model_recipe(ref: str, num_layers: int, dtype: str) -> dict[str, Any]:
             "slices": [{"sources": [{"model": ref, "layer_range": [0, num_layers]}]}]}
 
 
+def preflight_recipe(config: EvolveConfig, models: CheckedModels, dtype: str) -> dict[str, Any]:
+    """What the preflight scores: the evaluated model, as every candidate is scored -- in the
+    run's vocabulary when the genome merges vocabularies (its tokenizer settings; a recipe
+    without them would be scored in the model's own, :mod:`evolve.workers.own_vocabulary`)."""
+    recipe = model_recipe(models.evaluated, models.num_layers, dtype)
+    g = config.genome
+    if g is not None and g.tokenizer_source is not None:
+        recipe["tokenizer_source"] = g.tokenizer_source
+    if g is not None and g.tokenizer is not None:
+        recipe["tokenizer"] = dict(g.tokenizer)
+    return recipe
+
+
 def preflight_evaluation(pool: EvaluationPool, config: EvolveConfig, models: CheckedModels,
                          dtype: str) -> dict[str, Result]:
-    """Score the evaluated model once on each task set through ``pool``; the results by task set.
+    """Score :func:`preflight_recipe` once on each task set through ``pool``; the results by
+    task set.
 
     Raises :class:`PreflightError` naming the task set and the reason when a scoring fails or
     a score is not a finite number.
     """
     from evolve.search.fitness import weighted_fitness
 
-    recipe = model_recipe(models.evaluated, models.num_layers, dtype)
+    recipe = preflight_recipe(config, models, dtype)
     sets = {TRAIN: config.tasks, HELD_OUT: config.held_out}
     jobs = {f"{PREFLIGHT_ID}/{name}": name for name, tasks in sets.items() if tasks}
     for job, task_set in jobs.items():

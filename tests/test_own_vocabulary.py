@@ -111,12 +111,38 @@ def test_scored_in_the_merged_vocabulary_the_base_would_score_otherwise(union_ru
     assert merged.scores != own.scores
 
 
+def _union_run(task_models, tmp_path: Path, store: Path) -> list[dict]:
+    """A 3-candidate union run of base, e1 and e2 with added tokens (baselines on); its ledger."""
+    from evolve.cli import main as merge_evolve
+
+    chat = _with_added_tokens(task_models["e2"], tmp_path / "chat")
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "genome": {"models": [str(task_models["e1"]), str(chat)], "merge_method": "task_arithmetic",
+                   "base_model": str(task_models["base"]), "layer_granularity": 2, "tokenizer_source": "union"},
+        "tasks": [{"name": "toy_arith"}], "limit": 8, "apply_chat_template": False}))
+    assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "3",
+                         "--force-population-size", "3", "--no-save-final-model"]) == 0
+    return [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_the_preflight_scores_as_candidates_are_scored_and_the_baseline_in_its_own_vocabulary(
+        task_models, tmp_path):
+    records = _union_run(task_models, tmp_path, tmp_path / "run")
+    base = next(r for r in records if r.get("kind") == "baseline" and r.get("role") == "base"
+                and r["task_set"] == TRAIN)
+    assert "wall_s" in base["timings"]  # scored for itself, not the preflight's (merged-vocabulary) result
+    config = parse_evolve_config(yaml.safe_load((tmp_path / "c.yml").read_text()))
+    settings = EvalSettings.from_config(config, device="cpu", builtin_tasks=False)
+    assert base["scores"] == _own_scores(task_models["base"], config, settings)
+
+
 @pytest.mark.slow
 def test_a_parent_whose_own_model_does_not_fit_is_scored_in_the_merged_vocabulary_and_noted(
         task_models, tmp_path, monkeypatch, capsys):
     """Out of memory loading a parent's own model (a GPU full with the worker's inputs): the
     parent is scored in the run's vocabulary instead, and the ledger and report say so."""
-    from evolve.cli import main as merge_evolve
     from evolve.workers import own_vocabulary
     from evolve.workers.worker import OWN_VOCABULARY_FALLBACK
 
@@ -124,16 +150,8 @@ def test_a_parent_whose_own_model_does_not_fit_is_scored_in_the_merged_vocabular
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
 
     monkeypatch.setattr(own_vocabulary.OwnVocabularyScorer, "_evaluator", no_room)
-    chat = _with_added_tokens(task_models["e2"], tmp_path / "chat")
-    config = tmp_path / "c.yml"
-    config.write_text(yaml.safe_dump({
-        "genome": {"models": [str(task_models["e1"]), str(chat)], "merge_method": "task_arithmetic",
-                   "base_model": str(task_models["base"]), "layer_granularity": 2, "tokenizer_source": "union"},
-        "tasks": [{"name": "toy_arith"}], "limit": 8, "apply_chat_template": False}))
     store = tmp_path / "run"
-    assert merge_evolve([str(config), "--storage-path", str(store), "--no-ray", "-q", "--max-fevals", "3",
-                         "--force-population-size", "3", "--no-save-final-model"]) == 0
-    records = [json.loads(line) for line in (store / "evaluations.jsonl").read_text().splitlines()]
+    records = _union_run(task_models, tmp_path, store)
     parents = {r["name"]: r for r in records if r.get("kind") == "baseline" and r.get("role") in ("base", "model")}
     assert all(r["status"] == "ok" for r in parents.values())
     # base and e1 lack the chat tokens: noted; the chat model's vocabulary is the union: as usual
