@@ -3,6 +3,7 @@
 
     python scripts/bench_evolve.py [--max-fevals 100] [--workers 2] [--repeats 3]
                                    [--mergekit-python .venv-mergekit/bin/python] [--vllm]
+                                   [--inputs | --inputs-only] [--inputs-fevals 40]
 
 1. plain lm-eval: ``simple_evaluate`` on one already-merged model (the equal-weights merge of the
    zoo's experts, written once with merge-yaml), HF backend, model loaded once, same tasks, batch
@@ -22,6 +23,12 @@
    Target: ours >= 3x its evaluations/hour.
 5. with ``--vllm`` (needs ``.venv-vllm``, see scripts/setup_vllm.sh): the vLLM evaluator's
    evaluations/minute vs the HF evaluator's on the same config.
+6. with ``--inputs``: the toy config three ways, 1 worker, every document, no baselines
+   (``--inputs-fevals`` candidates each): as it is; with ``format`` replaced by a copy with two
+   added chat tokens and ``tokenizer_source: union`` (every candidate in the merged vocabulary);
+   with ``arith`` replaced by ``base+adapter`` (a rank-16 LoRA adapter).  Prints each run's
+   steady seconds per evaluation and its workers' median merge seconds per candidate, and the
+   ratios to the first (the permutation and the adapter are applied once per worker: ~1.0).
 """
 
 from __future__ import annotations
@@ -52,11 +59,11 @@ def ensure_zoo(zoo: Path) -> None:
                    check=True, env=ENV, stdout=subprocess.DEVNULL)
 
 
-def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.executable) -> dict:
-    """One merge-evolve run of the toy config in ``workdir``; wall time, ledger, stdout."""
+def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.executable, config: Path = TOY) -> dict:
+    """One merge-evolve run of ``config`` (the toy config) in ``workdir``; wall time, ledger, stdout."""
     storage = workdir / "runs" / name
     shutil.rmtree(storage, ignore_errors=True)
-    cmd = [python, "-m", "evolve.cli", str(TOY), "--storage-path", str(storage), "-q", "--random-seed", "0",
+    cmd = [python, "-m", "evolve.cli", str(config), "--storage-path", str(storage), "-q", "--random-seed", "0",
            "--no-save-final-model", "--ray-address", "local", *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True)
@@ -72,7 +79,7 @@ def run_evolve(workdir: Path, name: str, extra: list[str], python: str = sys.exe
     full = [r.get("documents_full") for r in train]
     documents = sum(docs) / sum(full) if all(docs) and all(full) else 1.0
     return {"wall": wall, "n": len(train), "steady_per_eval": (ends[-1] - ends[0]) / (len(ends) - 1),
-            "documents": documents,
+            "documents": documents, "merge_s": statistics.median(r["timings"]["merge"] for r in train),
             "busy": float(busy.group(1)) if busy else float("nan"), "best": best,
             "run_s": statistics.median(r["timings"]["run"] for r in train)}
 
@@ -138,6 +145,38 @@ def mergekit_evolve(python: str | None, workdir: Path, fevals: int, workers: int
     return 3600 * n / wall, f"{n} evaluations in {wall:.0f} s (whole command)"
 
 
+def bench_inputs(work: Path, fevals: int, batch: int, say) -> None:
+    """Section 6 of the module docstring."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_inputs import CHAT_TOKENS, write_adapter
+
+    from tiny_models import with_added_tokens
+
+    variants = work / "variants"
+    chat = with_added_tokens(work / "zoo" / "format", variants / "format_chat", CHAT_TOKENS, special=True)
+    adapter = write_adapter(work / "zoo" / "base", variants / "arith_lora")
+    toy = yaml.safe_load(TOY.read_text())
+    configs = {"same vocabulary": toy,
+               "merged vocabulary": {**toy, "genome": {**toy["genome"], "tokenizer_source": "union",
+                                                       "models": ["zoo/spatial", "zoo/arith", str(chat)]}},
+               "LoRA adapter": {**toy, "genome": {**toy["genome"],
+                                                  "models": ["zoo/spatial", f"zoo/base+{adapter}", "zoo/format"]}}}
+    common = ["--max-fevals", str(fevals), "--batch-size", str(batch), "--no-racing", "--no-baselines",
+              "--num-workers", "1"]
+    first = None
+    for i, (label, data) in enumerate(configs.items()):
+        path = work / f"inputs{i}.yml"
+        path.write_text(yaml.safe_dump(data))
+        run = run_evolve(work, f"inputs{i}", common, config=path)
+        first = first or run
+        say(f"inputs: {label:<18} {run['steady_per_eval']:.3f} s/evaluation steady "
+            f"(x{run['steady_per_eval'] / first['steady_per_eval']:.2f}), merge {run['merge_s'] * 1000:.1f} ms "
+            f"per candidate (x{run['merge_s'] / first['merge_s']:.2f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
@@ -147,6 +186,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="lm-eval batch size (default: ours)")
     ap.add_argument("--mergekit-python", default=None)
     ap.add_argument("--vllm", action="store_true")
+    ap.add_argument("--inputs", action="store_true", help="also: merged vocabularies and LoRA adapters (section 6)")
+    ap.add_argument("--inputs-only", action="store_true", help="only section 6")
+    ap.add_argument("--inputs-fevals", type=int, default=40)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     ensure_zoo(args.zoo)
@@ -157,6 +199,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "zoo").symlink_to(args.zoo.resolve(), target_is_directory=True)
+        if args.inputs_only:
+            bench_inputs(work, args.inputs_fevals, batch, say)
+            return 0
         merged = merge_equal_weights(args.zoo.resolve(), work / "merged")
         plain = plain_lm_eval(merged, cores, batch, args.repeats)
         say(f"plain lm-eval, one merged model, {cores} threads: {plain:.3f} s/evaluation (median of {args.repeats})")
@@ -192,6 +237,8 @@ def main() -> int:
             vllm = run_evolve(work, "vllm", [*common, "--vllm", "--no-ray"], python=str(REPO / ".venv-vllm/bin/python"))
             hf_rate, v_rate = 60 / one["steady_per_eval"], 60 / vllm["steady_per_eval"]
             say(f"vLLM evaluator (1 worker): {v_rate:.1f} evaluations/minute vs HF {hf_rate:.1f} -> {v_rate / hf_rate:.2f}x")
+        if args.inputs:
+            bench_inputs(work, args.inputs_fevals, batch, say)
     return 0
 
 
