@@ -5,7 +5,8 @@
 
 (Also the last section of ``scripts/bench_merge.py``.)  On the three random Llama checkpoints of
 ``bench_merge.py`` (base, ft1, ft2; bf16), the same task-arithmetic recipe with per-layer weights,
-merged in memory in float32 as an evolve worker merges each candidate, three ways:
+merged in memory in the recipe's dtype (bfloat16) as an evolve worker merges each candidate,
+three ways:
 
 - ``same vocabulary``: base, ft1, ft2 (one word-level 32000-token tokenizer);
 - ``merged vocabulary``: ft2 replaced by a copy with two added chat tokens (32002 rows),
@@ -13,9 +14,10 @@ merged in memory in float32 as an evolve worker merges each candidate, three way
 - ``LoRA adapter``: ft1 replaced by ``base+adapter`` (rank 16 on all seven linear layers).
 
 For each: the one-time cost (loading the inputs: re-indexing rows, applying the adapter) and the
-per-candidate merge (median of ``--repeats`` warm merges, each with other weights, as the search
-asks).  The last line reads ``per-candidate merge vs same vocabulary: merged vocabulary X,
-LoRA adapter Y`` (ratios of medians, measured in this run; ~1.0 = no per-candidate cost).
+per-candidate merge (``--repeats`` rounds in which the three merge in turn, each round with other
+weights, as the search asks; the memory bandwidth drifts, so each ratio is the median over rounds
+of the time over that round's same-vocabulary time).  The last line reads ``per-candidate merge
+vs same vocabulary: merged vocabulary X, LoRA adapter Y`` (~1.0 = no per-candidate cost).
 """
 
 from __future__ import annotations
@@ -90,40 +92,42 @@ def write_adapter(model: Path, out: Path, rank: int = 16) -> Path:
 
 
 def recipe(base: str, m1: str, m2: str, weights: list[float], **extra) -> dict:
-    return {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", **extra,
+    return {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16", **extra,
             "models": [{"model": m1, "parameters": {"weight": weights}},
                        {"model": m2, "parameters": {"weight": weights[::-1]}}]}
 
 
-def measure(label: str, make, repeats: int) -> float:
-    """Print and return the median warm per-candidate merge seconds of ``make(weights)`` recipes."""
-    from merge_core.in_memory import InMemoryMerger
-    from merge_core.planner import Planner
-    from merge_core.recipe import recipe_from_dict
+class Kind:
+    """One way of giving the inputs: its planner (the run's vocabulary fixed, as an evolve
+    worker's), its merger (inputs loaded once) and a preallocated output."""
 
-    planner = Planner()
-    start = time.perf_counter()
-    first = planner.plan(recipe_from_dict(make([0.5, 0.5, 0.5, 0.5])), seed=0)
-    if first.vocabulary is not None:
-        planner.vocabulary = first.vocabulary  # the run's vocabulary, fixed (as an evolve worker)
-    merger = InMemoryMerger(first, dtype=torch.float32)
-    target = merger.merged_state_dict(first)
-    setup = time.perf_counter() - start
-    times = []
-    for i in range(repeats + 1):  # the first merge builds nothing here (task arithmetic), but warms
-        w = [0.2 + 0.1 * ((i + k) % 7) for k in range(4)]
-        plan = planner.plan(recipe_from_dict(make(w)), seed=0)
-        t = time.perf_counter()
-        merger.merge_into(plan, target)
-        times.append(time.perf_counter() - t)
-    median = statistics.median(times[1:])
-    rows = target["model.embed_tokens.weight"].shape[0]
-    print(f"{label:<20}{setup:>10.1f}{median:>12.3f}{rows:>8}", flush=True)
-    del merger, target
-    return median
+    def __init__(self, label: str, make) -> None:
+        from merge_core.in_memory import InMemoryMerger
+        from merge_core.planner import Planner
+        from merge_core.recipe import recipe_from_dict
+
+        self.label, self.make = label, make
+        self.planner = Planner()
+        start = time.perf_counter()
+        first = self.planner.plan(recipe_from_dict(make([0.5] * 4)), seed=0)
+        if first.vocabulary is not None:
+            self.planner.vocabulary = first.vocabulary
+        self.merger = InMemoryMerger(first)  # the recipe's dtype (bf16), as evolve workers merge
+        self.target = self.merger.merged_state_dict(first)
+        self.setup = time.perf_counter() - start
+        self.times: list[float] = []
+
+    def merge(self, weights: list[float]) -> float:
+        """Seconds of one candidate's merge (the plan is made first, untimed, as in a worker)."""
+        from merge_core.recipe import recipe_from_dict
+
+        plan = self.planner.plan(recipe_from_dict(self.make(weights)), seed=0)
+        start = time.perf_counter()
+        self.merger.merge_into(plan, self.target)
+        return time.perf_counter() - start
 
 
-def bench_input_kinds(workdir: Path, models: list[Path], repeats: int = 5) -> None:
+def bench_input_kinds(workdir: Path, models: list[Path], repeats: int = 7) -> None:
     """The section described in the module docstring, on ``models`` (base, ft1, ft2)."""
     torch.set_num_threads(os.cpu_count() or 1)
     vocab = json.loads((models[0] / "config.json").read_text())["vocab_size"]
@@ -132,13 +136,28 @@ def bench_input_kinds(workdir: Path, models: list[Path], repeats: int = 5) -> No
     chat = chat_variant(ft2, workdir / f"{ft2.name}_chat")
     adapter = write_adapter(base, workdir / f"{ft1.name}_lora")
     b, m1, m2 = map(str, models)
-    print(f"\n== input kinds, in-memory task_arithmetic (float32), per candidate: median of {repeats} ==")
-    print(f"{'inputs':<20}{'setup s':>10}{'merge s':>12}{'rows':>8}")
-    plain = measure("same vocabulary", lambda w: recipe(b, m1, m2, w), repeats)
-    union = measure("merged vocabulary", lambda w: recipe(b, m1, str(chat), w, tokenizer_source="union"), repeats)
-    lora = measure("LoRA adapter", lambda w: recipe(b, f"{b}+{adapter}", m2, w), repeats)
-    print(f"per-candidate merge vs same vocabulary: merged vocabulary {union / plain:.2f}, "
-          f"LoRA adapter {lora / plain:.2f}")
+    kinds = [Kind("same vocabulary", lambda w: recipe(b, m1, m2, w)),
+             Kind("merged vocabulary", lambda w: recipe(b, m1, str(chat), w, tokenizer_source="union")),
+             Kind("LoRA adapter", lambda w: recipe(b, f"{b}+{adapter}", m2, w))]
+    # The memory bandwidth drifts (see bench_merge.py): the kinds merge in turn, round by round,
+    # and each ratio is the median over rounds of its time / the same round's plain time.
+    ratios: dict[str, list[float]] = {k.label: [] for k in kinds}
+    for i in range(repeats + 1):  # round 0 warms up
+        weights = [0.2 + 0.1 * ((i + k) % 7) for k in range(4)]
+        times = [kind.merge(weights) for kind in kinds]
+        if i:
+            for kind, t in zip(kinds, times):
+                kind.times.append(t)
+                ratios[kind.label].append(t / times[0])
+    print(f"\n== input kinds, in-memory task_arithmetic (bfloat16, as evolve workers), per candidate: "
+          f"{repeats} rounds ==")
+    print(f"{'inputs':<20}{'setup s':>10}{'merge s':>12}{'ratio':>8}{'rows':>8}")
+    for kind in kinds:
+        print(f"{kind.label:<20}{kind.setup:>10.1f}{statistics.median(kind.times):>12.3f}"
+              f"{statistics.median(ratios[kind.label]):>8.2f}{kind.target['model.embed_tokens.weight'].shape[0]:>8}")
+    print(f"per-candidate merge vs same vocabulary: merged vocabulary "
+          f"{statistics.median(ratios['merged vocabulary']):.2f}, LoRA adapter "
+          f"{statistics.median(ratios['LoRA adapter']):.2f}")
 
 
 def main() -> None:
@@ -147,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="500M")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_merge"))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     target = float(args.params.rstrip("MB")) * (1e9 if args.params.endswith("B") else 1e6)
     models = build_models(args.workdir / args.params, target)
