@@ -91,7 +91,8 @@ def test_preflight_results_come_train_first_whichever_finishes_first() -> None:
     from evolve.config import TaskConfig
     from evolve.preflight import CheckedModels, preflight_evaluation
 
-    config = SimpleNamespace(tasks=[TaskConfig(name="toy_arith")], held_out=[TaskConfig(name="toy_arith_heldout")])
+    config = SimpleNamespace(tasks=[TaskConfig(name="toy_arith")], held_out=[TaskConfig(name="toy_arith_heldout")],
+                             genome=None)
     pool = LastFirstPool({"toy_arith": 0.5, "toy_arith_heldout": 0.25})  # held-out (asked last) back first
     results = preflight_evaluation(pool, config, CheckedModels({}, 4, "zoo/base"), "float32")
     assert list(results) == ["train", "held_out"]
