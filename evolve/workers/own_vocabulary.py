@@ -11,7 +11,9 @@ tokenizer, kept while consecutive jobs name the same model (a parent's train and
 scores) and released before the next candidate.
 
 On a GPU the side model takes its memory next to the worker's model while it is held; its
-inputs are read from CPU memory (streamed), never made resident on the device.
+inputs are read from CPU memory (streamed), never made resident on the device.  Where it does
+not fit, the worker scores the recipe in the run's vocabulary and notes so
+(:data:`evolve.workers.worker.OWN_VOCABULARY_FALLBACK`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,15 @@ class OwnVocabularyScorer:
     """Merges a recipe into a model loaded from its own model's folder and scores it there.
 
     ``planner``: a :class:`merge_core.planner.Planner` with no fixed vocabulary; ``settings``:
-    the worker's :class:`~evolve.evaluation.EvalSettings` (HF backend); ``merge_device``,
-    ``threads``, ``round_to_recipe_dtype``, ``seed``: the worker's.
+    the worker's :class:`~evolve.evaluation.EvalSettings` (HF backend); ``threads``,
+    ``round_to_recipe_dtype``, ``seed``: the worker's.  The merge runs on the side model's
+    device, its inputs streamed from CPU memory (whatever the worker's merge device).
     """
 
-    def __init__(self, planner: Any, settings: Any, *, merge_device: str, threads: int | None,
-                 round_to_recipe_dtype: bool, seed: int) -> None:
+    def __init__(self, planner: Any, settings: Any, *, threads: int | None, round_to_recipe_dtype: bool,
+                 seed: int) -> None:
         self.planner = planner
         self.settings = settings
-        self.merge_device = merge_device
         self.threads = threads
         self.round_to_recipe_dtype = round_to_recipe_dtype
         self.seed = seed
@@ -64,9 +66,10 @@ class OwnVocabularyScorer:
         start = time.perf_counter()
         donor = plan.base_model if plan.base_model is not None else 0
         evaluator = self._evaluator(str(plan.models[donor].path))
-        merger = InMemoryMerger(plan, device=self.merge_device, resident=False)
+        params = evaluator.model.state_dict()
+        device = next(iter(params.values())).device  # (a passthrough writes out= on its inputs' device)
+        merger = InMemoryMerger(plan, device=str(device), resident=False)
         try:
-            params = evaluator.model.state_dict()
             merger.merge_into(plan, params)
         finally:
             merger = None  # its inputs are this model's only: not kept

@@ -164,8 +164,7 @@ class CandidateWorker:
 
                 self.own_vocabulary = OwnVocabularyScorer(
                     Planner(relative_to=spec.relative_to, allow_crimes=spec.allow_crimes), spec.eval_settings,
-                    merge_device=spec.merge_device, threads=spec.threads,
-                    round_to_recipe_dtype=spec.round_to_recipe_dtype, seed=spec.seed)
+                    threads=spec.threads, round_to_recipe_dtype=spec.round_to_recipe_dtype, seed=spec.seed)
         # The evaluator first: on a GPU the model (or vLLM's engine, which claims
         # gpu_memory_utilization of the device and checks that against what is free) takes its
         # memory, and the merger then sizes its inputs to what is left (resident on the GPU, or
