@@ -14,7 +14,6 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Any, Sequence
 
-from evolve.baselines import START_ROLES
 from evolve.html_report.compare import score_of
 
 __all__ = ["pareto_figures", "pareto_tables"]
@@ -75,7 +74,7 @@ def pareto_tables(data: Any) -> list[tuple[str, str]]:
 
 
 def _front_svg(data: Any, objectives: Any, front_ids: set[str], colors: dict[str, str]) -> str:
-    from evolve.html_report.plots import BASE_COLOR, BEST_COLOR, new_figure, styled, to_svg
+    from evolve.html_report.plots import BEST_COLOR, draw_references, hide_unused, panel_grid, styled, to_svg
 
     tasks = objectives.tasks
     pairs = list(combinations(tasks, 2))[:6]
@@ -84,10 +83,7 @@ def _front_svg(data: Any, objectives: Any, front_ids: set[str], colors: dict[str
 
     @styled
     def draw() -> str:
-        per_row = min(len(pairs), 3)
-        lines = -(-len(pairs) // per_row)
-        fig = new_figure(3.7 * per_row + 0.6, 3.3 * lines)
-        axes = fig.subplots(lines, per_row, squeeze=False).ravel()
+        fig, axes = panel_grid(len(pairs))
         for i, (ax, (a, b)) in enumerate(zip(axes, pairs)):
             groups: dict[str, list[tuple[float, float]]] = {"front": [], "feasible": [], "infeasible": []}
             for rec in ok:
@@ -104,13 +100,9 @@ def _front_svg(data: Any, objectives: Any, front_ids: set[str], colors: dict[str
                            label="infeasible")
             if groups["front"]:
                 ax.scatter(*zip(*groups["front"]), s=28, color=BEST_COLOR, label="front", zorder=3)
-            for entry in data.baselines:
-                x, y = score_of(entry["scores"], a), score_of(entry["scores"], b)
-                if x is not None and y is not None:
-                    marker = "s" if entry["role"] in START_ROLES else "^"
-                    ax.scatter([x], [y], marker=marker, s=40, color=colors.get(entry["name"], BASE_COLOR),
-                               edgecolors="black", linewidths=0.5, zorder=4)
-                    ax.annotate(entry["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            points = [(e["name"], e["role"], score_of(e["scores"], a), score_of(e["scores"], b))
+                      for e in data.baselines]
+            draw_references(ax, [p for p in points if p[2] is not None and p[3] is not None], colors)
             if a.min is not None:
                 ax.axvline(a.min, color="#d62728", linestyle="--", linewidth=0.8)
             if b.min is not None:
@@ -119,8 +111,7 @@ def _front_svg(data: Any, objectives: Any, front_ids: set[str], colors: dict[str
             ax.set_ylabel(b.name)
             if i == 0:
                 ax.legend(loc="best")
-        for ax in axes[len(pairs):]:
-            ax.set_visible(False)
+        hide_unused(axes, len(pairs))
         return to_svg(fig, "fig-pareto")
 
     return str(draw())

@@ -19,7 +19,8 @@ from evolve.html_report.compare import HeatPanel, TaskPanel, TradeoffPanel
 from evolve.html_report.labels import GAP, label_offsets, reference_dashes
 from evolve.html_report.series import BatchStat, FitnessTrace, Timeline
 
-__all__ = ["BEST_COLOR", "EQUAL_COLOR", "baseline_colors", "dynamics_svg", "fitness_svg", "genome_svg", "new_figure",
+__all__ = ["BEST_COLOR", "EQUAL_COLOR", "baseline_colors", "draw_references", "dynamics_svg", "fitness_svg",
+           "genome_svg", "hide_unused", "new_figure", "panel_grid",
            "placeholder_svg", "styled", "task_svg", "timeline_svg", "to_svg", "tradeoff_svg"]
 
 BEST_COLOR = "#1f5fbf"
@@ -216,14 +217,42 @@ def genome_svg(panels: Sequence[HeatPanel]) -> str:
     return _svg(fig, "fig-genome")
 
 
+def panel_grid(count: int) -> tuple[Any, Any]:
+    """A figure of ``count`` task-pair panels, three per row, and its axes (flat; call
+    :func:`hide_unused` once drawn)."""
+    per_row = min(count, 3)
+    lines = -(-count // per_row)
+    fig = _figure(3.7 * per_row + 0.6, 3.3 * lines)
+    return fig, fig.subplots(lines, per_row, squeeze=False).ravel()
+
+
+def hide_unused(axes: Any, used: int) -> None:
+    """Hide the panels of :func:`panel_grid` beyond the first ``used``."""
+    for ax in axes[used:]:
+        ax.set_visible(False)
+
+
+def draw_references(ax: Any, references: Sequence[tuple[str, str, float, float]], colors: dict[str, str]) -> None:
+    """The baselines of a task-pair panel, ``(name, role, x, y)`` each: parents as triangles, the
+    start point as a square, each named; names that would print over each other (parents with
+    close scores) are moved apart."""
+    for label, role, x, y in references:
+        marker = "s" if role in START_ROLES else "^"
+        ax.scatter([x], [y], marker=marker, s=40, color=colors.get(label, BASE_COLOR), edgecolors="black",
+                   linewidths=0.5, zorder=4)
+    offsets = label_offsets([(x, y) for _, _, x, y in references], [r[0] for r in references], ax.get_xlim(),
+                            ax.get_ylim())
+    for (label, _, x, y), offset in zip(references, offsets):
+        moved = offset != (GAP, GAP)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
+                    arrowprops={"arrowstyle": "-", "color": "#888888", "linewidth": 0.5} if moved else None)
+
+
 @_styled
 def tradeoff_svg(panels: Sequence[TradeoffPanel], colors: dict[str, str]) -> str:
     """Two tasks' scores over all candidates, the non-dominated ones highlighted; small
     multiples for every pair of tasks."""
-    per_row = min(len(panels), 3)
-    lines = -(-len(panels) // per_row)
-    fig = _figure(3.7 * per_row + 0.6, 3.3 * lines)
-    axes = fig.subplots(lines, per_row, squeeze=False).ravel()
+    fig, axes = panel_grid(len(panels))
     for i, (ax, panel) in enumerate(zip(axes, panels)):
         rest = [(x, y) for x, y, f in zip(panel.xs, panel.ys, panel.front) if not f]
         front = sorted((x, y) for x, y, f in zip(panel.xs, panel.ys, panel.front) if f)
@@ -235,23 +264,12 @@ def tradeoff_svg(panels: Sequence[TradeoffPanel], colors: dict[str, str]) -> str
         if panel.best is not None:
             ax.scatter([panel.best[0]], [panel.best[1]], marker="*", s=160, color="#ffd400", edgecolors="black",
                        linewidths=0.7, label="best (fitness)", zorder=5)
-        for label, role, x, y in panel.references:
-            marker = "s" if role in START_ROLES else "^"
-            ax.scatter([x], [y], marker=marker, s=40, color=colors.get(label, BASE_COLOR), edgecolors="black",
-                       linewidths=0.5, zorder=4)
-        # Names that would print over each other (parents with close scores) are moved apart.
-        refs = panel.references
-        offsets = label_offsets([(x, y) for _, _, x, y in refs], [r[0] for r in refs], ax.get_xlim(), ax.get_ylim())
-        for (label, _, x, y), offset in zip(refs, offsets):
-            moved = offset != (GAP, GAP)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7,
-                        arrowprops={"arrowstyle": "-", "color": "#888888", "linewidth": 0.5} if moved else None)
+        draw_references(ax, panel.references, colors)
         ax.set_xlabel(panel.task_x)
         ax.set_ylabel(panel.task_y)
         if i == 0:
             ax.legend(loc="best")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    hide_unused(axes, len(panels))
     return _svg(fig, "fig-tradeoff")
 
 

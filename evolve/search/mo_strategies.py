@@ -28,7 +28,7 @@ import numpy as np
 
 from evolve.config import DEFAULT_MO_STRATEGY
 from evolve.search.objectives import Told
-from evolve.search.pending import OptunaAsks
+from evolve.search.pending import OptunaAsks, OptunaStrategyMembers
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_MO_STRATEGY", "MO_DESIGN_STRATEGIES", "ChebyshevCMAES", "OptunaMO", "mo_registry"]
@@ -96,7 +96,7 @@ class ChebyshevCMAES:
         return dict(self.inner.stop())
 
 
-class OptunaMO:
+class OptunaMO(OptunaStrategyMembers):
     """optuna's multi-objective TPE or NSGA-II behind the ask/tell protocol (module docstring)."""
 
     def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[list[float], list[float]],
@@ -118,19 +118,7 @@ class OptunaMO:
             chosen = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(popsize, 4),
                                                    constraints_func=constraints)
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=chosen)
-        self._popsize = popsize
         self.pending = OptunaAsks(self.study, x0, bounds, popsize)  # the start point is the first trial
-
-    @property
-    def popsize(self) -> int:
-        return self._popsize
-
-    @property
-    def sigma(self) -> float:
-        return self.pending.sigma
-
-    def ask(self, number: int) -> list[np.ndarray]:
-        return self.pending.ask(number)
 
     def tell(self, points: Sequence[np.ndarray], told: Sequence[Told]) -> None:
         for point, value in zip(points, told):
@@ -140,9 +128,6 @@ class OptunaMO:
             else:
                 trial.set_user_attr("violation", float(value.violation))
             self.study.tell(trial, [float(v) for v in value.values])
-
-    def stop(self) -> dict[str, Any]:
-        return {}
 
 
 def _violation_of(trial: Any) -> list[float]:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["OptunaAsks", "PendingTrials"]
+__all__ = ["OptunaAsks", "OptunaStrategyMembers", "PendingTrials"]
 
 
 class PendingTrials:
@@ -79,3 +79,24 @@ class OptunaAsks(PendingTrials):
     def sigma(self) -> float:
         """Mean per-coordinate spread of the last ``popsize`` points asked."""
         return float(np.mean(np.std(self.recent, axis=0))) if len(self.recent) > 1 else 0.0
+
+
+class OptunaStrategyMembers:
+    """What the optuna strategies (tpe, mo-tpe, nsga2) answer alike, from their ``pending``
+    :class:`OptunaAsks`: ``popsize``, ``sigma``, ``ask`` and ``stop`` (they never stop early)."""
+
+    pending: OptunaAsks
+
+    @property
+    def popsize(self) -> int:
+        return self.pending.popsize
+
+    @property
+    def sigma(self) -> float:
+        return self.pending.sigma
+
+    def ask(self, number: int) -> list[np.ndarray]:
+        return self.pending.ask(number)
+
+    def stop(self) -> dict[str, Any]:
+        return {}

@@ -27,7 +27,7 @@ from evolve.config import MO_STRATEGY_NAMES, STRATEGY_NAMES
 from evolve.search.cmaes import CMAES
 from evolve.search.design import DesignSpace, InitialDesign
 from evolve.search.mo_strategies import mo_registry
-from evolve.search.pending import OptunaAsks
+from evolve.search.pending import OptunaAsks, OptunaStrategyMembers
 from merge_core.errors import RecipeError
 
 __all__ = ["DEFAULT_STRATEGY", "DESIGN_STRATEGIES", "STRATEGIES", "IPOPCMAES", "OptunaTPE", "make_strategy"]
@@ -73,7 +73,7 @@ class IPOPCMAES:
         return {}
 
 
-class OptunaTPE:
+class OptunaTPE(OptunaStrategyMembers):
     """optuna's TPE behind the ask/tell interface (see the module docstring)."""
 
     def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[list[float], list[float]],
@@ -87,27 +87,12 @@ class OptunaTPE:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                              n_startup_trials=max(popsize, 10))
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
-        self._popsize = popsize
         self.pending = OptunaAsks(self.study, x0, bounds, popsize)  # the start point is the first trial
-
-    @property
-    def popsize(self) -> int:
-        return self._popsize
-
-    @property
-    def sigma(self) -> float:
-        return self.pending.sigma
-
-    def ask(self, number: int) -> list[np.ndarray]:
-        return self.pending.ask(number)
 
     def tell(self, points: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
         for point, value in zip(points, fitness):
             trial = self.pending.pop(point)
             self.study.tell(trial, float(value))
-
-    def stop(self) -> dict[str, Any]:
-        return {}
 
 
 # The names are the config's (validated there without importing pycma), in the same order.
